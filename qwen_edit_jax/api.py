@@ -1,0 +1,148 @@
+"""Public entry points: build, load and export `QwenImageTransformer`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from .config import DiTConfig, ModelOptions, as_dtype
+from .transformer import QwenImageTransformer
+from .weights import keymap
+from .weights.safetensors_io import CheckpointError, TensorSource
+
+LoraSpec = str | os.PathLike | Sequence[Any] | None
+
+
+def abstract_model(config: DiTConfig, options: ModelOptions | None = None) -> QwenImageTransformer:
+    """The model with `jax.ShapeDtypeStruct` leaves: no memory, for shapes, sharding plans, restore targets."""
+    return nnx.eval_shape(lambda: QwenImageTransformer(config, options or ModelOptions(), rngs=nnx.Rngs(0)))
+
+
+def init_transformer(config: DiTConfig, options: ModelOptions | None = None, seed: int = 0) -> QwenImageTransformer:
+    """A randomly initialised model (tests, demos)."""
+    return QwenImageTransformer(config, options or ModelOptions(), rngs=nnx.Rngs(seed))
+
+
+def init_lora_state(config: DiTConfig, options: ModelOptions, seed: int = 0) -> nnx.State:
+    """Fresh LoRA parameters only; the base-weight initialisation is dead code XLA removes."""
+    def make():
+        return nnx.state(QwenImageTransformer(config, options, rngs=nnx.Rngs(seed)), nnx.LoRAParam)
+
+    return jax.jit(make)()
+
+
+def model_from_params(
+    config: DiTConfig,
+    options: ModelOptions,
+    params: dict[str, Any],
+    *,
+    lora_seed: int = 0,
+    source: str = "params",
+) -> QwenImageTransformer:
+    """Assemble a model from a flat `{flax path: array}` dict of base weights.
+
+    LoRA parameters (if `options.lora` is set) are freshly initialised (A random, B zero).
+    """
+    graphdef, state = nnx.split(abstract_model(config, options))
+    lora = init_lora_state(config, options, lora_seed) if options.lora is not None else None
+    lora_flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(lora)} if lora is not None else {}
+    missing = []
+    for path, var in nnx.to_flat_state(state):
+        key = ".".join(map(str, path))
+        if isinstance(var, nnx.LoRAParam):
+            var.set_value(lora_flat[key][...])
+            continue
+        if key not in params:
+            missing.append(key)
+            continue
+        value = params[key]
+        if tuple(value.shape) != tuple(var.shape):
+            raise CheckpointError(f"{source}: parameter {key} has shape {tuple(value.shape)}, "
+                                  f"expected {tuple(var.shape)} for this config")
+        var.set_value(jnp.asarray(value, dtype=options.param_dtype))
+    if missing:
+        raise CheckpointError(f"{source}: missing parameters {missing[:5]}{' …' if len(missing) > 5 else ''}")
+    return nnx.merge(graphdef, state)
+
+
+def read_torch_params(
+    source: TensorSource, config: DiTConfig, dtype: Any = np.float32, *, fuse_qkv: bool = True,
+    strict: bool = True,
+) -> dict[str, np.ndarray]:
+    """diffusers-named tensors → flat `{flax path: numpy array}` (stacked, fused, transposed).
+
+    Reads one tensor at a time into preallocated stacked buffers of `dtype`.
+    """
+    dtype = np.dtype(as_dtype(dtype))
+    expected = keymap.torch_shapes(config)
+    if strict:
+        have = set(source.keys())
+        missing = sorted(set(expected) - have)
+        unexpected = sorted(have - set(expected))
+        if missing:
+            raise CheckpointError(f"{source.description}: missing {len(missing)} tensors, e.g. {missing[:3]} "
+                                  f"(does the config match the weights? num_layers={config.num_layers})")
+        if unexpected:
+            raise CheckpointError(f"{source.description}: {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
+    out: dict[str, np.ndarray] = {}
+    for path, entry, fleaf, tleaf in keymap.iter_leaves(config, fuse_qkv):
+        buf = np.empty(keymap.flax_leaf_shape(entry, fleaf, config), dtype)
+        layers = range(config.num_layers) if entry.stacked else [None]
+        for layer in layers:
+            names = keymap.torch_names_for(entry, tleaf, layer)
+            tensors = []
+            for name in names:
+                t = source.get(name)
+                if tuple(t.shape) != expected[name]:
+                    raise CheckpointError(f"{source.file_of(name)}: tensor {name} has shape {tuple(t.shape)}, "
+                                          f"expected {expected[name]} for this config")
+                tensors.append(t)
+            value = keymap.to_flax_leaf(fleaf, tensors)
+            if layer is None:
+                buf[...] = value
+            else:
+                buf[layer] = value
+        out[path] = buf
+    return out
+
+
+def iter_torch_params(model: QwenImageTransformer) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's base weights as (diffusers name, numpy array in torch layout), one at a time."""
+    cfg, fuse = model.config, model.options.fuse_qkv
+    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    for path, entry, fleaf, tleaf in keymap.iter_leaves(cfg, fuse):
+        value = np.asarray(flat[path][...])
+        for layer in (range(cfg.num_layers) if entry.stacked else [None]):
+            v = value if layer is None else value[layer]
+            for name, t in zip(keymap.torch_names_for(entry, tleaf, layer), keymap.from_flax_leaf(fleaf, v, len(entry.torch))):
+                yield name, t
+
+
+def load_transformer(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    mesh: Any = None,
+    lora: LoraSpec = None,
+    options: ModelOptions | None = None,
+    config: DiTConfig | None = None,
+) -> QwenImageTransformer:
+    """Load a diffusers transformer folder (config.json + safetensors, single or sharded).
+
+    `dtype` sets both parameter and activation dtype unless `options` is given.
+    """
+    if mesh is not None:
+        raise NotImplementedError("load_transformer(mesh=...) arrives with the sharding feature")
+    if lora is not None:
+        raise NotImplementedError("load_transformer(lora=...) arrives with the converter's LoRA support")
+    path = os.fspath(path)
+    config = config or DiTConfig.from_json(path)
+    options = options or ModelOptions(param_dtype=dtype, dtype=dtype)
+    source = TensorSource.open(path)
+    params = read_torch_params(source, config, options.param_dtype, fuse_qkv=options.fuse_qkv)
+    return model_from_params(config, options, params, source=path)

@@ -1,0 +1,210 @@
+"""Model configuration: the diffusers `transformer/config.json` fields, presets, and runtime options.
+
+`DiTConfig` describes the weights (what a checkpoint contains); `ModelOptions` describes how to run
+them (dtypes, scan, remat, attention kernel, QKV layout, LoRA). Keeping the two apart lets one
+checkpoint be run many ways.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+# Keys found in released config.json files that carry no meaning for the model.
+_IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "pooled_projection_dim"}
+# Keys of other Qwen-Image variants that this port does not implement (Qwen-Image-Layered).
+_UNSUPPORTED_TRUE_KEYS = {"use_additional_t_cond", "use_layer3d_rope", "guidance_embeds"}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Architecture of `QwenImageTransformer2DModel`; field names equal diffusers' config keys."""
+
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    zero_cond_t: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
+        problems = []
+        if sum(self.axes_dims_rope) != self.attention_head_dim:
+            problems.append(
+                f"axes_dims_rope {list(self.axes_dims_rope)} must sum to attention_head_dim {self.attention_head_dim}"
+            )
+        if any(a % 2 for a in self.axes_dims_rope):
+            problems.append(f"axes_dims_rope {list(self.axes_dims_rope)} must all be even")
+        if self.in_channels != self.patch_size**2 * (self.in_channels // self.patch_size**2):
+            problems.append(f"in_channels {self.in_channels} must be a multiple of patch_size^2")
+        for name in ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be positive, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("Invalid DiTConfig: " + "; ".join(problems))
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def out_features(self) -> int:
+        """Width of `proj_out`: one packed latent patch."""
+        return self.patch_size * self.patch_size * self.out_channels
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> "DiTConfig":
+        d = dict(d)
+        for key in _UNSUPPORTED_TRUE_KEYS:
+            if d.pop(key, False):
+                raise ValueError(f"{source}: `{key}: true` is not supported (Qwen-Image-Layered / guidance models)")
+        for key in _IGNORED_KEYS:
+            d.pop(key, None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown config keys {unknown}; expected a subset of {sorted(names)}")
+        if d.get("out_channels") is None:
+            d.pop("out_channels", None)
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "DiTConfig":
+        """Read a diffusers `config.json` (a file, or a folder holding one)."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"config not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(d, source=path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The diffusers `config.json` content for these weights."""
+        d = dataclasses.asdict(self)
+        d["axes_dims_rope"] = list(self.axes_dims_rope)
+        return {"_class_name": "QwenImageTransformer2DModel", **d, "guidance_embeds": False}
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+
+_FULL = DiTConfig()
+PRESETS: dict[str, DiTConfig] = {
+    "qwen-image": _FULL,
+    "qwen-image-edit": _FULL,
+    "qwen-image-edit-2509": _FULL,
+    "qwen-image-edit-2511": dataclasses.replace(_FULL, zero_cond_t=True),
+    # Tiny, shape-compatible with the real model (in 64 / out 16 latent channels), for tests and demos.
+    "tiny": DiTConfig(
+        num_layers=2,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        axes_dims_rope=(8, 12, 12),
+    ),
+}
+
+
+def preset(name: str) -> DiTConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+RematPolicy = Literal["none", "full", "save_matmuls"]
+AttentionImpl = Literal["xla", "cudnn", "splash", "chunked"]
+QKVMode = Literal["split", "shared"]
+
+DEFAULT_LORA_TARGETS = ("to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Which linears carry LoRA adapters and how.
+
+    `targets` are module names as in the model (`to_qkv`, `add_qkv_proj`, `to_out`, `to_add_out`,
+    `img_mlp`/`txt_mlp` = both MLP linears, `img_mlp.fc1` … for one, `img_mod`, `txt_mod`).
+    `qkv_mode="split"` gives each of q, k, v its own rank-r adapter (exactly a standard LoRA);
+    `"shared"` uses one A for all three (the original merged-QKV PyTorch parameterisation).
+    """
+
+    rank: int = 16
+    alpha: float | None = None  # None: alpha = rank (scale 1)
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    qkv_mode: QKVMode = "split"
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {self.rank}")
+        if self.qkv_mode not in ("split", "shared"):
+            raise ValueError(f"LoRA qkv_mode must be 'split' or 'shared', got {self.qkv_mode!r}")
+        known = {"to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp", "img_mod", "txt_mod"}
+        known |= {f"{m}.{f}" for m in ("img_mlp", "txt_mlp") for f in ("fc1", "fc2")}
+        bad = [t for t in self.targets if t not in known]
+        if bad:
+            raise ValueError(f"unknown LoRA targets {bad}; choose from {sorted(known)}")
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+    def targets_module(self, name: str) -> bool:
+        """True if the model linear `name` (e.g. 'img_mlp.fc1', 'to_qkv') gets an adapter."""
+        return name in self.targets or name.split(".")[0] in self.targets
+
+
+_DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
+           "float16": jnp.float16, "fp16": jnp.float16}
+
+
+def as_dtype(d: Any) -> jnp.dtype:
+    """Accept 'bf16', 'float32', jnp.bfloat16 … and return a numpy dtype."""
+    if isinstance(d, str):
+        try:
+            return jnp.dtype(_DTYPES[d.lower()])
+        except KeyError:
+            raise ValueError(f"unknown dtype {d!r}; use one of {sorted(_DTYPES)}") from None
+    return jnp.dtype(d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """How the weights are run. Changing these never changes which weights exist (except `lora`)."""
+
+    param_dtype: Any = jnp.float32  # storage dtype of the frozen weights
+    dtype: Any = jnp.float32  # activation / matmul-input dtype; norms, RoPE and softmax stay fp32
+    scan_layers: bool = True  # lax.scan over stacked blocks (compile time independent of depth)
+    remat: RematPolicy = "none"
+    attention: AttentionImpl = "xla"
+    fuse_qkv: bool = True  # False: six separate q/k/v projections (benchmark baseline only)
+    lora: LoraConfig | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
+        object.__setattr__(self, "dtype", as_dtype(self.dtype))
+        if self.remat not in ("none", "full", "save_matmuls"):
+            raise ValueError(f"remat must be 'none', 'full' or 'save_matmuls', got {self.remat!r}")
+        if self.attention not in ("xla", "cudnn", "splash", "chunked"):
+            raise ValueError(f"attention must be 'xla', 'cudnn', 'splash' or 'chunked', got {self.attention!r}")
+        if self.lora is not None and not self.fuse_qkv:
+            raise ValueError("LoRA is implemented on the fused-QKV layout only (fuse_qkv=True)")

@@ -1,0 +1,173 @@
+"""Small building blocks: a LoRA-capable linear, norms, modulation, timestep embedding, MLP.
+
+Numerics follow diffusers: matmuls accumulate in fp32 and round to the activation dtype; RMSNorm
+and LayerNorm compute in fp32 (eps 1e-6); the timestep sinusoid is fp32; GELU is the tanh form.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from .config import ModelOptions
+
+EPS = 1e-6
+F32 = jnp.float32
+
+# Name given to every linear output so the "save_matmuls" remat policy can keep exactly these.
+MATMUL_CHECKPOINT_NAME = "linear_out"
+
+
+def _dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """x[..., in] · kernel[in, *out] → [..., *out] in fp32 (bf16 inputs stay bf16 on the MXU)."""
+    return jax.lax.dot_general(
+        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=F32
+    )
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias`, kernel `[in, *out]` (torch weight transposed), optional LoRA.
+
+    `out` may be a tuple: the fused QKV projections use `(3, inner_dim)` so that q, k and v are
+    separate slices of one matmul and the head axis can be sharded without resharding.
+
+    LoRA (when `options.lora` targets `name`): `y += scale · (x @ A) @ B`, A random, B zero, both
+    `nnx.LoRAParam` kept in fp32. For a fused QKV projection, `qkv_mode="split"` holds one
+    adapter per q/k/v slice (A `[3, in, r]`, B `[3, r, inner]`), `"shared"` one A (`[in, r]`) and
+    B `[r, 3, inner]`.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int | Sequence[int],
+        *,
+        axes: Sequence[str | None],
+        options: ModelOptions,
+        rngs: nnx.Rngs,
+        name: str = "",
+    ):
+        out_shape = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        axes = tuple(axes)
+        assert len(axes) == 1 + len(out_shape), (axes, out_shape)
+        self.dtype = options.dtype
+        std = 1.0 / math.sqrt(in_features)
+        kernel = jax.random.normal(rngs.params(), (in_features, *out_shape), F32) * std
+        self.kernel = nnx.Param(kernel.astype(options.param_dtype), out_sharding=axes)
+        self.bias = nnx.Param(jnp.zeros(out_shape, options.param_dtype), out_sharding=axes[1:])
+        self.lora_scale = 0.0
+        self.lora_grouped = False
+        lora = options.lora
+        if lora is not None and name and lora.targets_module(name):
+            r = lora.rank
+            bound = 1.0 / math.sqrt(in_features)  # PEFT's kaiming_uniform(a=√5) bound
+            self.lora_scale = float(lora.scale)
+            self.lora_grouped = len(out_shape) == 2 and lora.qkv_mode == "split"
+            if self.lora_grouped:
+                g = out_shape[0]
+                a_shape, a_axes = (g, in_features, r), (None, axes[0], None)
+                b_shape, b_axes = (g, r, out_shape[1]), (None, None, axes[-1])
+            else:
+                a_shape, a_axes = (in_features, r), (axes[0], None)
+                b_shape, b_axes = (r, *out_shape), (None, *axes[1:])
+            a = jax.random.uniform(rngs.params(), a_shape, F32, -bound, bound)
+            self.lora_A = nnx.LoRAParam(a, out_sharding=a_axes)
+            self.lora_B = nnx.LoRAParam(jnp.zeros(b_shape, F32), out_sharding=b_axes)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_scale != 0.0
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)
+        y = _dense(x, self.kernel[...].astype(self.dtype)) + self.bias[...].astype(F32)
+        if self.has_lora:
+            a = self.lora_A[...].astype(self.dtype)
+            b = self.lora_B[...].astype(self.dtype)
+            if self.lora_grouped:
+                xa = jnp.einsum("...i,gir->...gr", x, a, preferred_element_type=F32).astype(self.dtype)
+                delta = jnp.einsum("...gr,gro->...go", xa, b, preferred_element_type=F32)
+            else:
+                xa = _dense(x, a).astype(self.dtype)
+                delta = _dense(xa, b)
+            y = y + self.lora_scale * delta
+        return checkpoint_name(y.astype(self.dtype), MATMUL_CHECKPOINT_NAME)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float = EPS) -> jax.Array:
+    """diffusers RMSNorm: normalise in fp32, round to the weight dtype, then scale."""
+    xf = x.astype(F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight is None:
+        return y.astype(x.dtype)
+    return (y.astype(weight.dtype) * weight).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, options: ModelOptions, axes: tuple[str | None] = (None,)):
+        self.scale = nnx.Param(jnp.ones((dim,), options.param_dtype), out_sharding=axes)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.scale[...])
+
+
+def layer_norm(x: jax.Array, eps: float = EPS) -> jax.Array:
+    """LayerNorm without affine parameters, computed in fp32 (as torch does for bf16)."""
+    xf = x.astype(F32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """AdaLN: `x·(1+scale)+shift`; shift/scale broadcast over tokens (`[B,1,D]` or `[B,N,D]`)."""
+    return x * (1 + scale) + shift
+
+
+def timestep_sinusoid(t: jax.Array, dim: int = 256, max_period: float = 10000.0, scale: float = 1000.0) -> jax.Array:
+    """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)` in fp32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=F32) / half)
+    args = scale * (t.astype(F32)[:, None] * freqs[None, :])
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+class TimestepEmbedder(nnx.Module):
+    """`time_text_embed.timestep_embedder`: Linear(256→D) → SiLU → Linear(D→D)."""
+
+    def __init__(self, dim: int, *, options: ModelOptions, rngs: nnx.Rngs):
+        self.linear_1 = Linear(256, dim, axes=(None, "embed"), options=options, rngs=rngs)
+        self.linear_2 = Linear(dim, dim, axes=("embed", None), options=options, rngs=rngs)
+
+    def __call__(self, sinusoid: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(sinusoid)))
+
+
+class TimeTextEmbed(nnx.Module):
+    """`time_text_embed` (diffusers `QwenTimestepProjEmbeddings`)."""
+
+    def __init__(self, dim: int, *, options: ModelOptions, rngs: nnx.Rngs):
+        self.timestep_embedder = TimestepEmbedder(dim, options=options, rngs=rngs)
+
+    def __call__(self, sigma: jax.Array) -> jax.Array:
+        return self.timestep_embedder(timestep_sinusoid(sigma))
+
+
+class FeedForward(nnx.Module):
+    """`img_mlp` / `txt_mlp`: fc1 (D→4D, diffusers `net.0.proj`) → tanh-GELU → fc2 (`net.2`)."""
+
+    def __init__(self, dim: int, *, options: ModelOptions, rngs: nnx.Rngs, name: str):
+        self.fc1 = Linear(dim, 4 * dim, axes=("embed", "mlp"), options=options, rngs=rngs, name=f"{name}.fc1")
+        self.fc2 = Linear(4 * dim, dim, axes=("mlp", "embed"), options=options, rngs=rngs, name=f"{name}.fc2")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu_tanh(self.fc1(x)))

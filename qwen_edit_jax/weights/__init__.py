@@ -1,0 +1,1 @@
+"""Weight I/O: the key map, safetensors reading/writing, merged-param checkpoints."""
