@@ -197,5 +197,9 @@ class QwenImageTransformer(nnx.Module):
         return self.proj_out(self.norm_out(img, temb))
 
 
-def count_params(model: nnx.Module, filter_: Any = nnx.Param) -> int:
+BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+
+def count_params(model: nnx.Module, filter_: Any = BASE_PARAMS) -> int:
+    """Number of parameters selected by `filter_` (default: base weights, LoRA excluded)."""
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, filter_)))
