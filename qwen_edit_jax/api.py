@@ -13,7 +13,8 @@ from flax import nnx
 from .config import DiTConfig, ModelOptions, as_dtype
 from .transformer import QwenImageTransformer
 from .weights import keymap
-from .weights.safetensors_io import CheckpointError, TensorSource
+from .weights.loader import open_lazy_params, read_all
+from .weights.safetensors_io import CheckpointError
 
 LoraSpec = str | os.PathLike | Sequence[Any] | None
 
@@ -70,47 +71,6 @@ def model_from_params(
     return nnx.merge(graphdef, state)
 
 
-def read_torch_params(
-    source: TensorSource, config: DiTConfig, dtype: Any = np.float32, *, fuse_qkv: bool = True,
-    strict: bool = True,
-) -> dict[str, np.ndarray]:
-    """diffusers-named tensors → flat `{flax path: numpy array}` (stacked, fused, transposed).
-
-    Reads one tensor at a time into preallocated stacked buffers of `dtype`.
-    """
-    dtype = np.dtype(as_dtype(dtype))
-    expected = keymap.torch_shapes(config)
-    if strict:
-        have = set(source.keys())
-        missing = sorted(set(expected) - have)
-        unexpected = sorted(have - set(expected))
-        if missing:
-            raise CheckpointError(f"{source.description}: missing {len(missing)} tensors, e.g. {missing[:3]} "
-                                  f"(does the config match the weights? num_layers={config.num_layers})")
-        if unexpected:
-            raise CheckpointError(f"{source.description}: {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]}")
-    out: dict[str, np.ndarray] = {}
-    for path, entry, fleaf, tleaf in keymap.iter_leaves(config, fuse_qkv):
-        buf = np.empty(keymap.flax_leaf_shape(entry, fleaf, config), dtype)
-        layers = range(config.num_layers) if entry.stacked else [None]
-        for layer in layers:
-            names = keymap.torch_names_for(entry, tleaf, layer)
-            tensors = []
-            for name in names:
-                t = source.get(name)
-                if tuple(t.shape) != expected[name]:
-                    raise CheckpointError(f"{source.file_of(name)}: tensor {name} has shape {tuple(t.shape)}, "
-                                          f"expected {expected[name]} for this config")
-                tensors.append(t)
-            value = keymap.to_flax_leaf(fleaf, tensors)
-            if layer is None:
-                buf[...] = value
-            else:
-                buf[layer] = value
-        out[path] = buf
-    return out
-
-
 def iter_torch_params(model: QwenImageTransformer) -> Iterator[tuple[str, np.ndarray]]:
     """The model's base weights as (diffusers name, numpy array in torch layout), one at a time."""
     cfg, fuse = model.config, model.options.fuse_qkv
@@ -132,7 +92,8 @@ def load_transformer(
     options: ModelOptions | None = None,
     config: DiTConfig | None = None,
 ) -> QwenImageTransformer:
-    """Load a diffusers transformer folder (config.json + safetensors, single or sharded).
+    """Load the transformer from a diffusers folder (config.json + one safetensors file, or shards
+    with an index) or a single safetensors file with `config=`.
 
     `dtype` sets both parameter and activation dtype unless `options` is given.
     """
@@ -140,9 +101,7 @@ def load_transformer(
         raise NotImplementedError("load_transformer(mesh=...) arrives with the sharding feature")
     if lora is not None:
         raise NotImplementedError("load_transformer(lora=...) arrives with the converter's LoRA support")
-    path = os.fspath(path)
-    config = config or DiTConfig.from_json(path)
     options = options or ModelOptions(param_dtype=dtype, dtype=dtype)
-    source = TensorSource.open(path)
-    params = read_torch_params(source, config, options.param_dtype, fuse_qkv=options.fuse_qkv)
-    return model_from_params(config, options, params, source=path)
+    lazy = open_lazy_params(path, config, fuse_qkv=options.fuse_qkv)
+    params = read_all(lazy, options.param_dtype)
+    return model_from_params(lazy.config, options, params, source=lazy.description)
