@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import DiTConfig, ModelOptions, as_dtype
+from .config import DiTConfig, ModelOptions
 from .transformer import QwenImageTransformer
 from .weights import keymap
 from .weights.loader import open_lazy_params, read_all
