@@ -47,10 +47,10 @@ def torch_forward(model, hidden, enc, mask, sigma, img_shapes) -> np.ndarray:
 
     with torch.no_grad():
         out = model(
-            hidden_states=torch.from_numpy(np.asarray(hidden)),
-            encoder_hidden_states=torch.from_numpy(np.asarray(enc)),
-            encoder_hidden_states_mask=None if mask is None else torch.from_numpy(np.asarray(mask)),
-            timestep=torch.from_numpy(np.asarray(sigma)),
+            hidden_states=torch.from_numpy(np.array(hidden)),
+            encoder_hidden_states=torch.from_numpy(np.array(enc)),
+            encoder_hidden_states_mask=None if mask is None else torch.from_numpy(np.array(mask)),
+            timestep=torch.from_numpy(np.array(sigma)),
             img_shapes=img_shapes,
             return_dict=False,
         )[0]

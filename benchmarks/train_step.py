@@ -1,0 +1,173 @@
+"""Time the DiT forward and forward+backward (merged vs separate QKV), against a matmul peak.
+
+    python benchmarks/train_step.py --preset tiny
+    python benchmarks/train_step.py --layers 2 --heads 24 --head-dim 128 --txt-dim 3584 \
+        --img-tokens 4096 --ref-tokens 4096 --txt-tokens 256 --dtype bf16 --compare-qkv --json
+
+Achieved FLOP/s counts the model's matmul FLOPs analytically (linears + attention; backward =
+2 × forward) and is set against the peak of one large matmul measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import qwen_edit_jax as q  # noqa: E402
+from _timing import emit_json, print_table, time_fn  # noqa: E402
+
+
+def grid(n: int) -> tuple[int, int, int]:
+    """A (1, h, w) token grid with h·w = n, as square as possible."""
+    h = int(math.isqrt(n))
+    while n % h:
+        h -= 1
+    return (1, h, n // h)
+
+
+def model_flops(cfg: q.DiTConfig, batch: int, n_img: int, n_txt: int) -> float:
+    """Forward matmul FLOPs (2·m·n·k per matmul) of the whole model."""
+    d = cfg.inner_dim
+    per_tok = 2 * d * (3 * d + d + 8 * d)  # qkv, out, mlp (fc1 + fc2)
+    s = n_img + n_txt
+    attn = 4 * cfg.num_attention_heads * s * s * cfg.attention_head_dim
+    block = batch * ((n_img + n_txt) * per_tok + attn) + batch * 2 * 2 * d * 6 * d
+    io = batch * 2 * (n_img * cfg.in_channels * d + n_txt * cfg.joint_attention_dim * d + n_img * d * cfg.out_features)
+    return cfg.num_layers * block + io
+
+
+def matmul_peak(dtype: jnp.dtype, n: int) -> float:
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32).astype(dtype))
+    t = time_fn(lambda: f(a, a).block_until_ready(), iters=7, warmup=2)["median_s"]
+    return 2 * n**3 / t
+
+
+def build(args: argparse.Namespace, fuse_qkv: bool):
+    if args.preset:
+        cfg = q.preset(args.preset)
+        if args.layers:
+            cfg = dataclasses.replace(cfg, num_layers=args.layers)
+    else:
+        cfg = q.DiTConfig(num_layers=args.layers or 2, num_attention_heads=args.heads, attention_head_dim=args.head_dim,
+                          joint_attention_dim=args.txt_dim, axes_dims_rope=rope_axes(args.head_dim))
+    dtype = q.config.as_dtype(args.dtype)
+    opts = q.ModelOptions(param_dtype=dtype, dtype=dtype, fuse_qkv=fuse_qkv, remat=args.remat,
+                          attention=args.attention)
+    return cfg, q.init_transformer(cfg, opts, seed=0)
+
+
+def rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """Split head_dim like the real (16, 56, 56): 1/8 frame, the rest to h and w (all even)."""
+    f = max(2, (head_dim // 8) // 2 * 2)
+    hw = (head_dim - f) // 2 // 2 * 2
+    return (head_dim - 2 * hw, hw, hw)
+
+
+def bench_model(args: argparse.Namespace, fuse_qkv: bool) -> dict:
+    cfg, model = build(args, fuse_qkv)
+    dtype = model.options.dtype
+    shapes = [grid(args.img_tokens)] + ([grid(args.ref_tokens)] if args.ref_tokens else [])
+    n = args.img_tokens + args.ref_tokens
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((args.batch, n, cfg.in_channels)), dtype)
+    e = jnp.asarray(rng.standard_normal((args.batch, args.txt_tokens, cfg.joint_attention_dim)), dtype)
+    t = jnp.full((args.batch,), 0.5, jnp.float32)
+    graphdef, state = nnx.split(model)
+
+    def fwd(state, x, e, t):
+        return nnx.merge(graphdef, state)(hidden_states=x, encoder_hidden_states=e, timestep=t,
+                                          img_shapes=[shapes] * args.batch)
+
+    def loss(state, x, e, t):
+        out = fwd(state, x, e, t)[:, : args.img_tokens].astype(jnp.float32)
+        return jnp.mean(out**2)
+
+    fwd_j = jax.jit(fwd)
+    grad_j = jax.jit(jax.value_and_grad(loss))
+    t0 = time.perf_counter()
+    fwd_c = fwd_j.lower(state, x, e, t).compile()
+    compile_fwd = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grad_c = grad_j.lower(state, x, e, t).compile()
+    compile_grad = time.perf_counter() - t0
+    f = time_fn(lambda: fwd_c(state, x, e, t).block_until_ready(), iters=args.iters, warmup=args.warmup)
+    g = time_fn(lambda: jax.block_until_ready(grad_c(state, x, e, t)), iters=args.iters, warmup=args.warmup)
+    flops = model_flops(cfg, args.batch, n, args.txt_tokens)
+    return {
+        "qkv": "merged" if fuse_qkv else "separate",
+        "params": q.count_params(model),
+        "fwd_s": f["median_s"], "fwd_bwd_s": g["median_s"],
+        "fwd_clean": f["clean"], "fwd_bwd_clean": g["clean"],
+        "fwd_flops": flops, "fwd_tflops_s": flops / f["median_s"] / 1e12,
+        "fwd_bwd_tflops_s": 3 * flops / g["median_s"] / 1e12,
+        "compile_fwd_s": compile_fwd, "compile_fwd_bwd_s": compile_grad,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="start from a preset (e.g. tiny); other model flags ignored")
+    p.add_argument("--layers", type=int, default=0)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--txt-dim", type=int, default=512)
+    p.add_argument("--img-tokens", type=int, default=1024, help="target-image tokens")
+    p.add_argument("--ref-tokens", type=int, default=1024, help="reference-image tokens (0: text-to-image)")
+    p.add_argument("--txt-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"])
+    p.add_argument("--attention", default="xla")
+    p.add_argument("--separate-qkv", action="store_true", help="run the six-projection layout instead of merged")
+    p.add_argument("--compare-qkv", action="store_true", help="run merged and separate in the same process")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    args = p.parse_args(argv)
+    if args.preset:
+        args.img_tokens, args.ref_tokens, args.txt_tokens = (args.img_tokens if args.img_tokens != 1024 else 64,
+                                                            args.ref_tokens if args.ref_tokens != 1024 else 64,
+                                                            args.txt_tokens if args.txt_tokens != 128 else 16)
+    dtype = q.config.as_dtype(args.dtype)
+    peak = matmul_peak(dtype, 2048 if jax.devices()[0].platform == "cpu" else 8192)
+    layouts = [True, False] if args.compare_qkv else [not args.separate_qkv]
+    rows = [bench_model(args, fuse) for fuse in layouts]
+    for r in rows:
+        r["fwd_mfu"] = r["fwd_tflops_s"] * 1e12 / peak
+        r["fwd_bwd_mfu"] = r["fwd_bwd_tflops_s"] * 1e12 / peak
+    result = {
+        "device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+        "host": platform.node(), "dtype": str(dtype), "batch": args.batch,
+        "img_tokens": args.img_tokens, "ref_tokens": args.ref_tokens, "txt_tokens": args.txt_tokens,
+        "matmul_peak_tflops_s": peak / 1e12, "results": rows,
+    }
+    if args.compare_qkv:
+        result["merged_over_separate_fwd"] = rows[0]["fwd_s"] / rows[1]["fwd_s"]
+        result["merged_over_separate_fwd_bwd"] = rows[0]["fwd_bwd_s"] / rows[1]["fwd_bwd_s"]
+    print(f"device {result['device']}, {dtype}, matmul peak {peak / 1e12:.3g} TFLOP/s, "
+          f"tokens: {args.img_tokens} target + {args.ref_tokens} reference + {args.txt_tokens} text, batch {args.batch}")
+    print_table(rows, ["qkv", "params", "fwd_s", "fwd_bwd_s", "fwd_tflops_s", "fwd_bwd_tflops_s", "fwd_bwd_mfu",
+                       "compile_fwd_bwd_s"])
+    if args.compare_qkv:
+        print(f"merged / separate time: fwd {result['merged_over_separate_fwd']:.3f}, "
+              f"fwd+bwd {result['merged_over_separate_fwd_bwd']:.3f}")
+    if args.json:
+        emit_json(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
