@@ -93,15 +93,34 @@ def load_transformer(
     config: DiTConfig | None = None,
 ) -> QwenImageTransformer:
     """Load the transformer from a diffusers folder (config.json + one safetensors file, or shards
-    with an index) or a single safetensors file with `config=`.
+    with an index), a single safetensors file with `config=` (also ComfyUI prefixes and the original
+    merged-QKV PyTorch layout), or a merged Orbax checkpoint written by `convert/convert_checkpoint.py`.
 
-    `dtype` sets both parameter and activation dtype unless `options` is given.
+    `dtype` sets both parameter and activation dtype unless `options` is given. `lora`: a LoRA file
+    or a list of paths / (path, strength) pairs in any supported key style, merged into the weights.
+    `mesh` (`sharding.make_mesh`): every weight arrives sharded per `sharding.LOGICAL_RULES`, each
+    process reading only its own devices' slices (no host ever holds the whole checkpoint).
     """
-    if mesh is not None:
-        raise NotImplementedError("load_transformer(mesh=...) arrives with the sharding feature")
-    if lora is not None:
-        raise NotImplementedError("load_transformer(lora=...) arrives with the converter's LoRA support")
     options = options or ModelOptions(param_dtype=dtype, dtype=dtype)
+    if mesh is not None:  # each device's shard read from disk and placed directly (sharding.load_sharded)
+        from .sharding import load_sharded
+
+        model = load_sharded(path, mesh, options=options, config=config)
+    else:
+        model = _load_base(path, options, config)
+    if lora is not None:  # LoRA files of any key style, merged into the base weights (exact in fp32)
+        from .lora.io import apply_lora
+
+        apply_lora(model, lora)
+    return model
+
+
+def _load_base(path: str | os.PathLike, options: ModelOptions, config: DiTConfig | None) -> QwenImageTransformer:
+    """Base weights from a merged Orbax checkpoint (converter output) or any PyTorch layout."""
+    from .weights import checkpoint
+
+    if checkpoint.is_merged_checkpoint(path):
+        return checkpoint.load_merged_model(path, options, config=config)
     lazy = open_lazy_params(path, config, fuse_qkv=options.fuse_qkv)
     params = read_all(lazy, options.param_dtype)
     return model_from_params(lazy.config, options, params, source=lazy.description)

@@ -75,33 +75,73 @@ class TorchLayoutParams:
         return keymap.flax_leaf_shape(entry, fleaf, self.config)
 
     def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
+        """`leaf[index]` in Flax layout, reading only the torch bytes the slice covers.
+
+        Only the layers in the slice are touched, and of each torch weight only the rows and
+        columns that land in the slice (safetensors slice reads on the memory map), so a device's
+        shard of a 20B checkpoint costs its own bytes, not the leaf's. The result is written into
+        one preallocated array (cast per layer), never stacked from a second copy.
+        """
         entry, fleaf, tleaf = self._leaves[path]
-        shape = self.shape(path)
-        idx = _norm_index(index, shape)
-        if entry.stacked:
-            layer_idx, inner = idx[0], idx[1:]
-            layers = range(layer_idx.start, layer_idx.stop, layer_idx.step)
-        else:
-            layers, inner = [None], idx
-        parts = []
-        for layer in layers:
-            tensors = [self.source.get(n) for n in keymap.torch_names_for(entry, tleaf, layer)]
-            parts.append(keymap.to_flax_leaf(fleaf, tensors)[inner])
-        out = np.stack(parts) if entry.stacked else parts[0]
-        return out if dtype is None else out.astype(np.dtype(as_dtype(dtype)))
+        idx = _norm_index(index, self.shape(path))
+        layers, inner = (range(*idx[0].indices(self.config.num_layers)), idx[1:]) if entry.stacked else ([None], idx)
+        want = None if dtype is None else np.dtype(as_dtype(dtype))
+        out = None
+        for i, layer in enumerate(layers):
+            part = self._read_layer(entry, fleaf, tleaf, layer, inner)
+            if out is None:
+                lead = (len(layers),) if entry.stacked else ()
+                out = np.empty(lead + part.shape, want or part.dtype)
+            if entry.stacked:
+                out[i] = part
+            else:
+                out[...] = part
+        if out is None:  # empty layer slice
+            return np.empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, self.shape(path))), want or np.float32)
+        return out
+
+    def _read_layer(self, entry: keymap.ModuleEntry, fleaf: str, tleaf: str, layer: int | None,
+                    inner: tuple[slice, ...]) -> np.ndarray:
+        """One layer's slice of a Flax leaf (kernel `[in, (3,) out]`, bias `[(3,) out]`, scale)."""
+        names = keymap.torch_names_for(entry, tleaf, layer)
+        if entry.fused:  # the group axis (q|k|v) picks torch tensors
+            group = inner[1] if fleaf == "kernel" else inner[0]
+            names = names[group]
+            inner = (inner[0], inner[2]) if fleaf == "kernel" else inner[1:]
+        if fleaf == "kernel":  # torch weight [out, in] → Flax [in, out]: read the transposed slice
+            mats = [self.source.read_slice(n, (inner[1], inner[0])).T for n in names]
+            return np.stack(mats, axis=1) if entry.fused else mats[0]
+        vecs = [self.source.read_slice(n, inner) for n in names]
+        return np.stack(vecs, axis=0) if entry.fused else vecs[0]
 
 
 def open_lazy_params(
-    path: str | os.PathLike, config: DiTConfig | None = None, *, fuse_qkv: bool = True
+    path: str | os.PathLike, config: DiTConfig | str | None = None, *, fuse_qkv: bool = True
 ) -> LazyParams:
-    """Open a diffusers-layout transformer (folder with config.json, index + shards, or one file)."""
+    """Open base weights in any supported layout, lazily (see `layout.py`).
+
+    A diffusers folder (config.json + one file, or index + shards), an index, or one safetensors
+    file — with diffusers/DiffSynth names, ComfyUI prefixes, or the original merged-QKV PyTorch
+    layout — or a merged Orbax checkpoint. `config`: a DiTConfig, a config.json path or a preset
+    name; required when no config.json lies beside the weights. `.detected` says what was found.
+    """
+    from . import layout
+    from .checkpoint import MergedParams, is_merged_checkpoint
+
     path = os.fspath(path)
-    if config is None:
-        cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-        if not os.path.exists(cfg_path):
-            raise CheckpointError(f"{path}: no config.json beside the weights; pass config= (or --config)")
-        config = DiTConfig.from_json(cfg_path)
-    return TorchLayoutParams(TensorSource.open(path), config, fuse_qkv=fuse_qkv)
+    if is_merged_checkpoint(path):
+        if not fuse_qkv:
+            raise CheckpointError(f"{path}: a merged checkpoint holds fused QKV params; use fuse_qkv=True")
+        cfg = None if config is None else layout.resolve_config(path, config)[0]
+        lazy = MergedParams(path, cfg)
+        lazy.detected = layout.Detected(path, "base", "merged Orbax checkpoint (this project)",
+                                        "Flax merged-QKV params", config_source=os.path.join(path, "config.json"))
+        return lazy
+    source, detected = layout.open_torch_source(path)
+    cfg, detected.config_source = layout.resolve_config(path, config)
+    lazy = TorchLayoutParams(source, cfg, fuse_qkv=fuse_qkv)
+    lazy.detected = detected
+    return lazy
 
 
 def read_all(lazy: LazyParams, dtype: Any = np.float32) -> dict[str, np.ndarray]:

@@ -8,7 +8,9 @@ slices, so no caller ever needs the whole checkpoint in memory.
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
 from typing import Iterator
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors needs it)
@@ -17,6 +19,7 @@ from safetensors import safe_open
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
+_MAX_HEADER = 100 * 1024 * 1024  # as the safetensors library
 
 
 class CheckpointError(ValueError):
@@ -30,6 +33,82 @@ def _safe_open(path: str):
         raise CheckpointError(f"{path}: file not found") from None
     except Exception as e:  # safetensors raises SafetensorError / OSError for corrupt headers
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+class SafetensorsFile:
+    """One safetensors file, memory-mapped, with a validated header.
+
+    Reads copy only the requested slice out of the mapping and then drop the mapping's pages
+    (`madvise(MADV_DONTNEED)`; they stay in the OS page cache), so streaming a 40 GB checkpoint
+    never grows this process's resident memory beyond the tensors it actually holds.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open ({e})") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes)")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > _MAX_HEADER:
+                raise CheckpointError(f"{path}: not a readable safetensors file (header length {n} does not fit "
+                                      f"the file's {size} bytes: truncated or not safetensors)")
+            try:
+                header = json.loads(f.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
+            except ValueError as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file (header: {e})") from None
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.data_start = 8 + n
+            data_size = size - self.data_start
+            self._info: dict[str, tuple[np.dtype, tuple[int, ...], int, str]] = {}
+            for key, info in header.items():
+                try:
+                    st, shape, (b, e) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
+                    dt = np.dtype(_DT[st])
+                except (KeyError, TypeError, ValueError):
+                    raise CheckpointError(f"{path}: tensor {key!r} has an invalid header entry {info!r}") from None
+                if not 0 <= b <= e or e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+                    raise CheckpointError(f"{path}: tensor {key!r} header is inconsistent (shape {list(shape)} "
+                                          f"{st}, offsets {[b, e]})")
+                if e > data_size:
+                    raise CheckpointError(f"{path}: not a readable safetensors file (truncated: tensor {key!r} ends at "
+                                          f"byte {self.data_start + e}, the file has {size})")
+                self._info[key] = (dt, shape, b, st)
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > self.data_start else None
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info[key][1]
+
+    def st_dtype(self, key: str) -> str:
+        return self._info[key][3]
+
+    def read(self, key: str, index: tuple = ()) -> np.ndarray:
+        """A copy of `tensor[index]` (basic indexing), touching only the pages the slice covers."""
+        dt, shape, b, _ = self._info[key]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if nbytes == 0 or self._mm is None:
+            return np.zeros(shape, dt)[tuple(index)].copy()
+        start = self.data_start + b
+        view = np.ndarray(shape, dt, buffer=self._mm, offset=start)
+        out = np.array(view[tuple(index)], copy=True)
+        del view
+        lo = start - start % mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
+        except (AttributeError, OSError, ValueError):  # platform without madvise: pages just stay mapped
+            pass
+        return out
 
 
 class TensorSource:
@@ -57,7 +136,7 @@ class TensorSource:
             keys: dict[str, str] = {}
             for f in files:
                 fp = os.path.join(path, f)
-                for k in _safe_open(fp).keys():
+                for k in SafetensorsFile(fp).keys():
                     if k in keys:
                         raise CheckpointError(f"{fp}: key {k!r} also appears in {keys[k]}")
                     keys[k] = fp
@@ -66,7 +145,7 @@ class TensorSource:
             return cls.from_index(path)
         if not os.path.exists(path):
             raise CheckpointError(f"{path}: no such file or folder")
-        return cls({k: path for k in _safe_open(path).keys()}, path)
+        return cls({k: path for k in SafetensorsFile(path).keys()}, path)
 
     @classmethod
     def from_index(cls, index_path: str) -> "TensorSource":
@@ -83,10 +162,10 @@ class TensorSource:
         return cls(files, os.path.dirname(index_path) or index_path)
 
     # ---- access --------------------------------------------------------------------------
-    def _handle(self, fp: str):
+    def _handle(self, fp: str) -> SafetensorsFile:
         h = self._handles.get(fp)
         if h is None:
-            h = self._handles[fp] = _safe_open(fp)
+            h = self._handles[fp] = SafetensorsFile(fp)
         return h
 
     def _stored(self, key: str) -> str:
@@ -105,40 +184,45 @@ class TensorSource:
     def __contains__(self, key: str) -> bool:
         return self._stored(key) in self._files
 
-    def _slice(self, key: str):
+    def _locate(self, key: str) -> tuple[SafetensorsFile, str, str]:
         stored = self._stored(key)
         if stored not in self._files:
             raise CheckpointError(f"{self.description}: missing tensor {key!r}")
         fp = self._files[stored]
+        h = self._handle(fp)
+        if stored not in h._info:
+            raise CheckpointError(f"{fp}: tensor {stored!r} listed in the index is not in this file")
+        return h, stored, fp
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        h, stored, _ = self._locate(key)
+        return h.shape(stored)
+
+    def dtype(self, key: str) -> str:
+        """safetensors dtype string ('BF16', 'F32', …)."""
+        h, stored, _ = self._locate(key)
+        return h.st_dtype(stored)
+
+    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+        """`tensor[index]` (basic slices per axis), copying only those bytes from the mapped file.
+
+        Used by sharded loading: each device's shard of a parameter is read without ever
+        holding the whole tensor in host memory.
+        """
+        h, stored, fp = self._locate(key)
         try:
-            return self._handle(fp).get_slice(stored), fp
+            return h.read(stored, tuple(index))
         except CheckpointError:
             raise
         except Exception as e:
-            raise CheckpointError(f"{fp}: cannot read tensor {stored!r} ({e})") from None
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        sl, _ = self._slice(key)
-        return tuple(sl.get_shape())
-
-    def dtype(self, key: str) -> str:
-        sl, _ = self._slice(key)
-        return sl.get_dtype()
+            raise CheckpointError(f"{fp}: tensor {stored!r} is truncated or corrupt ({e})") from None
 
     def get(self, key: str) -> np.ndarray:
-        sl, fp = self._slice(key)
-        try:
-            return sl[:]
-        except Exception as e:  # truncated data region
-            raise CheckpointError(f"{fp}: tensor {self._stored(key)!r} is truncated or corrupt ({e})") from None
+        return self.read_slice(key, ())
 
     def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
         """Rows [start:stop] of the first axis, reading only those bytes."""
-        sl, fp = self._slice(key)
-        try:
-            return sl[start:stop]
-        except Exception as e:
-            raise CheckpointError(f"{fp}: tensor {self._stored(key)!r} is truncated or corrupt ({e})") from None
+        return self.read_slice(key, (slice(start, stop),))
 
     def items(self) -> Iterator[tuple[str, np.ndarray]]:
         for k in self.keys():
@@ -147,13 +231,13 @@ class TensorSource:
     def nbytes(self) -> int:
         total = 0
         for k in self.keys():
-            sl, _ = self._slice(k)
-            total += int(np.prod(sl.get_shape())) * np.dtype(_np_dtype(sl.get_dtype())).itemsize
+            total += int(np.prod(self.shape(k))) * np.dtype(_np_dtype(self.dtype(k))).itemsize
         return total
 
 
 _DT = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32",
-       "U8": "uint8", "BOOL": "bool", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+       "I16": "int16", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool", "I8": "int8",
+       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _np_dtype(st_dtype: str) -> str:

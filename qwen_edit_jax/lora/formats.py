@@ -1,0 +1,133 @@
+"""LoRA key styles for Qwen-Image: parse any of them, write the four standard ones.
+
+A LoRA tensor key is `<prefix><module><part>`: the module is a diffusers module name
+(`transformer_blocks.3.attn.to_q`), the part is A / B / alpha. Styles (qwen_image_dit.md §7):
+
+| style      | key of A                                               | alpha            |
+|------------|--------------------------------------------------------|------------------|
+| diffusers  | `transformer.<m>.lora_A.weight` (PEFT, `save_lora_weights`) | safetensors metadata (PEFT config), else none |
+| comfyui    | `diffusion_model.<m>.lora_A.weight` (also `model.diffusion_model.`, `lora_down/up`) | optional `.alpha` |
+| kohya      | `lora_unet_<m with . → _>.lora_down.weight` (musubi-tuner; `lycoris_` too) | `.alpha` |
+| lightx2v   | `<m>.lora_down.weight` / `lora_up.weight`              | `.alpha` |
+| diffsynth  | `<m>.lora_A.default.weight` (PEFT adapter name kept)    | none (scale 1) |
+
+Module names are resolved with `weights.keymap.find_module` (the one key map); kohya's flattened
+names are un-flattened by matching against the same table. Fused names `attn.to_qkv` /
+`attn.add_qkv_proj` (the original merged-QKV PyTorch layout) are recognised too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+from ..weights import keymap
+
+WRITE_STYLES = ("diffusers", "comfyui", "kohya", "diffsynth", "lightx2v")
+READ_STYLES = WRITE_STYLES
+Part = Literal["A", "B", "alpha"]
+
+_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
+_KOHYA_PREFIXES = ("lora_unet_", "lycoris_")
+# Longest first so ".lora_A.default.weight" wins over ".lora_A.weight"-style partial matches.
+_SUFFIXES: tuple[tuple[str, Part], ...] = (
+    (".lora_A.default.weight", "A"), (".lora_B.default.weight", "B"),
+    (".lora_A.weight", "A"), (".lora_B.weight", "B"),
+    (".lora_down.weight", "A"), (".lora_up.weight", "B"),
+    (".alpha", "alpha"),
+)
+_FUSED_SUFFIX = re.compile(r"^(.*)\.lora_([AB])\.[A-Za-z0-9_]+\.weight$")  # PEFT with a custom adapter name
+
+
+@dataclasses.dataclass(frozen=True)
+class ParsedKey:
+    module: str  # diffusers module name (or a fused name: ...attn.to_qkv / attn.add_qkv_proj)
+    part: Part
+    style: str
+
+
+def fused_names() -> dict[str, keymap.ModuleEntry]:
+    """Fused module names (relative to a block) → their fused-QKV entry: 'attn.to_qkv', 'attn.add_qkv_proj'."""
+    return {e.flax.split(".", 1)[1]: e for e in keymap.module_entries(True) if e.fused}
+
+
+def resolve(module: str) -> tuple[keymap.ModuleEntry, int | None, int | None] | None:
+    """Module name → (fused-layout entry, layer, index within a q|k|v group or None for a whole fused name)."""
+    hit = keymap.find_module(module, fuse_qkv=True)
+    if hit is not None:
+        entry, layer, j = hit
+        if entry.kind != "linear":
+            return None
+        return entry, layer, (j if entry.fused else None)
+    m = re.match(rf"^{keymap.BLOCKS}\.(\d+)\.(.+)$", module)
+    if m and m.group(2) in fused_names():
+        return fused_names()[m.group(2)], int(m.group(1)), None
+    return None
+
+
+def _flat_table() -> tuple[dict[str, str], dict[str, str]]:
+    """kohya flattened name → dotted name, for top-level modules and block-relative modules."""
+    top, block = {}, {}
+    for e in keymap.module_entries(fuse_qkv=False):
+        if e.kind != "linear":
+            continue
+        for t in e.torch:
+            (block if e.stacked else top)[t.replace(".", "_")] = t
+    for rel in fused_names():
+        block[rel.replace(".", "_")] = rel
+    return top, block
+
+
+def unflatten_kohya(flat: str) -> str | None:
+    """'transformer_blocks_0_img_mlp_net_0_proj' → 'transformer_blocks.0.img_mlp.net.0.proj' (None if unknown)."""
+    top, block = _flat_table()
+    if flat in top:
+        return top[flat]
+    m = re.match(rf"^{keymap.BLOCKS}_(\d+)_(.+)$", flat)
+    if m and m.group(2) in block:
+        return f"{keymap.BLOCKS}.{m.group(1)}.{block[m.group(2)]}"
+    return None
+
+
+def parse_key(key: str) -> ParsedKey | None:
+    """Split a LoRA tensor key into (module, part, style); None if it is not a LoRA key."""
+    part = None
+    for suffix, p in _SUFFIXES:
+        if key.endswith(suffix):
+            body, part = key[: -len(suffix)], p
+            break
+    if part is None:
+        m = _FUSED_SUFFIX.match(key)
+        if not m:
+            return None
+        body, part = m.group(1), m.group(2)
+    down_up = ".lora_down." in key or ".lora_up." in key
+    for kp in _KOHYA_PREFIXES:
+        if body.startswith(kp):
+            module = unflatten_kohya(body[len(kp):])
+            return ParsedKey(module or body, part, "kohya")
+    style = "diffsynth" if ".default." in key else ("lightx2v" if down_up else "")
+    for prefix in _PREFIXES:
+        if body.startswith(prefix):
+            body = body[len(prefix):]
+            if not style or style == "lightx2v":
+                style = "diffusers" if prefix in ("transformer.", "base_model.model.") else "comfyui"
+            break
+    return ParsedKey(body, part, style or "diffsynth")
+
+
+def key_names(module: str, style: str) -> dict[str, str]:
+    """Keys of one module's tensors in a write style: {'A': …, 'B': …} (+ 'alpha' for kohya)."""
+    if style == "diffusers":
+        return {"A": f"transformer.{module}.lora_A.weight", "B": f"transformer.{module}.lora_B.weight"}
+    if style == "comfyui":
+        return {"A": f"diffusion_model.{module}.lora_A.weight", "B": f"diffusion_model.{module}.lora_B.weight"}
+    if style == "diffsynth":
+        return {"A": f"{module}.lora_A.default.weight", "B": f"{module}.lora_B.default.weight"}
+    if style == "kohya":
+        flat = "lora_unet_" + module.replace(".", "_")
+        return {"A": f"{flat}.lora_down.weight", "B": f"{flat}.lora_up.weight", "alpha": f"{flat}.alpha"}
+    if style == "lightx2v":
+        return {"A": f"{module}.lora_down.weight", "B": f"{module}.lora_up.weight", "alpha": f"{module}.alpha"}
+    raise ValueError(f"unknown LoRA format {style!r}; choose one of {list(WRITE_STYLES)}")

@@ -1,0 +1,398 @@
+"""Merged Flax params on disk: an Orbax PyTree checkpoint + config.json (the converter's `to_merged`).
+
+Layout of a merged checkpoint folder:
+
+    OUT/config.json          diffusers config of the weights (zero_cond_t included)
+    OUT/params/              Orbax PyTree checkpoint (OCDBT, zarr); tree = nested dict of the Flax
+                             base-parameter paths (`transformer_blocks.attn.to_qkv.kernel` [L, D, 3, D], …)
+    OUT/qwen_edit_jax.json   marker: format, version, source, per-leaf dtypes
+
+Writing streams: every leaf is a `LazyLeaf` (a view on the source checkpoint) and
+`LazyLeafHandler` (an Orbax `NumpyHandler`) writes stacked leaves one layer at a time into
+per-layer zarr chunks, so no stacked `[L, …]` array is ever materialised; a byte budget bounds
+the layers in flight. The stored leaves are ordinary arrays: any Orbax restore reads them.
+
+Reading: `load_merged_params(path, abstract_state, shardings)` restores straight onto devices
+with target shardings (Orbax reads only each device's slice); `MergedParams` is a `LazyParams`
+view (tensorstore slice reads) used to convert back to the standard layout layer by layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes  # noqa: F401
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint._src.futures import future as ocp_future
+from orbax.checkpoint._src.serialization import ocdbt_utils
+from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+from ..config import DiTConfig, as_dtype
+from .loader import Index, LazyParams, _norm_index
+from .safetensors_io import CheckpointError
+from .writer import atomic_path
+
+MARKER = "qwen_edit_jax.json"
+PARAMS_DIR = "params"
+FORMAT = "qwen_edit_jax.merged_params"
+VERSION = 1
+DEFAULT_BUDGET = 256 << 20  # bytes of layers read but not yet written, across all leaves
+
+
+def is_merged_checkpoint(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, MARKER))
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ---- writing ----------------------------------------------------------------------------------
+class _Budget:
+    """Byte budget shared by all leaves being written (asyncio; one event loop)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._cond: asyncio.Condition | None = None
+
+    async def acquire(self, n: int) -> None:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used == 0 or self.used + n <= self.limit)
+            self.used += n
+
+    async def release(self, n: int) -> None:
+        async with self._cond:
+            self.used -= n
+            self._cond.notify_all()
+
+
+class _Progress:
+    """Thread-safe tqdm updates: bytes on the bar, tensors in the postfix."""
+
+    def __init__(self, bar: Any, total_tensors: int):
+        self.bar, self.total, self.done = bar, total_tensors, 0
+        self._lock = threading.Lock()
+
+    def update(self, nbytes: int, tensors: int) -> None:
+        if self.bar is None:
+            return
+        with self._lock:
+            self.done += tensors
+            self.bar.set_postfix_str(f"tensors {self.done}/{self.total}", refresh=False)
+            self.bar.update(nbytes)
+
+
+class LazyLeaf:
+    """One Flax leaf of a `LazyParams` source, read layer by layer when Orbax writes it."""
+
+    def __init__(self, lazy: LazyParams, path: str, dtype: Any, stacked: bool, tensors_per_layer: int,
+                 budget: _Budget, progress: _Progress):
+        self.lazy, self.path = lazy, path
+        self.shape = tuple(lazy.shape(path))
+        self.dtype = np.dtype(dtype)
+        self.stacked = stacked
+        self.tensors_per_layer = tensors_per_layer
+        self.budget, self.progress = budget, progress
+
+    @property
+    def write_shape(self) -> tuple[int, ...]:
+        return (1, *self.shape[1:]) if self.stacked else self.shape
+
+    def read(self, layer: int | None) -> np.ndarray:
+        index = None if layer is None else (slice(layer, layer + 1),)
+        return np.ascontiguousarray(self.lazy.read(self.path, index, dtype=self.dtype))
+
+
+class LazyLeafHandler(ocp.type_handlers.NumpyHandler):
+    """Orbax handler for `LazyLeaf`: stored exactly like a numpy array (typestr 'np.ndarray'),
+    written one layer (= one zarr chunk) at a time."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _write_leaf(self, leaf: LazyLeaf, tspec: dict[str, Any], ts_context: Any) -> None:
+        t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+        layers = range(leaf.shape[0]) if leaf.stacked else [None]
+        per = int(np.prod(leaf.write_shape)) * leaf.dtype.itemsize
+        for layer in layers:
+            await leaf.budget.acquire(per)
+            try:
+                value = await asyncio.to_thread(leaf.read, layer)
+                target = t if layer is None else t[layer: layer + 1]
+                await target.write(value, can_reference_source_data_indefinitely=True)
+            finally:
+                await leaf.budget.release(per)
+            leaf.progress.update(per, leaf.tensors_per_layer)
+
+    async def _background_serialize(self, values, infos, args=None):
+        writes = []
+        for value, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            spec = ts_utils.build_array_write_spec(
+                info=info, arg=arg, global_shape=value.shape, local_shape=value.write_shape, dtype=value.dtype,
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
+                metadata_key=self._metadata_key)
+            writes.append(asyncio.ensure_future(self._write_leaf(value, spec.json, info.ts_context)))
+        try:
+            await asyncio.gather(*writes)
+        except BaseException:  # stop every other leaf before the error propagates (no writes after cleanup)
+            for w in writes:
+                w.cancel()
+            await asyncio.gather(*writes, return_exceptions=True)
+            raise
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+        return [ocp_future.CommitFutureAwaitingContractedSignals(
+            self._background_serialize(values, infos, args), name="qwen_edit_jax_lazy_leaf")]
+
+
+def save_merged(
+    lazy: LazyParams,
+    path: str | os.PathLike,
+    *,
+    dtype: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    memory_budget: int | None = None,
+    source: str | None = None,
+    compression: bool = False,
+) -> str:
+    """Write `lazy` (any layout) as a merged checkpoint folder; atomic (temp folder + rename).
+
+    Each leaf keeps the source dtype (a bf16 checkpoint stays bf16) unless `dtype` is given.
+    Peak host memory ≈ `memory_budget` + one layer per leaf being read.
+    """
+    import jax
+
+    from . import keymap
+    from .layout import leaf_dtype
+
+    out = os.fspath(path)
+    cast = None if dtype is None else np.dtype(as_dtype(dtype))
+    stacked_paths = {p: (e.stacked, len(e.torch)) for p, e, _, _ in keymap.iter_leaves(lazy.config)}
+    dtypes = {p: cast or leaf_dtype(lazy, p) for p in lazy.paths()}
+    total = sum(int(np.prod(lazy.shape(p))) * dtypes[p].itemsize for p in lazy.paths())
+    n_tensors = sum(n * (lazy.config.num_layers if s else 1) for s, n in stacked_paths.values())
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="to_merged")
+    prog = _Progress(bar, n_tensors)
+    budget = _Budget(memory_budget or DEFAULT_BUDGET)
+    leaves = {}
+    for p in lazy.paths():
+        stacked, n = stacked_paths[p]
+        leaves[p] = LazyLeaf(lazy, p, dtypes[p], stacked, n, budget, prog)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (LazyLeaf, LazyLeafHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, use_compression=compression,
+                                          type_handler_registry=registry)
+    try:
+        with atomic_path(out, overwrite=overwrite, is_dir=True) as tmp:
+            lazy.config.to_json(os.path.join(tmp, "config.json"))
+            with ocp.Checkpointer(handler) as ckptr:
+                ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(_nest(leaves)))
+            marker = {"format": FORMAT, "version": VERSION, "fuse_qkv": True,
+                      "source": source or getattr(lazy, "description", ""),
+                      "dtypes": {p: dtypes[p].name for p in sorted(dtypes)}}
+            with open(os.path.join(tmp, MARKER), "w") as f:
+                json.dump(marker, f, indent=2)
+                f.write("\n")
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
+
+
+# ---- reading ----------------------------------------------------------------------------------
+def _read_marker(path: str) -> dict[str, Any]:
+    mpath = os.path.join(path, MARKER)
+    try:
+        with open(mpath) as f:
+            marker = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{mpath}: not a readable merged-checkpoint marker ({e})") from None
+    if marker.get("format") != FORMAT or marker.get("version") != VERSION:
+        raise CheckpointError(f"{mpath}: format {marker.get('format')!r} v{marker.get('version')} is not "
+                              f"{FORMAT!r} v{VERSION}")
+    if not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+        raise CheckpointError(f"{path}: merged checkpoint has no {PARAMS_DIR}/ folder (incomplete copy?)")
+    return marker
+
+
+def read_merged_config(path: str | os.PathLike, config: DiTConfig | None = None) -> DiTConfig:
+    """The checkpoint's config; a given `config` must agree with it."""
+    path = os.fspath(path)
+    _read_marker(path)
+    stored = DiTConfig.from_json(os.path.join(path, "config.json"))
+    if config is not None and config != stored:
+        raise CheckpointError(f"{path}: the given config {config} does not match the checkpoint's config.json "
+                              f"{stored}")
+    return stored
+
+
+class MergedParams:
+    """`LazyParams` over a merged checkpoint: slice reads straight from the zarr chunks."""
+
+    def __init__(self, path: str | os.PathLike, config: DiTConfig | None = None):
+        self.path = os.fspath(path)
+        self.marker = _read_marker(self.path)
+        self.config = read_merged_config(self.path, config)
+        self.description = f"{self.path} (merged checkpoint)"
+        self._params_dir = os.path.join(self.path, PARAMS_DIR)
+        self._dtypes = {p: np.dtype(d) for p, d in self.marker["dtypes"].items()}
+        self._stores: dict[str, Any] = {}
+        self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
+        from . import keymap
+
+        expected = {p: keymap.flax_leaf_shape(e, fl, self.config) for p, e, fl, _ in keymap.iter_leaves(self.config)}
+        if set(expected) != set(self._dtypes):
+            missing, extra = sorted(set(expected) - set(self._dtypes)), sorted(set(self._dtypes) - set(expected))
+            raise CheckpointError(f"{self.path}: parameters do not match config.json: missing {missing[:3]}, "
+                                  f"unexpected {extra[:3]}")
+        self._shapes = expected
+
+    def _store(self, p: str):
+        t = self._stores.get(p)
+        if t is None:
+            spec = {"driver": "zarr", "kvstore": ts_utils.build_kvstore_tspec(self._params_dir, name=p, use_ocdbt=True),
+                    "recheck_cached_data": False, "recheck_cached_metadata": False}
+            try:
+                t = ts.open(spec, open=True, context=self._ctx).result()
+            except Exception as e:
+                raise CheckpointError(f"{self._params_dir}: cannot open parameter {p} ({e})") from None
+            if tuple(t.shape) != self._shapes[p]:
+                raise CheckpointError(f"{self._params_dir}: parameter {p} has shape {tuple(t.shape)}, config.json "
+                                      f"implies {self._shapes[p]}")
+            self._stores[p] = t
+        return t
+
+    def paths(self) -> list[str]:
+        return list(self._shapes)
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return self._shapes[path]
+
+    def dtype(self, path: str) -> np.dtype:
+        return self._dtypes[path]
+
+    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
+        idx = _norm_index(index, self._shapes[path])
+        try:
+            out = self._store(path)[idx].read().result()
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{self._params_dir}: cannot read parameter {path} ({e})") from None
+        return out if dtype is None else out.astype(np.dtype(as_dtype(dtype)))
+
+
+def load_merged_params(path: str | os.PathLike, abstract_state: Any, shardings: Any = None) -> Any:
+    """Restore merged params straight onto devices.
+
+    `abstract_state`: an `nnx.State` of the base parameters (e.g. `nnx.state(abstract_model(cfg, opts),
+    BASE_PARAMS)`), or a nested / flat `{path: jax.ShapeDtypeStruct}` dict. `shardings`: the same
+    structure of `jax.sharding.Sharding` (None: first device; a leaf's own `.sharding` is used when
+    it has one). Values are cast to the abstract dtype. Returns the same structure with jax Arrays.
+    """
+    import jax
+    from flax import nnx
+
+    path = os.fspath(path)
+    marker = _read_marker(path)
+    is_state = isinstance(abstract_state, nnx.State)
+    if is_state:
+        tree = abstract_state.to_pure_dict()
+    else:
+        tree = abstract_state
+    flat_abs = _flatten(tree) if any(isinstance(v, Mapping) for v in tree.values()) else dict(tree)
+    flat_sh = {}
+    if shardings is not None:
+        sh_tree = shardings.to_pure_dict() if isinstance(shardings, nnx.State) else shardings
+        flat_sh = _flatten(sh_tree) if any(isinstance(v, Mapping) for v in sh_tree.values()) else dict(sh_tree)
+    stored = marker["dtypes"]
+    unknown = sorted(set(flat_abs) - set(stored))
+    if unknown:
+        raise CheckpointError(f"{path}: merged checkpoint has no parameters {unknown[:3]}")
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    restore_args, target = {}, {}
+    for p, a in flat_abs.items():
+        shape, dt = tuple(a.shape), a.dtype
+        sharding = flat_sh.get(p) or getattr(a, "sharding", None) or default
+        restore_args[p] = ocp.type_handlers.ArrayRestoreArgs(sharding=sharding, global_shape=shape, dtype=dt)
+        target[p] = jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+    # Leaves not asked for are skipped with PLACEHOLDER so a partial abstract state works.
+    for p in set(stored) - set(flat_abs):
+        restore_args[p] = ocp.type_handlers.RestoreArgs()
+        target[p] = ocp.PLACEHOLDER
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True)
+    with ocp.Checkpointer(handler) as ckptr:
+        try:
+            restored = ckptr.restore(os.path.join(path, PARAMS_DIR), args=ocp.args.PyTreeRestore(
+                item=_nest(target), restore_args=_nest(restore_args)))
+        except Exception as e:
+            raise CheckpointError(f"{path}: cannot restore merged params ({type(e).__name__}: {e})") from None
+    flat = {p: v for p, v in _flatten(restored).items() if p in flat_abs}
+    for p, v in flat.items():
+        if tuple(v.shape) != tuple(flat_abs[p].shape):
+            raise CheckpointError(f"{path}: parameter {p} has shape {tuple(v.shape)}, expected "
+                                  f"{tuple(flat_abs[p].shape)}")
+    if is_state:
+        state = jax.tree.map(lambda x: x, abstract_state)
+        nnx.replace_by_pure_dict(state, _nest(flat))
+        return state
+    return _nest(flat) if any(isinstance(v, Mapping) for v in tree.values()) else flat
+
+
+def load_merged_model(path: str | os.PathLike, options: Any, *, config: DiTConfig | None = None) -> Any:
+    """A `QwenImageTransformer` from a merged checkpoint (single host; weights cast to `options.param_dtype`)."""
+    import jax
+    from flax import nnx
+
+    from ..api import abstract_model, model_from_params
+    from ..transformer import BASE_PARAMS
+
+    cfg = read_merged_config(path, config)
+    base = dataclasses_replace_lora(options)
+    abstract = nnx.state(abstract_model(cfg, base), BASE_PARAMS)
+    flat_abs = {".".join(map(str, k)): jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in nnx.to_flat_state(abstract)}
+    params = load_merged_params(path, flat_abs)
+    return model_from_params(cfg, options, params, source=os.fspath(path))
+
+
+def dataclasses_replace_lora(options: Any) -> Any:
+    """Options without LoRA (the checkpoint holds base weights only)."""
+    import dataclasses
+
+    return dataclasses.replace(options, lora=None)
