@@ -1,0 +1,260 @@
+"""Sampling parity with diffusers: scheduler sigmas (|Δ| ≤ 1e-6) and the edit denoising loop (fp32, rel err ≤ 1e-4)."""
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qwen_edit_jax as q
+from qwen_edit_jax import sampling
+from tests.sampling_reference import diffusers_edit_loop, diffusers_sigmas, run_edit_plus_pipeline
+from tests.torch_reference import make_torch_model, rel_err, save_torch_model
+
+TOL = 1e-4
+TINY = q.preset("tiny")
+
+
+# ------------------------------------------------------------------ scheduler
+
+
+@pytest.mark.parametrize("steps", [2, 3, 8, 20, 40, 50])
+@pytest.mark.parametrize("hw", [(256, 256), (512, 768), (1024, 1024), (1328, 1328), (1664, 928), (2048, 2048)])
+def test_sigmas_equal_diffusers(steps, hw):
+    n_tokens = (hw[0] // 16) * (hw[1] // 16)
+    ours = sampling.flow_match_sigmas(steps, n_tokens)
+    ref = diffusers_sigmas(steps, n_tokens)
+    assert ours.dtype == np.float32 and ours.shape == (steps + 1,)
+    assert np.max(np.abs(ours - ref)) <= 1e-6
+    assert ours[-1] == 0.0 and abs(ours[-2] - 0.02) < 1e-6 and ours[0] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_single_step_is_defined():
+    """diffusers' terminal stretch gives NaN for one step (0/0); ours skips the stretch: [1, 0]."""
+    assert np.isnan(diffusers_sigmas(1, 4096)[0])
+    np.testing.assert_array_equal(sampling.flow_match_sigmas(1, 4096), [1.0, 0.0])
+
+
+def test_sigmas_worked_values():
+    """The reference doc's verified numbers (1024², 50 steps)."""
+    assert sampling.calculate_shift(4096) == pytest.approx(0.69355, abs=1e-5)
+    assert sampling.calculate_shift(6889) == pytest.approx(0.83432, abs=1e-5)
+    s = sampling.flow_match_sigmas(50, 4096)
+    np.testing.assert_allclose(s[[1, 2, -3]], [0.98970, 0.97919, 0.05848], atol=1e-5)
+
+
+def test_model_timesteps_bf16_rounding():
+    """bf16 latents: the model sees t.to(bf16)/1000 as diffusers computes it (0.98696 → 0.98828)."""
+    import torch
+
+    sig = sampling.flow_match_sigmas(50, 4096)
+    ours = sampling.model_timesteps(sig, jnp.bfloat16)
+    ref = ((torch.from_numpy(sig[:-1]) * 1000).to(torch.bfloat16) / 1000).float().numpy()
+    np.testing.assert_array_equal(ours, ref)
+    assert ours[1] == pytest.approx(0.98828, abs=1e-5)
+    np.testing.assert_array_equal(sampling.model_timesteps(sig, np.float32),
+                                  (torch.from_numpy(sig[:-1]) * 1000 / 1000).numpy())
+
+
+def test_sigmas_bad_input():
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        sampling.flow_match_sigmas(0, 256)
+    with pytest.raises(ValueError, match="image_seq_len"):
+        sampling.flow_match_sigmas(10)
+
+
+# ------------------------------------------------------------------ loop parity
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache = {}
+
+    def get(zero_cond_t=False):
+        if zero_cond_t not in cache:
+            cfg = dataclasses.replace(TINY, zero_cond_t=zero_cond_t)
+            tm = make_torch_model(cfg, seed=3 + zero_cond_t)
+            cache[zero_cond_t] = (tm, q.load_transformer(save_torch_model(tm, tmp_path_factory.mktemp("ckpt"))))
+        return cache[zero_cond_t]
+
+    return get
+
+
+def _inputs(rng, cfg, img_shapes, batch, pos_len, neg_len, pos_pad=(), neg_pad=()):
+    n_t = int(np.prod(img_shapes[0]))
+    n_r = sum(int(np.prod(s)) for s in img_shapes[1:])
+    noise = rng.standard_normal((batch, n_t, cfg.in_channels), dtype=np.float32)
+    refs = rng.standard_normal((batch, n_r, cfg.in_channels), dtype=np.float32) if n_r else None
+
+    def text(length, pads):
+        emb = rng.standard_normal((batch, length, cfg.joint_attention_dim), dtype=np.float32)
+        mask = np.ones((batch, length), np.int64)
+        for b, p in enumerate(pads):
+            if p:
+                mask[b, -p:] = 0
+                emb[b, -p:] = 0.0
+        return emb, mask
+
+    return noise, refs, text(pos_len, pos_pad), text(neg_len, neg_pad)
+
+
+def _ours(jm, noise, refs, pos, neg, shapes, steps, scale, **kw):
+    return sampling.sample(
+        jm, noise=jnp.asarray(noise), image_latents=None if refs is None else jnp.asarray(refs),
+        prompt_embeds=jnp.asarray(pos[0]), prompt_embeds_mask=jnp.asarray(pos[1]),
+        negative_prompt_embeds=None if neg is None else jnp.asarray(neg[0]),
+        negative_prompt_embeds_mask=None if neg is None else jnp.asarray(neg[1]),
+        true_cfg_scale=scale, num_inference_steps=steps, img_shapes=shapes, **kw)
+
+
+def _ref(tm, noise, refs, pos, neg, shapes, steps, scale):
+    import torch
+
+    t = torch.from_numpy
+    return diffusers_edit_loop(
+        tm, latents=t(noise), image_latents=None if refs is None else t(refs),
+        prompt_embeds=t(pos[0]), prompt_embeds_mask=t(pos[1]),
+        negative_prompt_embeds=None if neg is None else t(neg[0]),
+        negative_prompt_embeds_mask=None if neg is None else t(neg[1]),
+        true_cfg_scale=scale, num_inference_steps=steps, img_shapes=shapes).numpy()
+
+
+TWO_REFS = [(1, 4, 4), (1, 3, 5), (1, 4, 3)]
+
+
+@pytest.mark.parametrize("batch_cfg", [True, False], ids=["batched_cfg", "separate_cfg"])
+def test_edit_loop_true_cfg_matches_diffusers(models, batch_cfg):
+    """True CFG, batch 2, two references, padded masks, negative prompt of another length."""
+    tm, jm = models()
+    noise, refs, pos, neg = _inputs(np.random.default_rng(0), TINY, TWO_REFS, 2, 7, 4, pos_pad=(0, 3), neg_pad=(1, 0))
+    shapes = [TWO_REFS] * 2
+    ref = _ref(tm, noise, refs, pos, neg, shapes, 6, 4.0)
+    ours = _ours(jm, noise, refs, pos, neg, shapes, 6, 4.0, batch_cfg=batch_cfg)
+    assert ours.shape == ref.shape == (2, 16, 64)
+    assert rel_err(ours, ref) <= TOL
+    assert rel_err(noise, ref) > 0.1  # the loop really moved the latents
+
+
+def test_edit_loop_zero_cond_t_matches_diffusers(models):
+    """Edit-2511 (zero_cond_t): references modulated with t = 0, inside the CFG loop."""
+    tm, jm = models(zero_cond_t=True)
+    noise, refs, pos, neg = _inputs(np.random.default_rng(1), TINY, TWO_REFS, 2, 5, 8, pos_pad=(2, 0), neg_pad=(0, 4))
+    shapes = [TWO_REFS] * 2
+    ref = _ref(tm, noise, refs, pos, neg, shapes, 5, 3.5)
+    ours = _ours(jm, noise, refs, pos, neg, shapes, 5, 3.5)
+    assert rel_err(ours, ref) <= TOL
+
+
+def test_no_cfg_and_text_to_image_match_diffusers(models):
+    """No negative prompt (CFG off) with a reference; and plain text-to-image (no references)."""
+    tm, jm = models()
+    for shapes in ([(1, 4, 4), (1, 4, 4)], [(1, 5, 3)]):
+        noise, refs, pos, _ = _inputs(np.random.default_rng(2), TINY, shapes, 1, 6, 6, pos_pad=(2,))
+        ref = _ref(tm, noise, refs, pos, None, [shapes], 4, 1.0)
+        ours = _ours(jm, noise, refs, pos, None, [shapes], 4, 1.0)
+        assert rel_err(ours, ref) <= TOL
+
+
+def test_reference_loop_equals_real_edit_plus_pipeline(models, monkeypatch):
+    """Guard on the test itself: the hand-written loop equals `QwenImageEditPlusPipeline.__call__`,
+    and so does ours (batch 1, two references, true CFG, masked prompts of different lengths)."""
+    import torch
+
+    tm, jm = models()
+    shapes = [(1, 4, 4), (1, 3, 5), (1, 4, 3)]
+    rng = np.random.default_rng(4)
+    noise, _, pos, neg = _inputs(rng, TINY, shapes, 1, 7, 5, pos_pad=(2,))
+    ref_lat = [rng.standard_normal((1, 16, 2 * h, 2 * w), dtype=np.float32) for _, h, w in shapes[1:]]
+    refs = np.concatenate([np.asarray(q.pack_latents(r)) for r in ref_lat], axis=1)
+    t = torch.from_numpy
+    real = run_edit_plus_pipeline(
+        tm, latents=t(noise), reference_latents=[t(r) for r in ref_lat], prompt_embeds=t(pos[0]),
+        prompt_embeds_mask=t(pos[1]), negative_prompt_embeds=t(neg[0]), negative_prompt_embeds_mask=t(neg[1]),
+        true_cfg_scale=4.0, num_inference_steps=4, monkeypatch=monkeypatch).numpy()
+    loop = _ref(tm, noise, refs, pos, neg, [shapes], 4, 4.0)
+    ours = _ours(jm, noise, refs, pos, neg, [shapes], 4, 4.0)
+    assert np.array_equal(real, loop)
+    assert rel_err(ours, real) <= TOL
+
+
+def test_padding_is_exact(models):
+    """Extra zero padding with masked keys leaves the batched-CFG result unchanged."""
+    _, jm = models()
+    shapes = [(1, 4, 4), (1, 4, 4)]
+    noise, refs, pos, neg = _inputs(np.random.default_rng(5), TINY, shapes, 1, 6, 6)
+    a = _ours(jm, noise, refs, pos, neg, [shapes], 3, 4.0)
+    pad_emb = np.concatenate([pos[0], np.zeros((1, 5, pos[0].shape[2]), np.float32)], axis=1)
+    pad_mask = np.concatenate([pos[1], np.zeros((1, 5), np.int64)], axis=1)
+    b = _ours(jm, noise, refs, (pad_emb, pad_mask), neg, [shapes], 3, 4.0)
+    assert rel_err(b, a) <= 1e-5
+
+
+def test_bad_inputs(models):
+    _, jm = models()
+    shapes = [(1, 4, 4), (1, 4, 4)]
+    noise, refs, pos, neg = _inputs(np.random.default_rng(6), TINY, shapes, 1, 6, 6)
+    with pytest.raises(ValueError, match=r"img_shapes\[0\]"):
+        _ours(jm, noise, refs, pos, neg, [[(1, 2, 4), (1, 4, 6)]], 2, 4.0)
+    with pytest.raises(ValueError, match="describe"):
+        _ours(jm, noise, refs, pos, neg, [[(1, 4, 4)]], 2, 4.0)
+    with pytest.raises(ValueError, match="negative_prompt_embeds"):
+        _ours(jm, noise, refs, pos, (neg[0][..., :8], neg[1]), [shapes], 2, 4.0)
+    with pytest.warns(UserWarning, match="CFG is off"):
+        _ours(jm, noise, refs, pos, None, [shapes], 1, 4.0)
+
+
+def copy_to_bf16(tm):
+    """A bf16 copy of the torch model (the fixture's fp32 model stays untouched)."""
+    import copy
+
+    import torch
+
+    return copy.deepcopy(tm).to(torch.bfloat16)
+
+
+def test_bf16_loop_tracks_diffusers_bf16(models, tmp_path):
+    """bf16 (weights, activations, latents between steps): our loop stays closer to diffusers' bf16 loop
+    than either is to the fp32 result, i.e. the bf16 rounding points (σ seen by the model, latent cast
+    after every step) are the same ones."""
+    import torch
+
+    tm, _ = models()
+    j16 = q.load_transformer(save_torch_model(tm, tmp_path), dtype=jnp.bfloat16)
+    noise, refs, pos, neg = _inputs(np.random.default_rng(0), TINY, TWO_REFS, 2, 7, 4, pos_pad=(0, 3), neg_pad=(1, 0))
+    shapes = [TWO_REFS] * 2
+    ref32 = _ref(tm, noise, refs, pos, neg, shapes, 6, 4.0)
+    tb = torch.from_numpy
+    bf = lambda a: tb(a).to(torch.bfloat16)
+    ref16 = diffusers_edit_loop(
+        copy_to_bf16(tm), latents=bf(noise), image_latents=bf(refs), prompt_embeds=bf(pos[0]),
+        prompt_embeds_mask=tb(pos[1]), negative_prompt_embeds=bf(neg[0]), negative_prompt_embeds_mask=tb(neg[1]),
+        true_cfg_scale=4.0, num_inference_steps=6, img_shapes=shapes).float().numpy()
+    ours = sampling.sample(
+        j16, noise=jnp.asarray(noise, jnp.bfloat16), image_latents=jnp.asarray(refs, jnp.bfloat16),
+        prompt_embeds=jnp.asarray(pos[0], jnp.bfloat16), prompt_embeds_mask=jnp.asarray(pos[1]),
+        negative_prompt_embeds=jnp.asarray(neg[0], jnp.bfloat16), negative_prompt_embeds_mask=jnp.asarray(neg[1]),
+        true_cfg_scale=4.0, num_inference_steps=6, img_shapes=shapes)
+    assert ours.dtype == jnp.bfloat16
+    ours = np.asarray(ours, np.float32)
+    assert rel_err(ours, ref16) <= 0.5 * rel_err(ref16, ref32)
+    assert rel_err(ours, ref16) <= 3e-2
+
+
+def test_unmasked_equal_length_prompts_match_diffusers(models):
+    """No masks at all and equal prompt lengths: the batched pass runs without a mask."""
+    import torch
+
+    tm, jm = models()
+    shapes = [(1, 4, 4), (1, 4, 4)]
+    noise, refs, pos, neg = _inputs(np.random.default_rng(7), TINY, shapes, 1, 6, 6)
+    t = torch.from_numpy
+    ref = diffusers_edit_loop(tm, latents=t(noise), image_latents=t(refs), prompt_embeds=t(pos[0]),
+                              prompt_embeds_mask=None, negative_prompt_embeds=t(neg[0]),
+                              negative_prompt_embeds_mask=None, true_cfg_scale=4.0, num_inference_steps=3,
+                              img_shapes=[shapes]).numpy()
+    ours = sampling.sample(jm, noise=jnp.asarray(noise), image_latents=jnp.asarray(refs),
+                           prompt_embeds=jnp.asarray(pos[0]), prompt_embeds_mask=None,
+                           negative_prompt_embeds=jnp.asarray(neg[0]), negative_prompt_embeds_mask=None,
+                           true_cfg_scale=4.0, num_inference_steps=3, img_shapes=[shapes])
+    assert rel_err(ours, ref) <= TOL
