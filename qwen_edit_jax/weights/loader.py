@@ -97,7 +97,8 @@ class TorchLayoutParams:
             else:
                 out[...] = part
         if out is None:  # empty layer slice
-            return np.empty(tuple(len(range(*s.indices(n))) for s, n in zip(idx, self.shape(path))), want or np.float32)
+            empty = tuple(len(range(*s.indices(n))) for s, n in zip(idx, self.shape(path)))
+            return np.empty(empty, want or np.float32)
         return out
 
     def _read_layer(self, entry: keymap.ModuleEntry, fleaf: str, tleaf: str, layer: int | None,
