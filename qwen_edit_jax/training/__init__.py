@@ -1,0 +1,21 @@
+"""LoRA training for the merged-QKV Qwen-Image-Edit DiT: objective, cached data, jitted step, loop.
+
+Modules: `config` (the YAML-backed `TrainConfig`), `objective` (flow matching, timestep
+samplers), `data` (the cached-sample format and the bucketed loader), `step` (`make_train_step`,
+the optimiser), `checkpoint` (Orbax, resume), `loop` (`train`), `demo` (synthetic demo assets).
+"""
+
+from .config import ConfigError, TrainConfig, load_config
+from .data import BatchLoader, CachedDataset, CachedSample, DataError, write_cache
+from .step import make_optimizer, make_train_step, split_lora
+
+
+def train(*args, **kwargs):
+    """`loop.train` (imported lazily: it pulls in the model loader)."""
+    from .loop import train as _train
+
+    return _train(*args, **kwargs)
+
+
+__all__ = ["BatchLoader", "CachedDataset", "CachedSample", "ConfigError", "DataError", "TrainConfig", "load_config",
+           "make_optimizer", "make_train_step", "split_lora", "train", "write_cache"]

@@ -1,0 +1,79 @@
+"""Training checkpoints with Orbax: LoRA params, optimiser state, step, data position and RNG.
+
+Orbax writes each step into a temporary directory and renames it when every item is on disk, so
+a process killed mid-save leaves only a temporary directory, which is ignored (and removed) on
+the next start; resuming picks the newest *complete* step. Only the last `keep` steps are kept,
+and an older one is deleted only after a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Test hook: `QWEN_EDIT_JAX_TEST_KILL_DURING_SAVE=<step>` SIGKILLs the process right after the
+# (asynchronous) save of that step has started, to test resuming from an interrupted save.
+KILL_DURING_SAVE_ENV = "QWEN_EDIT_JAX_TEST_KILL_DURING_SAVE"
+
+
+class TrainCheckpointer:
+    """Save / restore the training state under `directory/<step>/{lora, opt_state, meta}`."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            create=True,
+            cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, params: Any, opt_state: Any, meta: dict[str, Any]) -> None:
+        """Start saving `step` (asynchronously when enabled; the arrays are copied before returning)."""
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                lora=ocp.args.StandardSave(params),
+                opt_state=ocp.args.StandardSave(opt_state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+        if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def restore(self, step: int, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict[str, Any]]:
+        """Restore `step` into the structure, shapes, dtypes and shardings of the given trees."""
+
+        def abstract(tree):
+            return jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+        out = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                lora=ocp.args.StandardRestore(abstract(params_like)),
+                opt_state=ocp.args.StandardRestore(abstract(opt_state_like)),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        return out["lora"], out["opt_state"], dict(out["meta"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

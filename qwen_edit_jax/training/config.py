@@ -1,0 +1,381 @@
+"""Training configuration: typed dataclasses read from YAML, with `key=value` overrides.
+
+Every section is a frozen dataclass; a wrong key, type or value raises `ConfigError` naming the
+file, the dotted key and the value, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Literal, Union
+
+import yaml
+
+from ..config import DEFAULT_LORA_TARGETS, LoraConfig, ModelOptions
+
+
+class ConfigError(ValueError):
+    """A training config value is missing, unknown or invalid; the message names file and key."""
+
+
+# ---- sections ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The frozen base model and how to run it (maps to `ModelOptions`)."""
+
+    path: str = ""  # diffusers transformer folder (config.json + safetensors) or a merged file
+    param_dtype: str = "bfloat16"  # storage dtype of the frozen base weights
+    dtype: str = "bfloat16"  # activation dtype; LoRA params and the loss stay fp32
+    remat: Literal["none", "full", "save_matmuls"] = "full"
+    attention: Literal["xla", "cudnn", "splash", "chunked"] = "xla"
+    scan_layers: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSection:
+    rank: int = 32
+    alpha: float | None = None  # None: alpha = rank (scale 1, as DiffSynth)
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    qkv_mode: Literal["split", "shared"] = "split"
+    init_from: str | None = None  # start from a standard LoRA file (split mode)
+    seed: int = 0  # A initialisation
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+    path: str = ""  # cached dataset folder (manifest.json + shards), see training/data.py
+    batch_size: int = 1  # global micro-batch (all hosts together)
+    text_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)  # prompt lengths are padded up to one of these
+    shuffle: bool = True
+    seed: int = 0
+    verify: bool = False  # check every shard's sha256 before training
+    prefetch: int = 2  # batches loaded ahead in a background thread
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSection:
+    """Flow matching: x_σ = (1−σ)·x0 + σ·ε, target ε − x0, loss on target tokens only."""
+
+    timestep_sampling: Literal["diffsynth", "uniform", "logit_normal", "resolution_shift"] = "diffsynth"
+    weighting: Literal["auto", "bell", "none"] = "auto"  # auto: bell for diffsynth/resolution_shift
+    num_train_timesteps: int = 1000
+    mu: float = 0.8  # DiffSynth's fixed exponential shift for training
+    shift_terminal: float | None = 0.02
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    base_shift: float = 0.5  # resolution_shift: mu = base_shift @ base_seq_len … max_shift @ max_seq_len
+    max_shift: float = 0.9
+    base_seq_len: int = 256
+    max_seq_len: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSection:
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # end value of cosine/linear decay, as a fraction of learning_rate
+    max_grad_norm: float | None = 1.0  # None or 0: no clipping
+    grad_accum: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+    """Device mesh for multi-device runs (`qwen_edit_jax.sharding.make_mesh`); `enabled: false` = one device."""
+
+    enabled: bool = False
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    max_steps: int = 1000
+    save_every: int = 250
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    seed: int = 0  # noise and timestep RNG
+    async_checkpointing: bool = True
+    progress: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationSection:
+    """Periodic validation sampling (`qwen_edit_jax.sampling.validation_distance`); every 0 = off."""
+
+    every: int = 0
+    samples: tuple[int, ...] = (0,)  # dataset indices
+    num_inference_steps: int = 20
+    true_cfg_scale: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    """LoRA files written at the end as `DIR/lora_<format>.safetensors` (standard separate q/k/v keys)."""
+
+    formats: tuple[Literal["diffusers", "comfyui", "kohya", "diffsynth"], ...] = ("diffusers",)
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSection:
+    """Synthetic demo assets, made once if missing: a random tiny checkpoint written to `model.path`
+    and a cached edit dataset with a learnable rule written to `data.path`."""
+
+    enabled: bool = False
+    preset: str = "tiny"
+    num_layers: int | None = None  # override the preset's depth
+    model_seed: int = 0
+    num_samples: int = 64
+    latent_sizes: tuple[tuple[int, int], ...] = ((16, 16), (12, 20))  # (h, w) latent pixels, one bucket each
+    num_edits: int = 4
+    offset_scale: float = 1.5  # std of each instruction's per-channel shift
+    prompt_lengths: tuple[int, int] = (5, 12)  # inclusive range of prompt token counts
+    data_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    model: ModelSection = ModelSection()
+    lora: LoraSection = LoraSection()
+    data: DataSection = DataSection()
+    objective: ObjectiveSection = ObjectiveSection()
+    optim: OptimSection = OptimSection()
+    mesh: MeshSection = MeshSection()
+    train: TrainSection = TrainSection()
+    validation: ValidationSection = ValidationSection()
+    export: ExportSection = ExportSection()
+    demo: DemoSection = DemoSection()
+
+    # ---- derived runtime objects -----------------------------------------------------------------
+    def lora_config(self) -> LoraConfig:
+        lo = self.lora
+        return LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=lo.targets, qkv_mode=lo.qkv_mode)
+
+    def model_options(self) -> ModelOptions:
+        m = self.model
+        return ModelOptions(param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
+                            attention=m.attention, fuse_qkv=True, lora=self.lora_config())
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+    def replace(self, **sections: Any) -> TrainConfig:
+        return dataclasses.replace(self, **sections)
+
+
+# ---- validation of values beyond types --------------------------------------------------------------
+def _check_values(cfg: TrainConfig, where: str) -> None:
+    problems: list[str] = []
+
+    def need(cond: bool, key: str, value: Any, msg: str) -> None:
+        if not cond:
+            problems.append(f"{key}={value!r}: {msg}")
+
+    m, lo, d, ob, op, tr = cfg.model, cfg.lora, cfg.data, cfg.objective, cfg.optim, cfg.train
+    need(bool(m.path), "model.path", m.path, "required (a diffusers transformer folder)")
+    need(bool(d.path), "data.path", d.path, "required (a cached dataset folder)")
+    for key in ("param_dtype", "dtype"):
+        v = getattr(m, key)
+        need(v in _DTYPE_NAMES, f"model.{key}", v, f"choose one of {sorted(_DTYPE_NAMES)}")
+    need(cfg.export.dtype in _DTYPE_NAMES, "export.dtype", cfg.export.dtype, f"choose one of {sorted(_DTYPE_NAMES)}")
+    need(lo.rank > 0, "lora.rank", lo.rank, "must be positive")
+    need(lo.alpha is None or lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive (or null for alpha = rank)")
+    need(len(lo.targets) > 0, "lora.targets", list(lo.targets), "at least one target module")
+    need(d.batch_size > 0, "data.batch_size", d.batch_size, "must be positive")
+    need(len(d.text_buckets) > 0 and all(b > 0 for b in d.text_buckets), "data.text_buckets",
+         list(d.text_buckets), "a non-empty list of positive lengths")
+    need(d.prefetch >= 0, "data.prefetch", d.prefetch, "must be >= 0")
+    need(ob.num_train_timesteps >= 2, "objective.num_train_timesteps", ob.num_train_timesteps, "must be >= 2")
+    need(ob.shift_terminal is None or 0 < ob.shift_terminal < 1, "objective.shift_terminal", ob.shift_terminal,
+         "must be in (0, 1) or null")
+    need(ob.logit_std > 0, "objective.logit_std", ob.logit_std, "must be positive")
+    need(ob.max_seq_len > ob.base_seq_len, "objective.max_seq_len", ob.max_seq_len, "must exceed base_seq_len")
+    need(op.learning_rate > 0, "optim.learning_rate", op.learning_rate, "must be positive")
+    need(op.weight_decay >= 0, "optim.weight_decay", op.weight_decay, "must be >= 0")
+    need(0 <= op.b1 < 1, "optim.b1", op.b1, "must be in [0, 1)")
+    need(0 <= op.b2 < 1, "optim.b2", op.b2, "must be in [0, 1)")
+    need(op.eps > 0, "optim.eps", op.eps, "must be positive")
+    need(op.warmup_steps >= 0, "optim.warmup_steps", op.warmup_steps, "must be >= 0")
+    need(0 <= op.min_lr_ratio <= 1, "optim.min_lr_ratio", op.min_lr_ratio, "must be in [0, 1]")
+    need(op.max_grad_norm is None or op.max_grad_norm >= 0, "optim.max_grad_norm", op.max_grad_norm,
+         "must be >= 0 (0 or null disables clipping)")
+    need(op.grad_accum >= 1, "optim.grad_accum", op.grad_accum, "must be >= 1")
+    need(tr.max_steps >= 1, "train.max_steps", tr.max_steps, "must be >= 1")
+    need(tr.save_every >= 1, "train.save_every", tr.save_every, "must be >= 1")
+    need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1")
+    need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
+    need(cfg.validation.every >= 0, "validation.every", cfg.validation.every, "must be >= 0 (0 = off)")
+    need(cfg.validation.num_inference_steps >= 1, "validation.num_inference_steps",
+         cfg.validation.num_inference_steps, "must be >= 1")
+    for key in ("data", "fsdp", "tensor"):
+        v = getattr(cfg.mesh, key)
+        need(v == -1 or v >= 1, f"mesh.{key}", v, "must be >= 1 or -1 (all remaining devices)")
+    if cfg.demo.enabled:
+        dm = cfg.demo
+        need(dm.num_samples >= 1, "demo.num_samples", dm.num_samples, "must be >= 1")
+        need(len(dm.latent_sizes) >= 1 and all(h > 0 and w > 0 and h % 2 == 0 and w % 2 == 0
+                                                for h, w in dm.latent_sizes),
+             "demo.latent_sizes", [list(s) for s in dm.latent_sizes], "non-empty list of even (h, w) pairs")
+        need(dm.num_edits >= 1, "demo.num_edits", dm.num_edits, "must be >= 1")
+        need(1 <= dm.prompt_lengths[0] <= dm.prompt_lengths[1], "demo.prompt_lengths", list(dm.prompt_lengths),
+             "need 1 <= min <= max")
+    try:
+        cfg.lora_config()
+    except ValueError as e:
+        problems.append(f"lora: {e}")
+    if problems:
+        raise ConfigError(f"{where}: invalid training config: " + "; ".join(problems))
+
+
+_DTYPE_NAMES = {"float32", "fp32", "bfloat16", "bf16", "float16", "fp16"}
+
+
+# ---- generic dict → dataclass with type checks ----------------------------------------------------
+def _to_plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _to_plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_to_plain(v) for v in x]
+    return x
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}={value!r} is not {expected}")
+
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {key}={value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad(f"a list of {len(args)} items")
+        return tuple(_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("true/false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad("a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML reads `1e-4` as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        raise bad("a number")
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return _build(tp, value, key, where)
+    return value
+
+
+def _build(cls: type, d: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(d) - set(names))
+    if unknown:
+        dotted = [f"{prefix}.{k}" if prefix else k for k in unknown]
+        raise ConfigError(f"{where}: unknown config key(s) {dotted}; "
+                          f"{'section ' + prefix if prefix else 'the top level'} accepts {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k, where) for k, v in d.items()}
+    return cls(**kwargs)
+
+
+RUN_INFO_KEY = "run_info"  # extra, informational section of run.json; ignored when read back as a config
+
+
+def config_from_dict(d: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: the config must be a mapping of sections, got {type(d).__name__}")
+    d = {k: v for k, v in d.items() if k != RUN_INFO_KEY}
+    cfg = _build(TrainConfig, d, "", source)
+    _check_values(cfg, source)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`optim.learning_rate=3e-4` → (['optim', 'learning_rate'], 3e-4); the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    d = _to_plain(dict(d))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = d
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = nxt
+        node[path[-1]] = value
+    return d
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            d = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if d is None:
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, got {type(d).__name__}")
+    return d
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or defaults when `path` is None) and apply `key=value` overrides."""
+    d = read_yaml(path) if path is not None else {}
+    source = os.fspath(path) if path is not None else "config"
+    if overrides:
+        d = apply_overrides(d, overrides)
+        source += " (with overrides)"
+    return config_from_dict(d, source=source)

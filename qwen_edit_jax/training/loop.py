@@ -1,0 +1,349 @@
+"""The training run: load → (resume) → train → checkpoint → export.
+
+Outputs in `output_dir`: `run.json` (the resolved config, readable again with `--config`),
+`metrics.jsonl` (one JSON object per logged step), `checkpoints/<step>/` (Orbax), and at the end
+`lora_<format>.safetensors` (standard separate q/k/v LoRA, via `qwen_edit_jax.lora.io.save_lora`).
+Running the same command again on the same `output_dir` resumes from the newest complete
+checkpoint; the data order, noise and timesteps depend only on (seed, step), so a resumed run
+ends with bit-identical LoRA weights on the same hardware.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ..api import init_lora_state, load_transformer
+from ..config import DiTConfig
+from ..weights.writer import atomic_path
+from .checkpoint import TrainCheckpointer
+from .config import RUN_INFO_KEY, ConfigError, TrainConfig
+from .data import BatchLoader, CachedDataset, DataError
+from .step import init_opt_state, make_optimizer, make_train_step, split_lora
+
+CHECKPOINT_DIR = "checkpoints"
+METRICS = "metrics.jsonl"
+RUN_JSON = "run.json"
+# Sections whose change between runs does not affect the trained weights.
+_FREE_KEYS = {"train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.progress",
+              "train.async_checkpointing", "data.prefetch", "data.verify", "export", "validation", "demo"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """Loss, gradient norm or adapter norm became NaN/Inf; stopped before saving anything from that step."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: str
+    final_step: int
+    resumed_from: int | None
+    first_loss: float | None  # mean loss of the first logged steps of this run (None if no step ran)
+    last_loss: float | None
+    lora_files: list[str]
+    seconds: float
+    lora_params: Any = None  # the trained LoRA parameters (pure dict, as `split_lora` returns them)
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Absolute model/data paths (run.json must name the base checkpoint unambiguously)."""
+    model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
+    data = dataclasses.replace(cfg.data, path=os.path.abspath(cfg.data.path))
+    lora = cfg.lora
+    if lora.init_from:
+        lora = dataclasses.replace(lora, init_from=os.path.abspath(lora.init_from))
+    return cfg.replace(model=model, data=data, lora=lora)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose value differs between two config dicts and that change what is trained."""
+    a, b = _flat(old), _flat(new)
+    changed = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in _FREE_KEYS):
+            changed.append(f"{k}: {a.get(k)!r} -> {b.get(k)!r}")
+    return changed
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+class MetricsLog:
+    """Append-only JSONL; on (re)start, lines after the resumed step are dropped (atomic rewrite)."""
+
+    def __init__(self, path: str, keep_until: int, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by a kill
+                        continue
+                    if rec.get("step", 0) <= keep_until:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+        with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
+            f.writelines(kept)
+        self._f = open(path, "a")
+
+    def write(self, rec: dict[str, Any]) -> None:
+        if self.enabled:
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._f.close()
+
+
+def check_data_matches_model(dataset: CachedDataset, dit: DiTConfig) -> None:
+    channels = dit.in_channels // (dit.patch_size**2)
+    if dataset.latent_channels != channels:
+        raise DataError(f"{dataset.path}: latents have {dataset.latent_channels} channels, the model expects "
+                        f"{channels} (in_channels {dit.in_channels} = {dit.patch_size}x{dit.patch_size} x channels)")
+    if dataset.joint_attention_dim != dit.joint_attention_dim:
+        raise DataError(f"{dataset.path}: prompt embeddings are {dataset.joint_attention_dim} wide, the model's "
+                        f"joint_attention_dim is {dit.joint_attention_dim}")
+
+
+def _make_mesh(cfg: TrainConfig):
+    if not cfg.mesh.enabled:
+        return None
+    from ..sharding import make_mesh
+
+    return make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
+
+
+def _host_tree(tree: Any) -> Any:
+    """Fully-addressable copies of (possibly multi-host sharded) arrays, for export."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return tree
+
+
+def export_lora(model: nnx.Module, output_dir: str, cfg: TrainConfig) -> list[str]:
+    from ..lora.io import save_lora
+
+    paths = []
+    for fmt in cfg.export.formats:
+        path = os.path.join(output_dir, f"lora_{fmt}.safetensors")
+        save_lora(model, path, format=fmt, dtype=cfg.export.dtype,
+                  metadata={"qwen_edit_jax.base_model": cfg.model.path})
+        paths.append(path)
+    return paths
+
+
+def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str], None] | None = None) -> TrainResult:
+    """Run (or resume) the LoRA training described by `cfg` into `output_dir`."""
+    t_start = time.perf_counter()
+    is_main = jax.process_index() == 0
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None)
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    cfg = resolve_paths(cfg)
+    os.makedirs(output_dir, exist_ok=True)
+    if cfg.demo.enabled:
+        from ..distributed import sync
+        from .demo import ensure_demo_assets
+
+        if is_main:
+            ensure_demo_assets(cfg, log)
+        sync("demo-assets")
+
+    dataset = CachedDataset(cfg.data.path, verify=cfg.data.verify)
+    mesh = _make_mesh(cfg)
+    dit_config, graphdef, params, base, local_rows = _load_model(cfg, dataset, mesh)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.max_steps)
+    opt_state = init_opt_state(tx, params, mesh)
+    with contextlib.ExitStack() as stack:
+        loader = BatchLoader(dataset, batch_size=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
+                             text_buckets=cfg.data.text_buckets, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count(),
+                             local_rows=local_rows, prefetch=cfg.data.prefetch)
+        stack.callback(loader.close)
+        if loader.skipped:
+            log(f"warning: {sum(loader.skipped.values())} samples in buckets smaller than one step "
+                f"({loader.per_step} samples) are never used: {loader.skipped}")
+        ckpt = TrainCheckpointer(os.path.join(output_dir, CHECKPOINT_DIR), keep=cfg.train.keep_checkpoints,
+                                 async_save=cfg.train.async_checkpointing)
+        stack.callback(ckpt.close)
+        rng = jax.random.key(cfg.train.seed)
+        start = 0
+        resumed = ckpt.latest_step()
+        run_path = os.path.join(output_dir, RUN_JSON)
+        if resumed is not None:
+            params, opt_state, meta = _resume(cfg, ckpt, resumed, params, opt_state, run_path, log)
+            loader.load_state_dict(meta["data"])
+            rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
+            start = int(meta["step"])
+            log(f"resuming from {ckpt.directory}/{resumed} (step {start})")
+        if is_main:
+            info = {"base_model": {"path": cfg.model.path, "config": dit_config.to_dict()},
+                    "dataset": {"path": dataset.path, "num_samples": len(dataset), "fingerprint": dataset.fingerprint,
+                                "steps_per_epoch": loader.steps_per_epoch,
+                                "buckets": {_bucket_name(k): len(v) for k, v in loader.buckets.items()}},
+                    "lora_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+                    "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+                    "jax": jax.__version__}
+            _write_json(run_path, {**cfg.to_dict(), RUN_INFO_KEY: info})
+        metrics = MetricsLog(os.path.join(output_dir, METRICS), keep_until=start, enabled=is_main)
+        stack.callback(metrics.close)
+        step_fn = make_train_step(graphdef, tx, cfg.objective, mesh=mesh, global_batch=cfg.data.batch_size)
+        validate = _validator(cfg, dataset, graphdef, mesh) if cfg.validation.every else None
+        bar = None
+        if cfg.train.progress and is_main:
+            from tqdm.auto import tqdm
+
+            bar = stack.enter_context(tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step",
+                                           dynamic_ncols=True))
+        losses: list[float] = []
+        global_batch = cfg.data.batch_size * cfg.optim.grad_accum
+        pending = None  # a checkpoint is written only after the next step's loss proves its weights finite
+        if validate is not None and start == 0:
+            metrics.write({"step": 0, **validate(params, base)})
+        for step in range(start, cfg.train.max_steps):
+            batch = next(loader)
+            t0 = time.perf_counter()
+            params, opt_state, m = step_fn(params, opt_state, base, batch.img_shapes, batch.arrays, rng, step)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            dt = time.perf_counter() - t0
+            done = step + 1
+            if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
+                ckpt.wait()
+                good = ckpt.latest_step()
+                raise NonFiniteLossError(
+                    f"step {done}: loss {m['loss']}, grad norm {m['grad_norm']}, LoRA weight norm {m['param_norm']}: "
+                    f"not finite; training stopped. Last good checkpoint: "
+                    f"{'none' if good is None else f'{ckpt.directory}/{good}'} (intact). "
+                    f"Lower optim.learning_rate, keep optim.max_grad_norm on, or check the data.")
+            if pending is not None:
+                ckpt.save(*pending)
+                pending = None
+            losses.append(m["loss"])
+            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or step == start:
+                metrics.write({"step": done, "loss": m["loss"], "mse": m["mse"], "lr": float(schedule(step)),
+                               "grad_norm": m["grad_norm"], "sigma": m["sigma"], "step_time": dt,
+                               "samples_per_s": global_batch / dt, "epoch": batch.epoch})
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", s_step=f"{dt:.3f}", samples_s=f"{global_batch / dt:.1f}")
+            if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
+                meta = {"step": done, "data": loader.state_dict(),
+                        "rng": np.asarray(jax.random.key_data(rng)).tolist(), "config": cfg.to_dict()}
+                # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
+                pending = (done, _copy(params), _copy(opt_state), meta)
+                if done == cfg.train.max_steps:
+                    ckpt.save(*pending)
+                    pending = None
+            if validate is not None and done % cfg.validation.every == 0:
+                metrics.write({"step": done, **validate(params, base)})
+        ckpt.wait()
+    files = []
+    if is_main or jax.process_count() > 1:
+        trained = nnx.merge(graphdef, _host_tree(params), base)
+        if is_main:
+            files = export_lora(trained, output_dir, cfg)
+            for f in files:
+                log(f"wrote {f}")
+    n = min(10, len(losses))
+    return TrainResult(output_dir, max(start, cfg.train.max_steps), resumed,
+                       float(np.mean(losses[:n])) if losses else None,
+                       float(np.mean(losses[-n:])) if losses else None, files, time.perf_counter() - t_start,
+                       params)
+
+
+def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
+    """Base model (placed on `mesh`) with fresh or file-initialised adapters, split into (LoRA, base)."""
+    options = cfg.model_options()
+    model = load_transformer(cfg.model.path, options=options) if mesh is None else \
+        load_transformer(cfg.model.path, options=options, mesh=mesh)
+    check_data_matches_model(dataset, model.config)
+    nnx.update(model, init_lora_state(model.config, options, cfg.lora.seed))
+    if cfg.lora.init_from:
+        from ..lora.io import load_lora_into_adapters
+
+        load_lora_into_adapters(model, cfg.lora.init_from)
+    local_rows = None
+    if mesh is not None:
+        from .. import distributed
+        from .. import sharding as shd
+
+        shd.shard_model(model, mesh)  # places the fresh LoRA params (base weights are already placed)
+        local_rows = distributed.local_batch_rows(shd.batch_sharding(mesh, cfg.data.batch_size),
+                                                  cfg.data.batch_size)
+    graphdef, params, base = split_lora(model)
+    return model.config, graphdef, params, base, local_rows
+
+
+def _resume(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, opt_state: Any, run_path: str,
+            log: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any]]:
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            old = {k: v for k, v in json.load(f).items() if k != RUN_INFO_KEY}
+        changes = config_changes(old, cfg.to_dict())
+        if changes:
+            log(f"warning: resuming with a changed config: {'; '.join(changes)}")
+    try:
+        return ckpt.restore(step, params, opt_state)
+    except Exception as e:  # structure/shape mismatch: LoRA rank, targets or optimiser changed
+        raise ConfigError(f"{ckpt.directory}/{step}: cannot restore this checkpoint with the current config "
+                          f"(did lora.rank, lora.targets, lora.qkv_mode or the optimiser change?): "
+                          f"{type(e).__name__}: {str(e)[:300]}") from None
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
+
+
+def _bucket_name(key) -> str:
+    shapes, text = key
+    return "+".join(f"{h}x{w}" for _, h, w in shapes) + f"/text{text}"
+
+
+def _validator(cfg: TrainConfig, dataset: CachedDataset, graphdef, mesh) -> Callable[[Any, Any], dict[str, Any]]:
+    """Periodic validation sampling through `qwen_edit_jax.sampling.validation_distance`."""
+    from ..sampling import validation_distance
+
+    v = cfg.validation
+    for i in v.samples:
+        if not 0 <= i < len(dataset):
+            raise ConfigError(f"validation.samples: index {i} is outside the dataset's {len(dataset)} samples")
+    samples = [dataset[i] for i in v.samples]
+
+    def run(params, base) -> dict[str, Any]:
+        model = nnx.merge(graphdef, params, base)
+        d = [validation_distance(model, s, num_inference_steps=v.num_inference_steps, seed=v.seed,
+                                 true_cfg_scale=v.true_cfg_scale, mesh=mesh) for s in samples]
+        return {"validation_distance": float(np.mean(d)), "validation_per_sample": d}
+
+    return run

@@ -1,0 +1,227 @@
+"""The optimiser and the jitted LoRA training step.
+
+Only the LoRA parameters (`nnx.LoRAParam`, fp32) are differentiated and carry optimiser state;
+the frozen base weights are an input of the step (any dtype, never donated, never copied). The
+step is one `jax.jit` per image layout (XLA retraces per text bucket) with the LoRA parameters
+and optimiser state donated; gradient accumulation is a `lax.scan` over micro-batches inside it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .config import ObjectiveSection, OptimSection
+from .objective import flow_matching_loss, timestep_table
+
+Params = Any  # nested dict of arrays (nnx.to_pure_dict of the LoRA state)
+
+
+def make_schedule(cfg: OptimSection, max_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 (if `warmup_steps`), then constant, cosine or linear decay to
+    `min_lr_ratio · learning_rate` at `max_steps`."""
+    lr = cfg.learning_rate
+    decay = max(max_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(lr)
+    elif cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(lr, decay, alpha=cfg.min_lr_ratio)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(lr, lr * cfg.min_lr_ratio, decay)
+    else:
+        raise ValueError(f"optim.schedule={cfg.schedule!r}: unknown schedule")
+    if cfg.warmup_steps <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, cfg.warmup_steps), main], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimSection, max_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (decoupled weight decay) with the schedule, after global-norm clipping when set."""
+    schedule = make_schedule(cfg, max_steps)
+    # identity() when clipping is off keeps the state structure, so a run can resume with clipping toggled
+    clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity()
+    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    return optax.chain(clip, adamw), schedule
+
+
+def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, Params, Params]:
+    """(graphdef, LoRA params, frozen base) as pure dicts of arrays; `nnx.merge(graphdef, lora, base)`."""
+    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
+    return graphdef, nnx.to_pure_dict(lora), nnx.to_pure_dict(base)
+
+
+def _mean_tree(tree: Any, n: int) -> Any:
+    return jax.tree.map(lambda g: g / n, tree)
+
+
+class TrainStep:
+    """`step(params, opt_state, base, img_shapes, arrays, rng, step) -> (params, opt_state, metrics)`.
+
+    `arrays`: `target` [A, B, N, C], `references` [A, B, M, C], `prompt_embeds` [A, B, L, J],
+    `prompt_mask` [A, B, L] (A = grad-accumulation micro-batches, B = batch). `rng` is a typed key;
+    the step's randomness is `fold_in(rng, step)` so a resumed run draws the same noise.
+
+    With `mesh`, every call is jitted with explicit shardings: parameters, base and optimiser state
+    keep the shardings they arrive with (placed by `qwen_edit_jax.sharding`), the batch is split
+    along B by `sharding.batch_sharding(mesh)`, metrics are replicated.
+    """
+
+    def __init__(
+        self,
+        graphdef: nnx.GraphDef,
+        tx: optax.GradientTransformation,
+        objective: ObjectiveSection,
+        *,
+        mesh: Any = None,
+        global_batch: int | None = None,
+        donate: bool = True,
+    ):
+        self.graphdef, self.tx, self.objective, self.mesh = graphdef, tx, objective, mesh
+        self.global_batch, self.donate = global_batch, donate
+        self._fns: dict[tuple, Callable] = {}
+
+    def _step_fn(self, img_shapes: tuple) -> Callable:
+        graphdef, tx = self.graphdef, self.tx
+        n_target = int(np.prod(img_shapes[0]))
+        table = timestep_table(self.objective, n_target)
+
+        def micro_loss(params, base, micro, key):
+            model = nnx.merge(graphdef, params, base)
+            return flow_matching_loss(model, micro, key, table, img_shapes)
+
+        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+        def step(params, opt_state, base, arrays, rng, step):
+            key = jax.random.fold_in(rng, step)
+            accum = arrays["target"].shape[0]
+            if accum == 1:
+                micro = jax.tree.map(lambda x: x[0], arrays)
+                (loss, aux), grads = grad_fn(params, base, micro, jax.random.fold_in(key, 0))
+            else:
+                def body(carry, inp):
+                    i, micro = inp
+                    (l, a), g = grad_fn(params, base, micro, jax.random.fold_in(key, i))
+                    gsum, lsum, asum = carry
+                    return (jax.tree.map(jnp.add, gsum, g), lsum + l, jax.tree.map(jnp.add, asum, a)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                aux0 = {"mse": jnp.zeros((), jnp.float32), "sigma": jnp.zeros((), jnp.float32)}
+                (gsum, lsum, asum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), aux0),
+                                                     (jnp.arange(accum), arrays))
+                grads, loss, aux = _mean_tree(gsum, accum), lsum / accum, _mean_tree(asum, accum)
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            param_norm = optax.tree.norm(params)  # non-finite ⇒ the update broke the weights
+            return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm, **aux}
+
+        donate = (0, 1) if self.donate else ()
+        if self.mesh is None:
+            return jax.jit(step, donate_argnums=donate)
+        return _MeshJit(step, self.mesh, donate, self.global_batch)
+
+    def __call__(self, params, opt_state, base, img_shapes, arrays, rng, step):
+        img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
+        fn = self._fns.get(img_shapes)
+        if fn is None:
+            fn = self._fns[img_shapes] = self._step_fn(img_shapes)
+        return fn(params, opt_state, base, arrays, rng, jnp.asarray(step, jnp.int32))
+
+    def lower(self, params, opt_state, base, img_shapes, arrays, rng, step):
+        """Ahead-of-time lowering (memory plans): arguments may be `jax.ShapeDtypeStruct`s; needs `mesh`."""
+        img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
+        fn = self._fns.get(img_shapes)
+        if fn is None:
+            fn = self._fns[img_shapes] = self._step_fn(img_shapes)
+        return fn.lower(params, opt_state, base, arrays, rng, step)
+
+
+class _MeshJit:
+    """`sharding.sharded_jit` with in/out shardings taken from the first call's (already placed) arguments.
+
+    The batch arrives as this host's rows (`distributed.local_batch_rows`) and is assembled into
+    global arrays [A, B, ...] split on B by `sharding.batch_sharding(mesh, B)`.
+    """
+
+    def __init__(self, fn: Callable, mesh: Any, donate: tuple, global_batch: int | None):
+        self.fn, self.mesh, self.donate, self.global_batch = fn, mesh, donate, global_batch
+        self._jitted: dict[tuple, Any] = {}
+
+    def __call__(self, params, opt_state, base, arrays, rng, step):
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from .. import sharding as shd
+
+        batch = self.global_batch or arrays["target"].shape[1] * jax.process_count()
+        spec = shd.batch_sharding(self.mesh, batch).spec
+        accum = NamedSharding(self.mesh, PartitionSpec(None, *spec))
+        arrays = {k: jax.make_array_from_process_local_data(accum, np.asarray(v), (v.shape[0], batch, *v.shape[2:]))
+                  for k, v in arrays.items()}
+        key = (batch,)
+        if key not in self._jitted:
+            replicated = shd.replicated(self.mesh)
+
+            def sh(tree):
+                return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else replicated, tree)
+
+            p_sh, o_sh, b_sh = sh(params), sh(opt_state), sh(base)
+            self._jitted[key] = shd.sharded_jit(
+                self.fn, self.mesh, donate_argnums=self.donate,
+                in_shardings=(p_sh, o_sh, b_sh, accum, replicated, replicated),
+                out_shardings=(p_sh, o_sh, replicated))
+        return self._jitted[key](params, opt_state, base, arrays, rng, step)
+
+    def lower(self, params, opt_state, base, arrays, rng, step):
+        """AOT (benchmarks/memory_plan.py): `jax.ShapeDtypeStruct` arguments, params/opt state/base with shardings."""
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        from .. import sharding as shd
+
+        batch = arrays["target"].shape[1]
+        accum = NamedSharding(self.mesh, PartitionSpec(None, *shd.batch_sharding(self.mesh, batch).spec))
+        replicated = shd.replicated(self.mesh)
+
+        def sh(tree):
+            return jax.tree.map(lambda x: x.sharding, tree)
+
+        fn = shd.sharded_jit(self.fn, self.mesh, donate_argnums=self.donate,
+                             in_shardings=(sh(params), sh(opt_state), sh(base), accum, replicated, replicated),
+                             out_shardings=(sh(params), sh(opt_state), replicated))
+        arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=accum) for k, v in arrays.items()}
+        return fn.lower(params, opt_state, base, arrays, rng, step)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    objective: ObjectiveSection | None = None,
+    *,
+    mesh: Any = None,
+    global_batch: int | None = None,
+    donate: bool = True,
+) -> TrainStep:
+    """The reusable LoRA training step (see `TrainStep`); used by the loop and the benchmarks.
+
+    `mesh` (from `qwen_edit_jax.sharding.make_mesh`): jit with explicit shardings; the params,
+    base and optimiser state must already be placed on it (`sharding.shard_model`, `opt_state_on`),
+    and `global_batch` is the micro-batch size over all hosts (default: local rows × hosts).
+    """
+    return TrainStep(graphdef, tx, objective or ObjectiveSection(), mesh=mesh, global_batch=global_batch,
+                     donate=donate)
+
+
+def init_opt_state(tx: optax.GradientTransformation, params: Params, mesh: Any = None) -> Any:
+    """Optimiser state for `params`; on a mesh, Adam moments take the params' shardings (scalars replicated)."""
+    if mesh is None:
+        return jax.jit(tx.init)(params)
+    from .. import sharding as shd
+
+    p_sh = jax.tree.map(lambda x: x.sharding, params)
+    out = shd.like_params(jax.eval_shape(tx.init, params), params, p_sh, mesh)
+    return jax.jit(tx.init, out_shardings=out)(params)

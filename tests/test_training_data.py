@@ -1,0 +1,257 @@
+"""Cached-sample format and the bucketed loader: round trip, buckets, shuffling, host split, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from qwen_edit_jax.packing import pack_latents
+from qwen_edit_jax.training.data import (
+    MANIFEST,
+    BatchLoader,
+    CachedDataset,
+    CachedSample,
+    DataError,
+    text_bucket,
+    write_cache,
+)
+
+C, J = 16, 8
+
+
+def _sample(i, h=4, w=6, n_refs=1, length=5, neg=False, rng=None):
+    rng = rng or np.random.default_rng(i)
+    return CachedSample(
+        f"s{i}",
+        rng.standard_normal((C, h, w)).astype(np.float32),
+        [rng.standard_normal((C, h, w)).astype(np.float32) for _ in range(n_refs)],
+        rng.standard_normal((length, J)).astype(ml_dtypes.bfloat16),
+        np.arange(length) < length - 1 if length > 1 else np.ones(1, bool),
+        rng.standard_normal((3, J)).astype(np.float32) if neg else None,
+        np.ones(3, bool) if neg else None,
+    )
+
+
+def _mixed(n=24):
+    """Two image layouts, prompt lengths 3..12 (two text buckets of [8, 16])."""
+    out = []
+    for i in range(n):
+        hw = (4, 6) if i % 2 else (6, 4)
+        out.append(_sample(i, *hw, length=3 + i % 10, neg=(i % 5 == 0)))
+    return out
+
+
+@pytest.fixture()
+def cache(tmp_path):
+    samples = _mixed()
+    path = write_cache(tmp_path / "cache", samples, shard_bytes=6000)
+    return path, samples
+
+
+def test_roundtrip_exact(cache):
+    path, samples = cache
+    ds = CachedDataset(path, verify=True)
+    assert len(ds) == len(samples) and ds.latent_channels == C and ds.joint_attention_dim == J
+    assert len(ds.shards) > 2  # shard_bytes forces several shards
+    for i, s in enumerate(samples):
+        got = ds[i]
+        assert got.sample_id == s.sample_id
+        np.testing.assert_array_equal(got.target, s.target)
+        assert len(got.references) == 1
+        np.testing.assert_array_equal(got.references[0], s.references[0])
+        assert got.prompt_embeds.dtype == ml_dtypes.bfloat16  # stored as given
+        np.testing.assert_array_equal(got.prompt_embeds, s.prompt_embeds)
+        np.testing.assert_array_equal(got.prompt_mask, s.prompt_mask)
+        assert (got.negative_prompt_embeds is None) == (s.negative_prompt_embeds is None)
+    assert ds.infos[1].img_shapes == ((1, 2, 3), (1, 2, 3))
+
+
+def test_text_bucket():
+    assert text_bucket(3, [16, 8]) == 8 and text_bucket(8, [8, 16]) == 8 and text_bucket(9, [8, 16]) == 16
+    assert text_bucket(17, [8, 16]) is None
+
+
+def test_batches_share_one_bucket_and_pad_text(cache):
+    path, samples = cache
+    ds = CachedDataset(path)
+    loader = BatchLoader(ds, batch_size=2, grad_accum=1, text_buckets=[8, 16], prefetch=0)
+    assert len(loader.buckets) == 4  # 2 layouts x 2 text buckets
+    seen = []
+    for _ in range(loader.steps_per_epoch):
+        b = next(loader)
+        ids = [int(s[1:]) for s in b.sample_ids]
+        seen += ids
+        assert len({ds.infos[i].img_shapes for i in ids}) == 1
+        assert b.img_shapes == ds.infos[ids[0]].img_shapes
+        L = b.arrays["prompt_embeds"].shape[2]
+        assert L in (8, 16) and all(text_bucket(samples[i].prompt_embeds.shape[0], [8, 16]) == L for i in ids)
+        a = b.arrays
+        assert a["target"].shape[:2] == (1, 2) and a["prompt_mask"].dtype == bool
+        for row, i in enumerate(ids):
+            s = samples[i]
+            np.testing.assert_array_equal(a["target"][0, row], pack_latents(s.target[None])[0])
+            np.testing.assert_array_equal(a["references"][0, row], pack_latents(s.references[0][None])[0])
+            n = s.prompt_embeds.shape[0]
+            np.testing.assert_array_equal(a["prompt_embeds"][0, row, :n], s.prompt_embeds.astype(np.float32))
+            assert not a["prompt_embeds"][0, row, n:].any() and not a["prompt_mask"][0, row, n:].any()
+            np.testing.assert_array_equal(a["prompt_mask"][0, row, :n], s.prompt_mask)
+    assert len(seen) == len(set(seen))  # each sample at most once per epoch
+    assert loader.epoch == 1 and loader.position == 0
+
+
+def test_epoch_shuffle_is_seeded(cache):
+    ds = CachedDataset(cache[0])
+
+    def plan(seed, epoch):
+        return [tuple(x) for x in BatchLoader(ds, batch_size=2, text_buckets=[8, 16], seed=seed,
+                                              prefetch=0).epoch_plan(epoch)]
+
+    assert plan(0, 0) == plan(0, 0)
+    assert plan(0, 0) != plan(0, 1)
+    assert plan(0, 0) != plan(1, 0)
+    assert sorted(plan(0, 0)) != plan(0, 0) or sorted(plan(0, 1)) != plan(0, 1)
+
+
+def test_host_split_covers_the_global_batch(cache):
+    ds = CachedDataset(cache[0])
+    kw = dict(batch_size=4, grad_accum=1, text_buckets=[16], prefetch=0)
+    whole = BatchLoader(ds, **kw)
+    hosts = [BatchLoader(ds, process_index=p, process_count=2, **kw) for p in range(2)]
+    for _ in range(whole.steps_per_epoch + 1):  # crosses an epoch boundary
+        w = next(whole)
+        parts = [next(h) for h in hosts]
+        assert parts[0].sample_ids + parts[1].sample_ids == w.sample_ids
+        for k in w.arrays:
+            np.testing.assert_array_equal(np.concatenate([p.arrays[k] for p in parts], axis=1), w.arrays[k])
+
+
+def test_grad_accum_layout_and_resume_with_prefetch(cache):
+    ds = CachedDataset(cache[0])
+    kw = dict(batch_size=2, grad_accum=2, text_buckets=[16], prefetch=2)
+    a = BatchLoader(ds, **kw)
+    ref = [next(a) for _ in range(9)]
+    assert ref[0].arrays["target"].shape[:2] == (2, 2)
+    b = BatchLoader(ds, **kw)
+    for _ in range(4):
+        next(b)
+    state = json.loads(json.dumps(b.state_dict()))
+    b.close()
+    c = BatchLoader(ds, **kw)
+    c.load_state_dict(state)
+    for r in ref[4:]:
+        got = next(c)
+        assert got.sample_ids == r.sample_ids and (got.epoch, got.position) == (r.epoch, r.position)
+    c.close()
+    a.close()
+
+
+def test_small_buckets_are_reported_and_empty_plan_is_an_error(tmp_path):
+    samples = [_sample(i, length=4) for i in range(5)] + [_sample(10, 8, 8, length=4)]
+    ds = CachedDataset(write_cache(tmp_path / "c", samples))
+    loader = BatchLoader(ds, batch_size=2, text_buckets=[8], prefetch=0)
+    assert list(loader.skipped.values()) == [1] and loader.steps_per_epoch == 2
+    with pytest.raises(DataError, match="no bucket holds one step's 12 samples"):
+        BatchLoader(ds, batch_size=4, grad_accum=3, text_buckets=[8])
+
+
+def test_prompt_longer_than_every_bucket(tmp_path):
+    ds = CachedDataset(write_cache(tmp_path / "c", [_sample(0, length=20)]))
+    with pytest.raises(DataError, match=r"sample s0 has 20 prompt tokens.*text_buckets"):
+        BatchLoader(ds, batch_size=1, text_buckets=[8, 16])
+
+
+def test_resume_from_another_dataset_is_refused(tmp_path, cache):
+    ds = CachedDataset(cache[0])
+    other = CachedDataset(write_cache(tmp_path / "other", _mixed(8)))
+    state = BatchLoader(ds, batch_size=1, text_buckets=[16], prefetch=0).state_dict()
+    with pytest.raises(DataError, match="different cached dataset"):
+        BatchLoader(other, batch_size=1, text_buckets=[16], prefetch=0).load_state_dict(state)
+
+
+# ---- corrupt / missing data ---------------------------------------------------------------------
+def _data_offset(path):
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return 8 + n
+
+
+def test_flipped_byte_names_the_sample(cache):
+    path, _ = cache
+    ds = CachedDataset(path)
+    shard = os.path.join(path, ds.shards[0]["file"])
+    with open(shard, "r+b") as f:
+        f.seek(_data_offset(shard) + 5)
+        byte = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    ds = CachedDataset(path)
+    with pytest.raises(DataError, match=r"sample s0 \(#0\) in .*shard-00000\.safetensors: checksum mismatch"):
+        ds[0]
+    with pytest.raises(DataError, match=r"shard-00000\.safetensors: sha256 mismatch"):
+        CachedDataset(path, verify=True)
+
+
+def test_truncated_missing_and_garbled_shards(cache):
+    path, _ = cache
+    ds = CachedDataset(path)
+    s1 = os.path.join(path, ds.shards[1]["file"])
+    data = open(s1, "rb").read()
+    with open(s1, "wb") as f:
+        f.write(data[:-10])
+    with pytest.raises(DataError, match=r"shard-00001\.safetensors: shard is \d+ bytes, the manifest says"):
+        CachedDataset(path)
+    with open(s1, "wb") as f:  # same size, destroyed header
+        f.write(b"\xff" * len(data))
+    ds = CachedDataset(path)
+    idx = next(i.index for i in ds.infos if i.shard == 1)
+    with pytest.raises(DataError, match=r"shard-00001\.safetensors: corrupt shard"):
+        ds[idx]
+    os.remove(s1)
+    with pytest.raises(DataError, match=r"shard-00001\.safetensors: shard missing"):
+        CachedDataset(path)
+
+
+def test_bad_manifests(tmp_path, cache):
+    path, _ = cache
+    with pytest.raises(DataError, match="cached dataset folder not found"):
+        CachedDataset(tmp_path / "nope")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"manifest\.json: missing"):
+        CachedDataset(tmp_path / "empty")
+    m = os.path.join(path, MANIFEST)
+    text = open(m).read()
+    with open(m, "w") as f:
+        f.write(text[: len(text) // 2])
+    with pytest.raises(DataError, match="corrupt manifest, not valid JSON"):
+        CachedDataset(path)
+    bad = json.loads(text)
+    del bad["samples"][3]["crc32"]
+    with open(m, "w") as f:
+        json.dump(bad, f)
+    with pytest.raises(DataError, match="corrupt manifest, bad or missing field"):
+        CachedDataset(path)
+
+
+def test_write_validates_samples(tmp_path):
+    good = _sample(0)
+    cases = [
+        (_sample(1, h=5), r"sample s1: target must be \[C, h, w\] with even h and w"),
+        (CachedSample("n", np.full((C, 4, 4), np.nan, np.float32), [], good.prompt_embeds, good.prompt_mask),
+         "sample n: target contains NaN"),
+        (CachedSample("c", np.zeros((8, 4, 4), np.float32), [], good.prompt_embeds, good.prompt_mask),
+         "sample c: target has 8 channels, the dataset has 16"),
+        (CachedSample("m", good.target, [], good.prompt_embeds, np.ones(2, bool)),
+         "sample m: prompt_mask shape"),
+        (CachedSample("s0", good.target, [], good.prompt_embeds, good.prompt_mask), "duplicate sample id 's0'"),
+    ]
+    for i, (bad, msg) in enumerate(cases):
+        with pytest.raises(DataError, match=msg):
+            write_cache(tmp_path / f"c{i}", [good, bad])
+        assert not os.path.exists(tmp_path / f"c{i}")  # nothing half-written
+        assert not [p for p in os.listdir(tmp_path) if p.startswith(f".c{i}")]
+    with pytest.raises(FileExistsError):
+        write_cache(tmp_path / "ok", [good]) and write_cache(tmp_path / "ok", [good])

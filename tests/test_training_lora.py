@@ -1,0 +1,127 @@
+"""LoRA on the fused projections: zero init is a no-op; split mode = standard q/k/v LoRAs in PEFT.
+
+The adapters are set directly from PEFT's tensors (through the key map only), so this checks the
+model's LoRA math independently of the LoRA file code.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import qwen_edit_jax as q
+from qwen_edit_jax.config import LoraConfig, ModelOptions
+from qwen_edit_jax.weights import keymap
+from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
+
+TOL = 1e-4
+TINY = q.preset("tiny")
+SHAPES = [(1, 4, 4), (1, 2, 4)]
+ALL = ("to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp", "img_mod", "txt_mod")
+PEFT_TARGETS = ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0", "to_add_out",
+                "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tm = make_torch_model(TINY, seed=21)
+    return tm, save_torch_model(tm, tmp_path_factory.mktemp("base"))
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    n = sum(f * h * w for f, h, w in SHAPES)
+    hidden = rng.standard_normal((2, n, TINY.in_channels), dtype=np.float32)
+    enc = rng.standard_normal((2, 7, TINY.joint_attention_dim), dtype=np.float32)
+    mask = np.ones((2, 7), np.int64)
+    mask[1, -3:] = 0
+    sigma = np.array([0.3, 0.8], np.float32)
+    return hidden, enc, mask, sigma
+
+
+def _ours(model):
+    hidden, enc, mask, sigma = _inputs()
+    return np.asarray(model(hidden_states=jnp.asarray(hidden), encoder_hidden_states=jnp.asarray(enc),
+                            encoder_hidden_states_mask=jnp.asarray(mask), timestep=jnp.asarray(sigma),
+                            img_shapes=[SHAPES] * 2))
+
+
+def _theirs(tm):
+    hidden, enc, mask, sigma = _inputs()
+    return torch_forward(tm, hidden, enc, mask, sigma, [SHAPES] * 2)
+
+
+@pytest.mark.parametrize("qkv_mode", ["split", "shared"])
+def test_zero_initialised_lora_is_a_no_op(base, qkv_mode):
+    _, path = base
+    plain = q.load_transformer(path)
+    with_lora = q.load_transformer(path, options=ModelOptions(lora=LoraConfig(rank=4, alpha=7, targets=ALL,
+                                                                              qkv_mode=qkv_mode)))
+    lora = nnx.state(with_lora, nnx.LoRAParam)
+    a = [v for p, v in nnx.to_flat_state(lora) if p[-1] == "lora_A"]
+    b = [v for p, v in nnx.to_flat_state(lora) if p[-1] == "lora_B"]
+    assert len(a) == len(b) == 10 and all(np.abs(np.asarray(x[...])).max() > 0 for x in a)  # A random
+    assert all(not np.asarray(x[...]).any() for x in b)  # B zero
+    # unchanged up to fp32 rounding (XLA fuses the extra +0 differently, ~1e-7)
+    assert rel_err(_ours(with_lora), _ours(plain)) <= 1e-6
+
+
+def _peft_model(tm, rank, alpha, seed, tie_qkv_A=False):
+    from peft import LoraConfig as PeftLoraConfig
+
+    t = copy.deepcopy(tm)
+    t.add_adapter(PeftLoraConfig(r=rank, lora_alpha=alpha, target_modules=PEFT_TARGETS, init_lora_weights="gaussian"))
+    g = torch.Generator().manual_seed(seed)
+    mods = {n: m for n, m in t.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert len(mods) == TINY.num_layers * len(PEFT_TARGETS)
+    with torch.no_grad():
+        for name, m in mods.items():
+            a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
+            a.copy_(torch.randn(a.shape, generator=g) / np.sqrt(a.shape[1]))
+            b.copy_(0.5 * torch.randn(b.shape, generator=g) / np.sqrt(b.shape[1]))
+        if tie_qkv_A:  # one A per fused projection: what the shared mode can express
+            for name, m in mods.items():
+                for src, dst in (("to_q", ("to_k", "to_v")), ("add_q_proj", ("add_k_proj", "add_v_proj"))):
+                    if name.endswith("attn." + src):
+                        for d in dst:
+                            mods[name[: -len(src)] + d].lora_A["default"].weight.copy_(m.lora_A["default"].weight)
+    return t, mods
+
+
+def _copy_into_ours(model, mods):
+    """Set our adapters from PEFT's per-module A [r, in], B [out, r] through the key map."""
+    flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+    values = {k: np.array(v[...]) for k, v in flat.items()}
+    shared = model.options.lora.qkv_mode == "shared"
+    for name, m in mods.items():
+        entry, layer, j = keymap.find_module(name)
+        a = m.lora_A["default"].weight.detach().numpy().T  # [in, r]
+        b = m.lora_B["default"].weight.detach().numpy().T  # [r, out]
+        ka, kb = f"{entry.flax}.lora_A", f"{entry.flax}.lora_B"
+        if not entry.fused:
+            values[ka][layer], values[kb][layer] = a, b
+        elif shared:
+            values[ka][layer] = a
+            values[kb][layer][:, j, :] = b
+        else:
+            values[ka][layer, j], values[kb][layer, j] = a, b
+    for k, var in flat.items():
+        var.set_value(jnp.asarray(values[k]))
+
+
+@pytest.mark.parametrize("qkv_mode", ["split", "shared"])
+def test_lora_equals_peft_qkv_loras(base, qkv_mode):
+    tm, path = base
+    rank, alpha = 3, 5.0  # scale 5/3 ≠ 1 on both sides
+    t, mods = _peft_model(tm, rank, alpha, seed=4, tie_qkv_A=qkv_mode == "shared")
+    model = q.load_transformer(path, options=ModelOptions(lora=LoraConfig(rank=rank, alpha=alpha, targets=ALL,
+                                                                          qkv_mode=qkv_mode)))
+    _copy_into_ours(model, mods)
+    ours, ref = _ours(model), _theirs(t)
+    assert rel_err(ours, _theirs(tm)) > 1e-2  # the adapters matter
+    assert rel_err(ours, ref) <= TOL

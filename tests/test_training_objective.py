@@ -1,0 +1,134 @@
+"""Flow-matching objective and timestep samplers against diffusers' scheduler and DiffSynth's numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen_edit_jax.training.config import ObjectiveSection
+from qwen_edit_jax.training.objective import (
+    bell_weights,
+    flow_matching_loss,
+    qwen_training_sigmas,
+    resolution_mu,
+    sample_timesteps,
+    timestep_table,
+)
+
+
+def _diffusers_qwen_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+
+
+def test_diffsynth_grid_equals_diffusers_qwen_schedule_at_mu_08():
+    """DiffSynth trains on the Qwen-Image inference schedule with 1000 steps and μ = 0.8."""
+    sched = _diffusers_qwen_scheduler()
+    sched.set_timesteps(1000, mu=0.8)
+    ref = sched.sigmas.numpy()[:-1].astype(np.float64)  # drop the appended 0
+    ours = qwen_training_sigmas(1000, 0.8, 0.02)
+    assert ours.shape == (1000,)
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+    assert ours[0] == pytest.approx(1.0) and ours[-1] == pytest.approx(0.02)
+    table = timestep_table(ObjectiveSection(), 4096)
+    np.testing.assert_allclose(table.sigmas, ours.astype(np.float32))
+    assert np.median(table.sigmas) == pytest.approx(0.70, abs=0.01)  # DiffSynth: median sampled σ ≈ 0.70
+
+
+def test_bell_weights_match_diffsynth_numbers():
+    sigmas = qwen_training_sigmas(1000, 0.8, 0.02)
+    w = bell_weights(sigmas)
+    assert w.mean() == pytest.approx(1.0) and w.min() == pytest.approx(0.0)
+    assert w[0] == pytest.approx(0.0)  # t = 1000 gets zero weight
+    assert w.max() == pytest.approx(1.68, abs=0.01)
+    assert abs(sigmas[np.argmax(w)] - 0.5) < 0.002  # peak at t ≈ 500
+    table = timestep_table(ObjectiveSection(), 64)
+    np.testing.assert_allclose(table.weights, w.astype(np.float32), rtol=1e-6)
+
+
+def test_uniform_and_logit_normal_use_diffusers_training_grid():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ref = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000).sigmas.numpy()
+    for kind in ("uniform", "logit_normal"):
+        t = timestep_table(ObjectiveSection(timestep_sampling=kind), 4096)
+        np.testing.assert_allclose(t.sigmas, ref, rtol=1e-6)
+        assert (t.weights == 1).all()
+    t = timestep_table(ObjectiveSection(timestep_sampling="uniform", weighting="bell"), 64)
+    assert t.weights.max() > 1.5  # weighting can be chosen independently
+
+
+def test_resolution_shift_mu():
+    cfg = ObjectiveSection(timestep_sampling="resolution_shift")
+    assert resolution_mu(4096, cfg) == pytest.approx(0.69355, abs=1e-5)  # 1024² image
+    assert resolution_mu(6889, cfg) == pytest.approx(0.83432, abs=1e-5)  # 1328²
+    sched = _diffusers_qwen_scheduler()
+    sched.set_timesteps(1000, mu=resolution_mu(4096, cfg))
+    np.testing.assert_allclose(timestep_table(cfg, 4096).sigmas, sched.sigmas.numpy()[:-1], rtol=1e-5)
+    small, large = timestep_table(cfg, 256).sigmas, timestep_table(cfg, 8192).sigmas
+    assert np.median(large) > np.median(small)  # bigger images → more noise
+
+
+def test_sampled_distributions():
+    key = jax.random.key(0)
+    n = 20000
+    s, w = sample_timesteps(key, n, timestep_table(ObjectiveSection(), 64))
+    assert float(jnp.median(s)) == pytest.approx(0.70, abs=0.02) and float(jnp.mean(w)) == pytest.approx(1.0, abs=0.03)
+    s, w = sample_timesteps(key, n, timestep_table(ObjectiveSection(timestep_sampling="uniform"), 64))
+    assert float(jnp.mean(s)) == pytest.approx(0.5, abs=0.01) and float(jnp.min(s)) > 0 and (w == 1).all()
+    cfg = ObjectiveSection(timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0)
+    s, _ = sample_timesteps(key, n, timestep_table(cfg, 64))
+    assert float(jnp.mean(s)) == pytest.approx(0.5, abs=0.01)
+    assert float(jnp.mean(jnp.abs(s - 0.5) < 0.25)) > 0.65  # concentrated mid-range (uniform: 0.5)
+    cfg = dataclasses.replace(cfg, logit_mean=1.0)
+    s, _ = sample_timesteps(key, n, timestep_table(cfg, 64))
+    assert float(jnp.mean(s)) < 0.35  # u = sigmoid(z) is an index fraction: larger u → smaller σ
+
+
+class _Oracle:
+    """A stand-in model that knows x0: predicts v = (x_t − x0)/σ on target tokens, junk elsewhere."""
+
+    def __init__(self, x0, refs, n_target, expected_shapes):
+        self.x0, self.refs, self.n, self.shapes = x0, refs, n_target, expected_shapes
+        self.calls = []
+
+    def __call__(self, *, hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes):
+        self.calls.append((hidden_states, encoder_hidden_states_mask, img_shapes))
+        x_t = hidden_states[:, : self.n]
+        v = (x_t - self.x0) / timestep[:, None, None]
+        junk = 100.0 + jnp.zeros_like(hidden_states[:, self.n:])
+        return jnp.concatenate([v, junk], axis=1)
+
+
+def test_loss_is_on_target_tokens_with_clean_references():
+    rng = np.random.default_rng(0)
+    shapes = ((1, 2, 3), (1, 3, 2), (1, 2, 2))
+    b, n, m = 3, 6, 10
+    x0 = jnp.asarray(rng.standard_normal((b, n, 64)), jnp.float32)
+    refs = jnp.asarray(rng.standard_normal((b, m, 64)), jnp.float32)
+    batch = {"target": x0, "references": refs, "prompt_embeds": jnp.ones((b, 4, 8)),
+             "prompt_mask": jnp.asarray([[1, 1, 0, 0]] * b, bool)}
+    oracle = _Oracle(x0, refs, n, shapes)
+    table = timestep_table(ObjectiveSection(timestep_sampling="uniform"), n)
+    loss, aux = flow_matching_loss(oracle, batch, jax.random.key(1), table, shapes)
+    assert float(loss) < 1e-8 and float(aux["mse"]) < 1e-8  # perfect velocity ⇒ zero loss, junk ignored
+    hidden, mask, got_shapes = oracle.calls[0]
+    assert hidden.shape == (b, n + m, 64) and got_shapes == shapes
+    np.testing.assert_array_equal(np.asarray(hidden[:, n:]), np.asarray(refs))  # references ride along clean
+    assert not np.allclose(np.asarray(hidden[:, :n]), np.asarray(x0))  # the target is noised
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(batch["prompt_mask"]))
+
+    class Zero(_Oracle):
+        def __call__(self, *, hidden_states, **kw):
+            return jnp.zeros_like(hidden_states)
+
+    # predicting 0 costs E|ε − x0|² = E|ε|² + E|x0|² ≈ 2 per element (unweighted)
+    loss0, aux0 = flow_matching_loss(Zero(x0, refs, n, shapes), batch, jax.random.key(2), table, shapes)
+    assert float(aux0["mse"]) == pytest.approx(2.0, rel=0.15) and float(loss0) == pytest.approx(float(aux0["mse"]))

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Train a LoRA on the merged-QKV Qwen-Image-Edit DiT.
+
+    python train/train_lora.py --config train/configs/demo.yaml --output-dir runs/demo \
+        [--max-steps N] [--save-every N] [section.key=value ...]
+
+Re-running the same command on the same output directory resumes from its newest complete
+checkpoint. Writes DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/, DIR/lora_diffusers.safetensors.
+Exit codes: 0 done, 2 bad config/data/checkpoint, 3 non-finite loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML training config (e.g. train/configs/demo.yaml)")
+    p.add_argument("--output-dir", required=True, help="run directory (created; resumed if it has checkpoints)")
+    p.add_argument("--max-steps", type=int, help="override train.max_steps")
+    p.add_argument("--save-every", type=int, help="override train.save_every")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (YAML values)")
+    args = p.parse_args(argv)
+
+    from qwen_edit_jax.training.config import ConfigError, load_config
+    from qwen_edit_jax.training.data import DataError
+    from qwen_edit_jax.training.loop import NonFiniteLossError, train
+    from qwen_edit_jax.weights.safetensors_io import CheckpointError
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    if args.save_every is not None:
+        overrides.append(f"train.save_every={args.save_every}")
+    try:
+        cfg = load_config(args.config, overrides)
+        result = train(cfg, args.output_dir)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    if result.first_loss is not None:
+        print(f"done: step {result.final_step}, loss {result.first_loss:.4f} (first steps) -> "
+              f"{result.last_loss:.4f} (last steps), {result.seconds:.1f} s; LoRA: {', '.join(result.lora_files)}")
+    else:
+        print(f"done: already at step {result.final_step}; LoRA: {', '.join(result.lora_files)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
