@@ -47,12 +47,14 @@ def main() -> dict:
     e = rng.standard_normal((1, args.txt_tokens, cfg.joint_attention_dim)).astype(np.float32)
     s = np.array([0.62], np.float32)
 
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+
     def torch_run(dtype):
-        m = tm.to("cuda", dtype)
+        m = tm.to(dev, dtype)
         with torch.no_grad():
-            out = m(hidden_states=torch.from_numpy(h).to("cuda", dtype),
-                    encoder_hidden_states=torch.from_numpy(e).to("cuda", dtype),
-                    timestep=torch.from_numpy(s).to("cuda", dtype), img_shapes=[shapes], return_dict=False)[0]
+            out = m(hidden_states=torch.from_numpy(h).to(dev, dtype),
+                    encoder_hidden_states=torch.from_numpy(e).to(dev, dtype),
+                    timestep=torch.from_numpy(s).to(dev, dtype), img_shapes=[shapes], return_dict=False)[0]
         return out.float().cpu().numpy()
 
     ref32 = torch_run(torch.float32)
@@ -68,7 +70,7 @@ def main() -> dict:
             out32 = np.asarray(m32(hidden_states=h, encoder_hidden_states=e, timestep=s, img_shapes=[shapes]))
         del m32
         result["fp32_rel_err"] = rel_err(out32, ref32)
-        for attn in ("xla", "cudnn"):
+        for attn in ("xla", "cudnn") if jax.default_backend() == "gpu" else ("xla",):
             opts = q.ModelOptions(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, attention=attn)
             m16 = q.load_transformer(d, options=opts)
             out16 = np.asarray(m16(hidden_states=h, encoder_hidden_states=e, timestep=s,

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (YAML values)")
     args = p.parse_args(argv)
 
+    from qwen_edit_jax.distributed import DistributedError, initialize
     from qwen_edit_jax.training.config import ConfigError, load_config
     from qwen_edit_jax.training.data import DataError
     from qwen_edit_jax.training.loop import NonFiniteLossError, train
@@ -39,9 +40,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
     try:
+        initialize()  # multi-host jobs (TPU pods, SLURM, JAX_* env): before anything touches devices
         cfg = load_config(args.config, overrides)
         result = train(cfg, args.output_dir)
-    except (ConfigError, DataError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, CheckpointError, DistributedError, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
