@@ -57,13 +57,12 @@ def main() -> dict:
                     timestep=torch.from_numpy(s).to(dev, dtype), img_shapes=[shapes], return_dict=False)[0]
         return out.float().cpu().numpy()
 
-    ref32 = torch_run(torch.float32)
-    ref16 = torch_run(torch.bfloat16)
-    tm.to("cpu", torch.float32)
     result = {"device": jax.devices()[0].device_kind, "layers": args.layers, "tokens": [args.img_tokens,
               args.ref_tokens, args.txt_tokens]}
     with tempfile.TemporaryDirectory() as d:
-        save_torch_model(tm, d)
+        save_torch_model(tm, d)  # before any dtype round trip of the torch weights
+        ref32 = torch_run(torch.float32)
+        ref16 = torch_run(torch.bfloat16)
         del tm
         with jax.default_matmul_precision("highest"):
             m32 = q.load_transformer(d, dtype=jnp.float32)
