@@ -152,6 +152,24 @@ def test_attention_kernels_match_xla(kernel):
     assert rel_err(out, ref) <= 1e-6
 
 
+def test_valid_keys_first_turns_a_mask_into_lengths():
+    """The cuDNN path's key reordering: same result as the masked reference, via key lengths."""
+    from qwen_edit_jax.attention import valid_keys_first, xla_attention
+
+    rng = np.random.default_rng(1)
+    q_, k_, v_ = (jnp.asarray(rng.standard_normal((2, 12, 2, 8), dtype=np.float32)) for _ in range(3))
+    mask = np.ones((2, 12), bool)
+    mask[0, 2:5] = False  # padded text sits in the middle of the joint [text, image] sequence
+    mask[1, 4:6] = False
+    mask = jnp.asarray(mask)
+    ref = xla_attention(q_, k_, v_, mask)
+    k2, v2, n = valid_keys_first(k_, v_, mask)
+    assert n.tolist() == [9, 10]
+    out = jax.nn.dot_product_attention(q_, k2, v2, query_seq_lengths=jnp.array([12, 12]), key_value_seq_lengths=n,
+                                       implementation="xla")
+    assert rel_err(out, ref) <= 1e-6
+
+
 def test_scan_compiles_one_block():
     """The scanned program holds one copy of the block: HLO size barely grows with depth."""
     sizes = []
