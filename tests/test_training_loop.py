@@ -269,3 +269,10 @@ def test_training_on_a_mesh_matches_one_device(assets, tmp_path):
     r = subprocess.run([sys.executable, "-c", MESH_TRAIN, json.dumps(d), str(tmp_path)], cwd=ROOT,
                        capture_output=True, text=True, timeout=900, check=False)
     assert r.returncode == 0 and "MESH_TRAIN_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_bf16_compute_on_cpu_is_a_clear_error(assets, tmp_path):
+    """XLA:CPU cannot differentiate bf16×bf16→fp32 matmuls: say so before loading anything."""
+    cfg = config_from_dict(_cfg_dict(assets, model={"dtype": "bfloat16"}))
+    with pytest.raises(ConfigError, match=r"model.dtype='bfloat16'.*train with model.dtype=float32"):
+        train(cfg, tmp_path / "run", log=lambda m: None)

@@ -285,6 +285,10 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
 def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
     """Base model (placed on `mesh`) with fresh or file-initialised adapters, split into (LoRA, base)."""
     options = cfg.model_options()
+    if jax.default_backend() == "cpu" and options.dtype != jnp.float32:
+        raise ConfigError(f"model.dtype={cfg.model.dtype!r}: XLA:CPU cannot run the backward pass of "
+                          f"{options.dtype.name} matmuls with fp32 accumulation; on CPU train with "
+                          f"model.dtype=float32 (model.param_dtype may stay bfloat16)")
     model = load_transformer(cfg.model.path, options=options) if mesh is None else \
         load_transformer(cfg.model.path, options=options, mesh=mesh)
     check_data_matches_model(dataset, model.config)
