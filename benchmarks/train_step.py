@@ -55,14 +55,17 @@ def matmul_peak(dtype: jnp.dtype, n: int) -> float:
     return 2 * n**3 / t
 
 
-def build(args: argparse.Namespace, fuse_qkv: bool):
+def model_config(args: argparse.Namespace) -> q.DiTConfig:
+    """The benchmarked architecture: a preset (optionally fewer layers) or the width flags."""
     if args.preset:
         cfg = q.preset(args.preset)
-        if args.layers:
-            cfg = dataclasses.replace(cfg, num_layers=args.layers)
-    else:
-        cfg = q.DiTConfig(num_layers=args.layers or 2, num_attention_heads=args.heads, attention_head_dim=args.head_dim,
-                          joint_attention_dim=args.txt_dim, axes_dims_rope=rope_axes(args.head_dim))
+        return dataclasses.replace(cfg, num_layers=args.layers) if args.layers else cfg
+    return q.DiTConfig(num_layers=args.layers or 2, num_attention_heads=args.heads, attention_head_dim=args.head_dim,
+                       joint_attention_dim=args.txt_dim, axes_dims_rope=rope_axes(args.head_dim))
+
+
+def build(args: argparse.Namespace, fuse_qkv: bool):
+    cfg = model_config(args)
     dtype = q.config.as_dtype(args.dtype)
     opts = q.ModelOptions(param_dtype=dtype, dtype=dtype, fuse_qkv=fuse_qkv, remat=args.remat,
                           attention=args.attention)
@@ -128,13 +131,7 @@ def bench_lora(args: argparse.Namespace) -> dict:
     from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
     from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
 
-    if args.preset:
-        cfg = q.preset(args.preset)
-        if args.layers:
-            cfg = dataclasses.replace(cfg, num_layers=args.layers)
-    else:
-        cfg = q.DiTConfig(num_layers=args.layers or 2, num_attention_heads=args.heads, attention_head_dim=args.head_dim,
-                          joint_attention_dim=args.txt_dim, axes_dims_rope=rope_axes(args.head_dim))
+    cfg = model_config(args)
     rank, b = args.lora_rank, args.batch
     lora = q.LoraConfig(rank=rank, alpha=rank)  # default targets: to_qkv, add_qkv_proj, to_out, to_add_out, MLPs
     opts = q.ModelOptions(param_dtype="float32", dtype="float32", remat=args.remat, attention=args.attention, lora=lora)
