@@ -41,14 +41,19 @@ def get_attention(name: str) -> AttentionFn:
 
 @register_attention("xla")
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-    """Reference SDPA (scale 1/√d): fp32 logits and softmax, materialises [B, H, S, S]."""
+    """Reference SDPA (scale 1/√d): fp32 logits and softmax, materialises [B, H, S, S].
+
+    Heads are moved ahead of the sequence first so both products are plain batched matmuls
+    (on XLA:CPU 1.7× faster forward, 1.3× forward+backward than contracting in [B, S, H, d]).
+    """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=F32) * scale
+    qt, kt, vt = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, S, d]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qt, kt, preferred_element_type=F32) * scale
     if key_mask is not None:
         logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(F32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=F32)
-    return out.astype(q.dtype)
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), vt, preferred_element_type=F32)
+    return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
 @register_attention("chunked")

@@ -13,4 +13,6 @@ if [ "${1:-}" = "test" ]; then
 else
   .venv/bin/python -m pip install -q -e . 2>&1 | grep -v "is ignored" || true
 fi
+# (the test extra brings libtpu for AOT memory plans; keep its TPU probe quiet on machines without one)
+[ "${1:-}" = "test" ] && export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 .venv/bin/python -c "import qwen_edit_jax, jax; print('qwen_edit_jax ready on', jax.devices()[0].platform)"
