@@ -83,10 +83,10 @@ def test_bf16_matches_diffusers_bf16(tmp_path):
     ref32 = torch_forward(tm, x["hidden_states"], x["encoder_hidden_states"], mask, x["timestep"], x["img_shapes"])
     tb = tm.to(torch.bfloat16)
     with torch.no_grad():
-        ref16 = tb(hidden_states=torch.from_numpy(np.asarray(x["hidden_states"])).bfloat16(),
-                   encoder_hidden_states=torch.from_numpy(np.asarray(x["encoder_hidden_states"])).bfloat16(),
+        ref16 = tb(hidden_states=torch.from_numpy(np.array(x["hidden_states"])).bfloat16(),
+                   encoder_hidden_states=torch.from_numpy(np.array(x["encoder_hidden_states"])).bfloat16(),
                    encoder_hidden_states_mask=torch.from_numpy(mask),
-                   timestep=torch.from_numpy(np.asarray(x["timestep"])).bfloat16(),
+                   timestep=torch.from_numpy(np.array(x["timestep"])).bfloat16(),
                    img_shapes=x["img_shapes"], return_dict=False)[0].float().numpy()
     out = ours(**x)
     assert out.dtype == jnp.bfloat16
