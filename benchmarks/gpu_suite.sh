@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one call (the lent GPU machine has JAX+CUDA, torch, no diffusers):
-#   carried wheels in .whl/ (diffusers 0.42.1, flax 0.12.8, importlib_metadata) are installed to /tmp/site.
+#   carried wheels in .whl/ (diffusers 0.42.1, importlib_metadata; NOT flax 0.12.8, which breaks on the
+#   machine's jax 0.11.2 — its own flax 0.12.10 works) are installed to /tmp/site. Fetch them with
+#   `pip download --no-deps --only-binary=:all: -d .whl diffusers==0.42.1 importlib_metadata`.
 # Logs and JSON land in $OUT. Each check has its own time limit so one hang cannot eat the session.
 set -uo pipefail
 O=${OUT:-/tmp/gpu_suite}; mkdir -p "$O"
