@@ -14,7 +14,6 @@ program, with cond+uncond batched (`batch_cfg`) and separately; diffusers runs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import statistics
@@ -30,18 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _timing import emit_json, print_table, time_fn
-from train_step import grid, model_flops, rope_axes
+from train_step import add_model_args, grid, model_config, model_flops
 
 import qwen_edit_jax as q
 from qwen_edit_jax import sampling
-
-
-def build_config(args: argparse.Namespace) -> q.DiTConfig:
-    if args.preset:
-        cfg = q.preset(args.preset)
-        return dataclasses.replace(cfg, num_layers=args.layers) if args.layers else cfg
-    return q.DiTConfig(num_layers=args.layers or 4, num_attention_heads=args.heads, attention_head_dim=args.head_dim,
-                       joint_attention_dim=args.txt_dim, axes_dims_rope=rope_axes(args.head_dim))
 
 
 def make_inputs(cfg: q.DiTConfig, args: argparse.Namespace) -> dict[str, np.ndarray]:
@@ -114,11 +105,7 @@ def measure(runners: dict, iters: int) -> tuple[dict, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="start from a preset (e.g. tiny); other model flags ignored")
-    p.add_argument("--layers", type=int, default=0, help="number of blocks (default 4, or the preset's)")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--txt-dim", type=int, default=512)
+    add_model_args(p, default_layers=4)
     p.add_argument("--img-tokens", type=int, default=256, help="target-image tokens")
     p.add_argument("--ref-tokens", type=int, default=256, help="reference-image tokens (0: text-to-image)")
     p.add_argument("--txt-tokens", type=int, default=64)
@@ -133,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
 
-    cfg = build_config(args)
+    cfg = model_config(args)
     dtype = q.config.as_dtype(args.dtype)
     opts = q.ModelOptions(param_dtype=dtype, dtype=dtype, attention=args.attention)
     shapes = [grid(args.img_tokens)] + ([grid(args.ref_tokens)] if args.ref_tokens else [])

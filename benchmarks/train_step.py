@@ -55,13 +55,24 @@ def matmul_peak(dtype: jnp.dtype, n: int) -> float:
     return 2 * n**3 / t
 
 
+def add_model_args(p: argparse.ArgumentParser, default_layers: int) -> None:
+    """The architecture flags shared by the benchmarks (read back by `model_config`)."""
+    p.add_argument("--preset", default=None, help="start from a preset (e.g. tiny); other model flags ignored")
+    p.add_argument("--layers", type=int, default=0, help=f"number of blocks (default {default_layers}, or the preset's)")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--txt-dim", type=int, default=512)
+    p.set_defaults(default_layers=default_layers)
+
+
 def model_config(args: argparse.Namespace) -> q.DiTConfig:
     """The benchmarked architecture: a preset (optionally fewer layers) or the width flags."""
     if args.preset:
         cfg = q.preset(args.preset)
         return dataclasses.replace(cfg, num_layers=args.layers) if args.layers else cfg
-    return q.DiTConfig(num_layers=args.layers or 2, num_attention_heads=args.heads, attention_head_dim=args.head_dim,
-                       joint_attention_dim=args.txt_dim, axes_dims_rope=rope_axes(args.head_dim))
+    return q.DiTConfig(num_layers=args.layers or args.default_layers, num_attention_heads=args.heads,
+                       attention_head_dim=args.head_dim, joint_attention_dim=args.txt_dim,
+                       axes_dims_rope=rope_axes(args.head_dim))
 
 
 def build(args: argparse.Namespace, fuse_qkv: bool):
@@ -235,11 +246,7 @@ def bench_lora(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="start from a preset (e.g. tiny); other model flags ignored")
-    p.add_argument("--layers", type=int, default=0)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--txt-dim", type=int, default=512)
+    add_model_args(p, default_layers=2)
     p.add_argument("--img-tokens", type=int, default=1024, help="target-image tokens")
     p.add_argument("--ref-tokens", type=int, default=1024, help="reference-image tokens (0: text-to-image)")
     p.add_argument("--txt-tokens", type=int, default=128)

@@ -60,6 +60,18 @@ class FlowMatchConfig:
 QWEN_IMAGE_SCHEDULER = FlowMatchConfig()
 
 
+def exponential_shift(sigmas: np.ndarray, mu: float) -> np.ndarray:
+    """σ ← e^μ / (e^μ + 1/σ − 1) (keeps the dtype of `sigmas`)."""
+    return math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1))
+
+
+def stretch_to_terminal(sigmas: np.ndarray, shift_terminal: float) -> np.ndarray:
+    """Rescale 1−σ so that the last σ equals `shift_terminal` (the scheduler's `stretch_shift_to_terminal`)."""
+    one_minus_z = 1 - sigmas
+    scale_factor = one_minus_z[-1] / (1 - shift_terminal)
+    return 1 - (one_minus_z / scale_factor)
+
+
 def calculate_shift(image_seq_len: int, config: FlowMatchConfig = QWEN_IMAGE_SCHEDULER) -> float:
     """μ, linear in the number of *target* tokens (reference tokens are not counted), as the pipelines do."""
     m = (config.max_shift - config.base_shift) / (config.max_image_seq_len - config.base_image_seq_len)
@@ -90,13 +102,11 @@ def flow_match_sigmas(
         mu = calculate_shift(int(image_seq_len), config)
     sigmas = np.linspace(1.0, 1 / n, n).astype(np.float32)
     if config.time_shift_type == "exponential":
-        sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+        sigmas = exponential_shift(sigmas, mu)
     else:
-        sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+        sigmas = mu / (mu + (1 / sigmas - 1))
     if config.shift_terminal and n > 1:
-        one_minus_z = 1 - sigmas
-        scale_factor = one_minus_z[-1] / (1 - config.shift_terminal)
-        sigmas = 1 - (one_minus_z / scale_factor)
+        sigmas = stretch_to_terminal(sigmas, config.shift_terminal)
     return np.concatenate([sigmas.astype(np.float32), np.zeros(1, np.float32)])
 
 

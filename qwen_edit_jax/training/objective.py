@@ -18,33 +18,23 @@ Every sampler draws an index on a 1000-point σ grid (`num_train_timesteps`):
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..sampling import FlowMatchConfig, calculate_shift, exponential_shift, stretch_to_terminal
 from .config import ObjectiveSection
 
 F32 = jnp.float32
 
 
-def exponential_shift(sigmas: np.ndarray, mu: float) -> np.ndarray:
-    """σ ← e^μ / (e^μ + 1/σ − 1)."""
-    return math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
-
-
-def stretch_to_terminal(sigmas: np.ndarray, shift_terminal: float) -> np.ndarray:
-    """Rescale 1−σ so that the last σ equals `shift_terminal`."""
-    one_minus = 1.0 - sigmas
-    return 1.0 - one_minus / (one_minus[-1] / (1.0 - shift_terminal))
-
-
 def resolution_mu(seq_len: int, cfg: ObjectiveSection) -> float:
     """μ linear in the number of target tokens (the Qwen-Image scheduler's dynamic shift)."""
-    m = (cfg.max_shift - cfg.base_shift) / (cfg.max_seq_len - cfg.base_seq_len)
-    return seq_len * m + cfg.base_shift - m * cfg.base_seq_len
+    return calculate_shift(seq_len, FlowMatchConfig(base_shift=cfg.base_shift, max_shift=cfg.max_shift,
+                                                    base_image_seq_len=cfg.base_seq_len,
+                                                    max_image_seq_len=cfg.max_seq_len))
 
 
 def qwen_training_sigmas(n: int, mu: float, shift_terminal: float | None) -> np.ndarray:

@@ -222,6 +222,4 @@ def init_opt_state(tx: optax.GradientTransformation, params: Params, mesh: Any =
         return jax.jit(tx.init)(params)
     from .. import sharding as shd
 
-    p_sh = jax.tree.map(lambda x: x.sharding, params)
-    out = shd.like_params(jax.eval_shape(tx.init, params), params, p_sh, mesh)
-    return jax.jit(tx.init, out_shardings=out)(params)
+    return shd.init_opt_state(tx, params, mesh)

@@ -20,6 +20,7 @@ view (tensorstore slice reads) used to convert back to the standard layout layer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -384,15 +385,9 @@ def load_merged_model(path: str | os.PathLike, options: Any, *, config: DiTConfi
     from ..transformer import BASE_PARAMS
 
     cfg = read_merged_config(path, config)
-    base = dataclasses_replace_lora(options)
+    base = dataclasses.replace(options, lora=None)  # the checkpoint holds base weights only
     abstract = nnx.state(abstract_model(cfg, base), BASE_PARAMS)
     flat_abs = {".".join(map(str, k)): jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in nnx.to_flat_state(abstract)}
     params = load_merged_params(path, flat_abs)
     return model_from_params(cfg, options, params, source=os.fspath(path))
 
-
-def dataclasses_replace_lora(options: Any) -> Any:
-    """Options without LoRA (the checkpoint holds base weights only)."""
-    import dataclasses
-
-    return dataclasses.replace(options, lora=None)

@@ -15,7 +15,6 @@ from typing import Iterator
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors needs it)
 import numpy as np
-from safetensors import safe_open
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
@@ -24,15 +23,6 @@ _MAX_HEADER = 100 * 1024 * 1024  # as the safetensors library
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, unreadable or inconsistent; the message names file and key."""
-
-
-def _safe_open(path: str):
-    try:
-        return safe_open(path, framework="numpy")
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except Exception as e:  # safetensors raises SafetensorError / OSError for corrupt headers
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 class SafetensorsFile:
