@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Converter memory and speed on a synthetic full-width bf16 checkpoint (a few real-size blocks).
+"""Converter and loader memory and speed on a synthetic full-width bf16 checkpoint (a few real-size blocks).
 
 Writes a diffusers folder with the real Qwen-Image widths (3072 wide, 24 heads, text 3584) and
 `--layers` blocks (each block is 340M params = 680 MB in bf16), sharded like the official one, then
 runs the real CLI under `/usr/bin/time -v` in both directions and reports wall time, MB/s and peak
 RSS (also of a process that only imports the converter, as the baseline). Finally checks that the
-round trip gave back every tensor bit for bit.
+round trip gave back every tensor bit for bit, and loads the diffusers folder with
+`load_transformer(path, dtype=bf16)` (single host, no mesh): its peak RSS above the import baseline,
+as a multiple of the checkpoint size (on CPU the "device" copy is host memory too, so 1.0 is the floor).
 
-    python benchmarks/convert_throughput.py --layers 3 [--workdir /tmp/convbench] [--json]
+    python benchmarks/convert_throughput.py --layers 3 [--workdir /tmp/convbench]      # JSON last line
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def make_checkpoint(path: str, layers: int, shard: str) -> tuple[int, int]:
 
     from qwen_edit_jax.config import DiTConfig
     from qwen_edit_jax.weights import keymap
-    from qwen_edit_jax.weights.writer import TensorSpec, atomic_path, write_sharded
+    from qwen_edit_jax.utils.files import atomic_path
+    from qwen_edit_jax.weights.writer import TensorSpec, write_sharded
 
     cfg = DiTConfig(num_layers=layers)
     shapes = keymap.torch_shapes(cfg)
@@ -82,7 +85,6 @@ def main() -> None:
     ap.add_argument("--shard", default="1GB", help="shard size of the synthetic input")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
     work = args.workdir or tempfile.mkdtemp(prefix="convbench-")
@@ -92,7 +94,7 @@ def main() -> None:
     n_tensors, nbytes = make_checkpoint(src, args.layers, args.shard)
     gen_s = time.perf_counter() - t0
     py = sys.executable
-    base = timed([py, "-c", "import qwen_edit_jax.weights.convert, orbax.checkpoint"])
+    base = timed([py, "-c", "import qwen_edit_jax.convert, orbax.checkpoint"])
     rows = []
     for name, cmd in (
         ("to_merged", [py, CLI, "--input", src, "--output", merged, "--direction", "to_merged", "--no-progress",
@@ -104,12 +106,20 @@ def main() -> None:
         r.update(name=name, mb_s=nbytes / 1e6 / r["wall_s"])
         rows.append(r)
     exact = bit_identical(src, std)
+    load_code = ("import jax.numpy as jnp, qwen_edit_jax as q; m = q.load_transformer({!r}, dtype=jnp.bfloat16, "
+                 "progress=False); print(sum(x.nbytes for x in __import__('jax').tree.leaves(m)))").format(src)
+    load_base = timed([py, "-c", "import jax.numpy, qwen_edit_jax"])
+    load = timed([py, "-c", load_code])
+    load_ratio = (load["peak_rss_mb"] - load_base["peak_rss_mb"]) * 2**20 / nbytes
     result = {
         "layers": args.layers, "width": 3072, "tensors": n_tensors, "checkpoint_mb": nbytes / 1e6,
         "largest_tensor_mb": 18432 * 3072 * 2 / 1e6, "generate_s": gen_s, "import_baseline_rss_mb": base["peak_rss_mb"],
         "to_merged": {k: rows[0][k] for k in ("wall_s", "mb_s", "peak_rss_mb")},
         "to_standard": {k: rows[1][k] for k in ("wall_s", "mb_s", "peak_rss_mb")},
         "roundtrip_bit_exact": exact, "cpus": os.cpu_count(),
+        "load": {"wall_s": load["wall_s"], "peak_rss_mb": load["peak_rss_mb"],
+                 "import_baseline_rss_mb": load_base["peak_rss_mb"], "rss_above_baseline_per_checkpoint": load_ratio},
+        "loadavg_1min": os.getloadavg()[0],
     }
     print(f"synthetic bf16 checkpoint: {args.layers} blocks at full width, {n_tensors} tensors, "
           f"{nbytes / 1e6:.0f} MB (largest tensor {result['largest_tensor_mb']:.0f} MB)")
@@ -118,10 +128,11 @@ def main() -> None:
         print(f"{r['name']:<12} {r['wall_s']:>8.1f} {r['mb_s']:>8.0f} {r['peak_rss_mb']:>12.0f}")
     print(f"{'import only':<12} {base['wall_s']:>8.1f} {'':>8} {base['peak_rss_mb']:>12.0f}")
     print(f"round trip bit-exact: {exact}")
+    print(f"load_transformer (bf16, one device): {load['wall_s']:.1f} s, peak RSS {load['peak_rss_mb']:.0f} MB "
+          f"(import only {load_base['peak_rss_mb']:.0f} MB) = {load_ratio:.2f}× the checkpoint above the baseline")
     if not args.keep and not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    if args.json:
-        print(json.dumps(result))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ def check_size(name: str, iters: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from qwen_edit_jax.attention import get_attention
+    from qwen_edit_jax.models.kernels import get_attention
 
     b, s, h, d, pad = SIZES[name]
     rng = np.random.default_rng(0)

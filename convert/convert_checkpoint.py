@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion never needs an accelerator
-    from qwen_edit_jax.weights.convert import convert
+    from qwen_edit_jax.convert import convert
     from qwen_edit_jax.weights.safetensors_io import CheckpointError
 
     try:

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-existing", action="store_true", help="keep existing output files, sample the rest")
     args = p.parse_args(argv)
 
-    from qwen_edit_jax import api, sampling
+    from qwen_edit_jax import loading, parallel, sampling
     from qwen_edit_jax.config import DiTConfig, ModelOptions, as_dtype
     from qwen_edit_jax.training.data import CachedDataset, DataError
     from qwen_edit_jax.weights.safetensors_io import CheckpointError
@@ -92,10 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         config = DiTConfig.from_json(args.config) if args.config else None
         mesh = None
         if args.mesh:
-            from qwen_edit_jax import sharding
-
-            mesh = sharding.make_mesh(*parse_mesh(args.mesh))
-        model = api.load_transformer(args.model, options=options, config=config, lora=loras or None, mesh=mesh)
+            mesh = parallel.make_mesh(*parse_mesh(args.mesh))
+        model = loading.load_transformer(args.model, options=options, config=config, lora=loras or None, mesh=mesh)
         written = sampling.sample_dataset(
             model, dataset, args.out, settings=settings, indices=indices, overwrite=args.overwrite,
             skip_existing=args.skip_existing, mesh=mesh,

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import qwen_edit_jax as q
-from qwen_edit_jax.lora.io import read_lora, read_lora_file
+from qwen_edit_jax.lora import read_lora, read_lora_file
 from qwen_edit_jax.weights import checkpoint, keymap
-from qwen_edit_jax.weights.convert import convert
+from qwen_edit_jax.convert import convert
 from qwen_edit_jax.weights.safetensors_io import TensorSource
 from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
 
@@ -182,17 +182,17 @@ def test_every_layout_loads_identically(layout, tmp_path, torch_model, fp32_sing
 
 
 def test_detection_messages(tmp_path, fp32_single):
-    from qwen_edit_jax.weights import layout
+    from qwen_edit_jax.convert import detect
 
     base = tensors_of(fp32_single)
-    assert "ComfyUI" in layout.detect(_write_single(tmp_path / "c.safetensors", base, "model.diffusion_model.")).key_style
-    assert "original merged-QKV" in layout.detect(_write_single(tmp_path / "o.safetensors", _fused_original(base))).key_style
-    assert "diffusers/DiffSynth" in layout.detect(fp32_single).key_style
+    assert "ComfyUI" in detect(_write_single(tmp_path / "c.safetensors", base, "model.diffusion_model.")).key_style
+    assert "original merged-QKV" in detect(_write_single(tmp_path / "o.safetensors", _fused_original(base))).key_style
+    assert "diffusers/DiffSynth" in detect(fp32_single).key_style
     lora = _write_single(tmp_path / "l.safetensors", {
         "lora_unet_transformer_blocks_0_attn_to_q.lora_down.weight": np.ones((2, 128), np.float32),
         "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight": np.ones((128, 2), np.float32),
         "lora_unet_transformer_blocks_0_attn_to_q.alpha": np.asarray(1.0, np.float32)})
-    det = layout.detect(lora)
+    det = detect(lora)
     assert det.kind == "LoRA" and "kohya" in det.key_style and "with alpha" in det.key_style
 
 
@@ -278,16 +278,14 @@ def test_cli_reports_detection_and_writes(bf16_sharded, tmp_path, capsys):
     assert checkpoint.MergedParams(out).dtype("img_in.kernel") == np.float32
 
 
-def test_writer_matches_save_diffusers_of_model(tmp_path, fp32_single):
-    """`save_diffusers(model)` (used by the training demo) writes what diffusers itself would."""
-    from qwen_edit_jax.weights.writer import save_diffusers
-
+def test_save_transformer_writes_what_diffusers_reads(tmp_path, fp32_single):
+    """`save_transformer(model)` (used by the training demo) writes what diffusers itself would."""
     model = q.load_transformer(fp32_single)
-    out = save_diffusers(model, tmp_path / "out", max_shard_size="150KB")
+    out = q.save_transformer(model, tmp_path / "out", max_shard_size="150KB")
     assert len([f for f in os.listdir(out) if f.endswith(".safetensors")]) > 1
     assert_bit_identical(tensors_of(out), tensors_of(fp32_single))
     bf = q.load_transformer(fp32_single, dtype=jnp.bfloat16)
-    single = save_diffusers(bf, tmp_path / "bf")
+    single = q.save_transformer(bf, tmp_path / "bf")
     assert os.listdir(single) and "diffusion_pytorch_model.safetensors" in os.listdir(single)
     assert {v.dtype.name for v in tensors_of(single).values()} == {"bfloat16"}
     assert dataclasses.asdict(q.DiTConfig.from_json(single)) == dataclasses.asdict(TINY)

@@ -227,7 +227,7 @@ def test_cli_process_exit_code_and_no_traceback(tmp_path):
 
 def test_lora_json_metadata_not_required(tmp_path):
     """A LoRA with unparsable PEFT metadata still reads (scale 1), it is not an error."""
-    from qwen_edit_jax.lora.io import read_lora
+    from qwen_edit_jax.lora import read_lora
 
     p = str(tmp_path / "m.safetensors")
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((2, 128), np.float32),

@@ -19,7 +19,8 @@ from safetensors.numpy import save_file
 
 import qwen_edit_jax as q
 from qwen_edit_jax.lora import formats
-from qwen_edit_jax.lora.io import LoraError, load_lora_into_adapters, read_lora, read_lora_file, save_lora
+from qwen_edit_jax.errors import LoraError
+from qwen_edit_jax.lora import load_lora_into_adapters, read_lora, read_lora_file, save_lora
 from qwen_edit_jax.weights import keymap
 from qwen_edit_jax.weights.safetensors_io import CheckpointError
 from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward

@@ -199,7 +199,7 @@ def test_sharded_loading_reads_only_device_slices(tmp_path):
 
 # ---- multi-host helpers, single process --------------------------------------------------------------
 def test_distributed_single_process_is_noop(monkeypatch):
-    from qwen_edit_jax import distributed
+    from qwen_edit_jax.parallel import distributed
 
     for name in (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
                  distributed.ENV_FORCE, "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
@@ -218,7 +218,7 @@ def test_distributed_single_process_is_noop(monkeypatch):
 
 
 def test_local_batch_rows_and_global_batch():
-    from qwen_edit_jax import distributed
+    from qwen_edit_jax.parallel import distributed
 
     mesh = shd.make_mesh()
     sh = shd.batch_sharding(mesh, 4)
@@ -229,3 +229,14 @@ def test_local_batch_rows_and_global_batch():
     assert g.shape == (4, 3) and np.array_equal(np.asarray(g), x)
     with pytest.raises(distributed.DistributedError, match="hold 4 of the global batch of 4"):
         distributed.global_batch({"x": x[:3]}, sh, 4)
+
+
+@pytest.mark.slow
+def test_batch_one_splits_tokens_not_work():
+    """A batch smaller than data × fsdp shards the token axis: per-device FLOPs fall to about 1/devices
+    (the cost analysis of the partitioned program) and the output equals the single-device one."""
+    r = run_worker("seq_parallel")
+    for m, n_split in (("(1, 8, 1)", 8), ("(2, 4, 1)", 8), ("(1, 4, 2)", 8)):
+        assert r[m]["rel_err"] <= TOL, (m, r[m])
+        ratio = r[m]["flops"] / r["single_flops"]
+        assert ratio <= 1.5 / n_split, (m, ratio, r)  # ≈ 1/8 plus the unsplit text stream and all-gathers

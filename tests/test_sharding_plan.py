@@ -43,7 +43,7 @@ def test_count_flops_scan_remat_and_grad():
 
 def test_count_flops_splash_kernels():
     mp = _plan_module()
-    from qwen_edit_jax.attention import get_attention
+    from qwen_edit_jax.models.kernels import get_attention
 
     splash = get_attention("splash")
     q = jnp.ones((2, 256, 4, 32))

@@ -10,6 +10,7 @@ import copy
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,10 +25,11 @@ from flax import nnx
 import qwen_edit_jax as q
 from qwen_edit_jax.training.checkpoint import KILL_DURING_SAVE_ENV, TrainCheckpointer
 from qwen_edit_jax.training.config import ConfigError, DemoSection, config_from_dict, load_config
-from qwen_edit_jax.training.data import write_cache
+from qwen_edit_jax.errors import CheckpointError
+from qwen_edit_jax.training.data import DataError, write_cache
 from qwen_edit_jax.training.demo import demo_samples
 from qwen_edit_jax.training.loop import NonFiniteLossError, train
-from qwen_edit_jax.training.step import split_lora
+from qwen_edit_jax.training.step import make_schedule, split_lora
 from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,6 +220,7 @@ def test_demo_loss_falls(tmp_path):
     """The shipped demo config, shortened: loss of the last 20 steps well below the first 20."""
     cfg = load_config(os.path.join(ROOT, "train", "configs", "demo.yaml"), [
         f"model.path={tmp_path / 'model'}", f"data.path={tmp_path / 'data'}", "train.max_steps=120",
+        f"demo.model_path={tmp_path / 'model'}", f"demo.data_path={tmp_path / 'data'}",
         "train.save_every=120", "train.progress=false", "demo.latent_sizes=[[16, 16]]", "data.text_buckets=[16]"])
     res = train(cfg, tmp_path / "run", log=lambda m: None)
     losses = [r["loss"] for r in _read_metrics(tmp_path / "run")]
@@ -276,3 +279,140 @@ def test_bf16_compute_on_cpu_is_a_clear_error(assets, tmp_path):
     cfg = config_from_dict(_cfg_dict(assets, model={"dtype": "bfloat16"}))
     with pytest.raises(ConfigError, match=r"model.dtype='bfloat16'.*train with model.dtype=float32"):
         train(cfg, tmp_path / "run", log=lambda m: None)
+
+
+# ---- inputs and outputs: nothing is made where the user did not ask for it ---------------------------------
+def _demo_cfg(tmp_path, **over):
+    """The shipped demo config with its assets under tmp_path (its own locations) plus `over`."""
+    items = [f"demo.model_path={tmp_path / 'demo_model'}", f"demo.data_path={tmp_path / 'demo_data'}",
+             f"model.path={tmp_path / 'demo_model'}", f"data.path={tmp_path / 'demo_data'}"]
+    items += [f"{k}={v}" for k, v in over.items()]
+    return load_config(os.path.join(ROOT, "train", "configs", "demo.yaml"), items)
+
+
+@pytest.mark.parametrize("key", ["model.path", "data.path"])
+def test_a_mistyped_path_is_an_error_not_random_demo_data(tmp_path, key):
+    """With the demo enabled, only the demo's own locations are ever filled; another missing path is an error."""
+    typo = tmp_path / "data" / "my-real-modle"
+    cfg = _demo_cfg(tmp_path, **{key: typo})
+    demo_key = f"demo.{key.split('.')[0]}_path"
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={typo}: no such file or folder; demo assets are made "
+                                                    f"only at the demo's own location {demo_key}=")):
+        train(cfg, tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()  # nothing created anywhere
+    assert not (tmp_path / "demo_model").exists() and not (tmp_path / "demo_data").exists()
+    # without the demo: the same error, without the demo hint
+    other = "data" if key == "model.path" else "model"
+    cfg = config_from_dict({**cfg.to_dict(), "demo": {"enabled": False}, other: {"path": str(tmp_path)}})
+    with pytest.raises(ConfigError, match=re.escape(f"{key}={typo}: no such file or folder") + "$"):
+        train(cfg, tmp_path / "run", log=lambda m: None)
+
+
+def test_demo_model_path_on_an_existing_file_is_not_overwritten(assets, tmp_path):
+    """`model.path` naming an existing file (here a LoRA) is loaded as it is: no demo checkpoint is written onto it."""
+    lora = tmp_path / "some_lora.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((2, 128), np.float32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": np.ones((128, 2), np.float32)}, str(lora))
+    before = lora.read_bytes()
+    cfg = _demo_cfg(tmp_path, **{"model.path": lora, "data.path": assets[2]})
+    with pytest.raises(CheckpointError):
+        train(cfg, tmp_path / "run", log=lambda m: None)
+    assert lora.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["some_lora.safetensors"]
+
+
+def test_demo_assets_only_at_their_own_locations(tmp_path):
+    from qwen_edit_jax.training.demo import plan_demo_assets
+    from qwen_edit_jax.training.loop import resolve_paths
+
+    assert plan_demo_assets(resolve_paths(_demo_cfg(tmp_path))) == ["model", "data"]
+    os.makedirs(tmp_path / "demo_model")
+    assert plan_demo_assets(resolve_paths(_demo_cfg(tmp_path))) == ["data"]  # existing paths are used as they are
+    # relative paths: the same folder on both sides
+    cfg = load_config(os.path.join(ROOT, "train", "configs", "demo.yaml"))
+    assert (cfg.model.path, cfg.data.path) == (cfg.demo.model_path, cfg.demo.data_path)
+
+
+def test_output_dir_that_is_a_file_or_under_one(assets, tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    cfg = config_from_dict(_cfg_dict(assets))
+    with pytest.raises(NotADirectoryError, match="^" + re.escape(f"output_dir {f}: is a file, not a folder")):
+        train(cfg, f, log=lambda m: None)
+    with pytest.raises(NotADirectoryError, match="^" + re.escape(f"output_dir {f}/run: {f} is a file, so no folder")):
+        train(cfg, f / "run", log=lambda m: None)
+    for out, msg in ((f, f"--output-dir {f}: is a file"), (f / "run", f"--output-dir {f}/run: {f} is a file")):
+        r = subprocess.run([sys.executable, "train/train_lora.py", "--config", str(tmp_path / "none.yaml"),
+                            "--output-dir", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and r.stderr.startswith(f"error: {msg}"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_a_failed_run_leaves_no_folder_it_created(assets, tmp_path):
+    bad_cache = tmp_path / "bad_cache"
+    bad_cache.mkdir()
+    (bad_cache / "manifest.json").write_text("{not json")
+    cfg = config_from_dict(_cfg_dict(assets, data={"path": str(bad_cache)}))
+    with pytest.raises(DataError, match="corrupt manifest"):
+        train(cfg, tmp_path / "new" / "run", log=lambda m: None)
+    assert not (tmp_path / "new" / "run").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "notes.txt").write_text("mine")
+    with pytest.raises(DataError):
+        train(cfg, existing, log=lambda m: None)
+    assert (existing / "notes.txt").read_text() == "mine"  # a folder that existed before is never removed
+
+
+def test_resume_with_more_steps_keeps_the_lr_schedule(assets, tmp_path):
+    """A new --max-steps continues the recorded schedule (no LR jump); optim.schedule_steps re-stretches it, loudly."""
+    optim = {"learning_rate": 2e-3, "warmup_steps": 1, "schedule": "cosine", "min_lr_ratio": 0.1}
+    out = tmp_path / "run"
+    first = train(config_from_dict(_cfg_dict(assets, optim=optim, train={"max_steps": 4, "save_every": 4})), out,
+                  log=lambda m: None)
+    assert first.schedule_steps == 4
+    logs = []
+    res = train(config_from_dict(_cfg_dict(assets, optim=optim, train={"max_steps": 6, "save_every": 2})), out,
+                log=logs.append)
+    assert res.schedule_steps == 4
+    lr = {r["step"]: r["lr"] for r in _read_metrics(out)}
+    sched4 = make_schedule(config_from_dict(_cfg_dict(assets, optim=optim)).optim, 4)
+    assert lr[4] == pytest.approx(float(sched4(3)))
+    assert lr[5] == pytest.approx(float(sched4(4))) == pytest.approx(2e-4)  # the recorded curve's final value
+    assert lr[6] == pytest.approx(2e-4)
+    assert lr[5] <= lr[4]  # no jump up (re-stretched to 6 steps it would be 3.5e-4 > 2.7e-4)
+    text = "\n".join(logs)
+    assert "train.max_steps: 4 -> 6" in text and "kept at its recorded length of 4 steps" in text
+    assert "optim.schedule_steps=6" in text  # says how to stretch instead
+    assert json.loads((out / "run.json").read_text())["run_info"]["schedule_steps"] == 4
+    # asked for explicitly: re-stretched, and the log says what the LR does
+    logs.clear()
+    res = train(config_from_dict(_cfg_dict(assets, optim={**optim, "schedule_steps": 10},
+                                           train={"max_steps": 7, "save_every": 7})), out, log=logs.append)
+    assert res.schedule_steps == 10
+    sched10 = make_schedule(config_from_dict(_cfg_dict(assets, optim=optim)).optim, 10)
+    assert _read_metrics(out)[-1]["lr"] == pytest.approx(float(sched10(6)))
+    assert any(f"re-stretched from 4 to 10 steps (optim.schedule_steps); the LR at step 7 changes from "
+               f"{float(sched4(6)):.3g} to {float(sched10(6)):.3g}" in m for m in logs), logs
+
+
+def test_cli_overrides_anywhere_short_run_summary_and_quiet_cpu(assets, tmp_path):
+    """`key=value` before and after options; a 2-step run reports two different losses; the compile is
+    announced; no libtpu probe noise on a machine without accelerators (JAX_PLATFORMS unset)."""
+    d = _cfg_dict(assets)
+    data = d.pop("data")["path"]
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(d))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    r = subprocess.run([sys.executable, "train/train_lora.py", "--config", str(cfg_path), f"data.path={data}",
+                        "--max-steps", "2", "train.progress=false", "--output-dir", str(tmp_path / "run"),
+                        "train.save_every=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = [m["loss"] for m in _read_metrics(tmp_path / "run")]
+    assert f"loss {losses[0]:.4f} (first step) -> {losses[1]:.4f} (last step)" in r.stdout, r.stdout
+    assert "compiling the training step" in r.stderr
+    from qwen_edit_jax.utils.accelerators import accelerator_nodes
+
+    if not accelerator_nodes():
+        assert "TPU" not in r.stderr and "libtpu" not in r.stderr and "InitGoogle" not in r.stderr, r.stderr

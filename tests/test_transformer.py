@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import qwen_edit_jax as q
-from qwen_edit_jax.attention import get_attention
+from qwen_edit_jax.models.kernels import get_attention
 from tests.torch_reference import rel_err, torch_forward
 
 TINY = q.preset("tiny")
@@ -147,14 +147,14 @@ def test_attention_kernels_match_xla(kernel):
     q_, k_, v_ = (jnp.asarray(rng.standard_normal((2, 37, 3, 8), dtype=np.float32)) for _ in range(3))
     mask = jnp.asarray(np.arange(37)[None] < np.array([[37], [30]]))
     ref = get_attention("xla")(q_, k_, v_, mask)
-    from qwen_edit_jax.attention import chunked_attention
+    from qwen_edit_jax.models.kernels import chunked_attention
     out = chunked_attention(q_, k_, v_, mask, chunk=8)
     assert rel_err(out, ref) <= 1e-6
 
 
 def test_valid_keys_first_turns_a_mask_into_lengths():
     """The cuDNN path's key reordering: same result as the masked reference, via key lengths."""
-    from qwen_edit_jax.attention import valid_keys_first, xla_attention
+    from qwen_edit_jax.models.kernels import valid_keys_first, xla_attention
 
     rng = np.random.default_rng(1)
     q_, k_, v_ = (jnp.asarray(rng.standard_normal((2, 12, 2, 8), dtype=np.float32)) for _ in range(3))

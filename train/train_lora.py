@@ -4,9 +4,12 @@
     python train/train_lora.py --config train/configs/demo.yaml --output-dir runs/demo \
         [--max-steps N] [--save-every N] [section.key=value ...]
 
+`section.key=value` overrides may stand anywhere on the line, before or after the options.
 Re-running the same command on the same output directory resumes from its newest complete
-checkpoint. Writes DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/, DIR/lora_diffusers.safetensors.
-Exit codes: 0 done, 2 bad config/data/checkpoint, 3 non-finite loss.
+checkpoint; the learning-rate schedule keeps its length unless optim.schedule_steps says otherwise.
+Writes DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/, DIR/lora_diffusers.safetensors; a run that
+fails before its first checkpoint leaves no DIR behind (unless DIR existed before).
+Exit codes: 0 done, 2 bad config/data/checkpoint/paths, 3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -26,13 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--save-every", type=int, help="override train.save_every")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (YAML values)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides before, between or after the options
 
-    from qwen_edit_jax.distributed import DistributedError, initialize
+    from qwen_edit_jax.utils.accelerators import cpu_unless_accelerator
+
+    cpu_unless_accelerator()  # before JAX picks a platform: no libtpu probe noise on CPU-only machines
+
+    from qwen_edit_jax.errors import CheckpointError
+    from qwen_edit_jax.parallel.distributed import DistributedError, initialize
     from qwen_edit_jax.training.config import ConfigError, load_config
     from qwen_edit_jax.training.data import DataError
     from qwen_edit_jax.training.loop import NonFiniteLossError, train
-    from qwen_edit_jax.weights.safetensors_io import CheckpointError
+    from qwen_edit_jax.utils.files import check_output_dir
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -40,20 +48,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
     try:
+        check_output_dir(args.output_dir, "--output-dir")
         initialize()  # multi-host jobs (TPU pods, SLURM, JAX_* env): before anything touches devices
         cfg = load_config(args.config, overrides)
         result = train(cfg, args.output_dir)
-    except (ConfigError, DataError, CheckpointError, DistributedError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, CheckpointError, DistributedError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    if result.first_loss is not None:
-        print(f"done: step {result.final_step}, loss {result.first_loss:.4f} (first steps) -> "
-              f"{result.last_loss:.4f} (last steps), {result.seconds:.1f} s; LoRA: {', '.join(result.lora_files)}")
-    else:
+    if result.first_loss is None:
         print(f"done: already at step {result.final_step}; LoRA: {', '.join(result.lora_files)}")
+    elif result.final_step - (result.resumed_from or 0) == 1:
+        print(f"done: step {result.final_step}, loss {result.first_loss:.4f} (one step), {result.seconds:.1f} s; "
+              f"LoRA: {', '.join(result.lora_files)}")
+    else:
+        k = result.loss_steps
+        what = "step" if k == 1 else f"{k} steps"
+        print(f"done: step {result.final_step}, loss {result.first_loss:.4f} (first {what}) -> "
+              f"{result.last_loss:.4f} (last {what}), {result.seconds:.1f} s; LoRA: {', '.join(result.lora_files)}")
     return 0
 
 

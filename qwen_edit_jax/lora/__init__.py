@@ -1,3 +1,8 @@
-"""LoRA files: key styles (`formats`) and import/export/merge against the merged-QKV model (`io`)."""
+"""LoRA: key styles (`formats`), files (`files`), merging into base weights (`merge`), trainable adapters (`adapters`)."""
 
-from .io import LoraWeights, apply_lora, load_lora_into_adapters, read_lora, save_lora  # noqa: F401
+from .adapters import iter_adapter_weights, load_lora_into_adapters, lora_tensors, save_lora, write_lora_tensors
+from .files import LoraFile, LoraWeights, is_lora_file, read_lora, read_lora_file
+from .merge import apply_lora
+
+__all__ = ["LoraFile", "LoraWeights", "apply_lora", "is_lora_file", "iter_adapter_weights", "load_lora_into_adapters",
+           "lora_tensors", "read_lora", "read_lora_file", "save_lora", "write_lora_tensors"]

@@ -25,7 +25,6 @@ from typing import Literal
 from ..weights import keymap
 
 WRITE_STYLES = ("diffusers", "comfyui", "kohya", "diffsynth", "lightx2v")
-READ_STYLES = WRITE_STYLES
 Part = Literal["A", "B", "alpha"]
 
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
@@ -47,11 +46,6 @@ class ParsedKey:
     style: str
 
 
-def fused_names() -> dict[str, keymap.ModuleEntry]:
-    """Fused module names (relative to a block) → their fused-QKV entry: 'attn.to_qkv', 'attn.add_qkv_proj'."""
-    return {e.flax.split(".", 1)[1]: e for e in keymap.module_entries(True) if e.fused}
-
-
 def resolve(module: str) -> tuple[keymap.ModuleEntry, int | None, int | None] | None:
     """Module name → (fused-layout entry, layer, index within a q|k|v group or None for a whole fused name)."""
     hit = keymap.find_module(module, fuse_qkv=True)
@@ -61,8 +55,8 @@ def resolve(module: str) -> tuple[keymap.ModuleEntry, int | None, int | None] | 
             return None
         return entry, layer, (j if entry.fused else None)
     m = re.match(rf"^{keymap.BLOCKS}\.(\d+)\.(.+)$", module)
-    if m and m.group(2) in fused_names():
-        return fused_names()[m.group(2)], int(m.group(1)), None
+    if m and m.group(2) in keymap.fused_entries():
+        return keymap.fused_entries()[m.group(2)], int(m.group(1)), None
     return None
 
 
@@ -74,7 +68,7 @@ def _flat_table() -> tuple[dict[str, str], dict[str, str]]:
             continue
         for t in e.torch:
             (block if e.stacked else top)[t.replace(".", "_")] = t
-    for rel in fused_names():
+    for rel in keymap.fused_entries():
         block[rel.replace(".", "_")] = rel
     return top, block
 

@@ -7,15 +7,8 @@ the optimiser), `checkpoint` (Orbax, resume), `loop` (`train`), `demo` (syntheti
 
 from .config import ConfigError, TrainConfig, load_config
 from .data import BatchLoader, CachedDataset, CachedSample, DataError, write_cache
+from .loop import train
 from .step import make_optimizer, make_train_step, split_lora
-
-
-def train(*args, **kwargs):
-    """`loop.train` (imported lazily: it pulls in the model loader)."""
-    from .loop import train as _train
-
-    return _train(*args, **kwargs)
-
 
 __all__ = ["BatchLoader", "CachedDataset", "CachedSample", "ConfigError", "DataError", "TrainConfig", "load_config",
            "make_optimizer", "make_train_step", "split_lora", "train", "write_cache"]

@@ -82,6 +82,10 @@ class OptimSection:
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # end value of cosine/linear decay, as a fraction of learning_rate
+    # Length of the warm-up + decay schedule. null: train.max_steps of the run's first start; a resumed
+    # run keeps the length recorded in its checkpoint (a new --max-steps trains on at the final LR)
+    # unless this is set, which re-stretches the schedule from the resumed step on.
+    schedule_steps: int | None = None
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     grad_accum: int = 1
 
@@ -128,10 +132,14 @@ class ExportSection:
 
 @dataclasses.dataclass(frozen=True)
 class DemoSection:
-    """Synthetic demo assets, made once if missing: a random tiny checkpoint written to `model.path`
-    and a cached edit dataset with a learnable rule written to `data.path`."""
+    """Synthetic demo assets, made once if missing: a random tiny checkpoint and a cached edit dataset
+    with a learnable rule. They are made only at the demo's own locations (`model_path`, `data_path`)
+    and only when `model.path` / `data.path` name exactly those; any other missing path is an error,
+    so a mistyped path is never filled with random data."""
 
     enabled: bool = False
+    model_path: str = "demo_data/tiny-qwen-image-edit"  # where the random checkpoint may be made
+    data_path: str = "demo_data/edit-cache"  # where the synthetic cache may be made
     preset: str = "tiny"
     num_layers: int | None = None  # override the preset's depth
     model_seed: int = 0
@@ -210,6 +218,8 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
     need(op.max_grad_norm is None or op.max_grad_norm >= 0, "optim.max_grad_norm", op.max_grad_norm,
          "must be >= 0 (0 or null disables clipping)")
     need(op.grad_accum >= 1, "optim.grad_accum", op.grad_accum, "must be >= 1")
+    need(op.schedule_steps is None or op.schedule_steps >= 1, "optim.schedule_steps", op.schedule_steps,
+         "must be >= 1 (or null: the run's train.max_steps)")
     need(tr.max_steps >= 1, "train.max_steps", tr.max_steps, "must be >= 1")
     need(tr.save_every >= 1, "train.save_every", tr.save_every, "must be >= 1")
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1")

@@ -40,7 +40,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ..packing import pack_latents
-from ..weights.writer import atomic_path
+from ..utils.files import atomic_path, default_mode
 
 FORMAT = "qwen-edit-jax/cached-samples"
 VERSION = 1
@@ -189,6 +189,7 @@ def write_cache(
             name = f"shard-{len(shards):05d}.safetensors"
             fp = os.path.join(tmp, name)
             save_file(pending, fp, metadata={"format": FORMAT})
+            default_mode(fp)  # safetensors writes 0o600; a cache is usually shared
             shards.append({"file": name, "num_samples": pending_n, "bytes": os.path.getsize(fp),
                            "sha256": _sha256(fp)})
             pending, pending_n, pending_bytes = {}, 0, 0

@@ -16,8 +16,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..config import DiTConfig, preset
-from .config import DemoSection, TrainConfig
-from .data import MANIFEST, CachedSample, write_cache
+from ..loading import save_transformer
+from ..models.dit import init_transformer
+from .config import ConfigError, DemoSection, TrainConfig
+from .data import CachedSample, write_cache
 
 
 def demo_dit_config(cfg: DemoSection) -> DiTConfig:
@@ -29,11 +31,8 @@ def demo_dit_config(cfg: DemoSection) -> DiTConfig:
 
 def make_demo_checkpoint(path: str, cfg: DemoSection) -> str:
     """A randomly initialised model of `cfg.preset` saved as a diffusers transformer folder."""
-    from ..api import init_transformer
-    from ..weights.writer import save_diffusers
-
     model = init_transformer(demo_dit_config(cfg), seed=cfg.model_seed)
-    return save_diffusers(model, path)
+    return save_transformer(model, path)
 
 
 def _smooth_field(rng: np.random.Generator, channels: int, h: int, w: int) -> np.ndarray:
@@ -63,15 +62,39 @@ def demo_samples(cfg: DemoSection, channels: int, joint_dim: int) -> Iterator[Ca
                            np.ones(length, bool))
 
 
+def plan_demo_assets(cfg: TrainConfig) -> list[str]:
+    """Which demo assets a run must make (`"model"`, `"data"`); creates nothing.
+
+    `model.path` / `data.path` that exist are used as they are. A missing one is made only when the
+    demo is enabled and the path is the demo's own location (`demo.model_path` / `demo.data_path`);
+    any other missing path is a `ConfigError` naming the key and the path. Paths are compared after
+    `os.path.abspath`, so relative paths mean the same folder on both sides.
+    """
+    make = []
+    for kind, key, path, demo_key, demo_path in (
+            ("model", "model.path", cfg.model.path, "demo.model_path", cfg.demo.model_path),
+            ("data", "data.path", cfg.data.path, "demo.data_path", cfg.demo.data_path)):
+        if os.path.lexists(path):
+            continue
+        if cfg.demo.enabled and os.path.abspath(path) == os.path.abspath(demo_path):
+            make.append(kind)
+            continue
+        hint = (f"; demo assets are made only at the demo's own location {demo_key}={os.path.abspath(demo_path)}"
+                if cfg.demo.enabled else "")
+        raise ConfigError(f"{key}={path}: no such file or folder{hint}")
+    return make
+
+
 def ensure_demo_assets(cfg: TrainConfig, log=print) -> None:
-    """Create `model.path` and `data.path` from the demo section if they do not exist yet."""
+    """Make the missing demo assets at their own locations (see `plan_demo_assets`; errors for any other path)."""
     dm = cfg.demo
     dit = demo_dit_config(dm)
-    if not os.path.exists(os.path.join(cfg.model.path, "config.json")):
+    make = plan_demo_assets(cfg)
+    if "model" in make:
         log(f"demo: writing a random {dm.preset} checkpoint ({dit.num_layers} layers, dim {dit.inner_dim}) "
             f"to {cfg.model.path}")
         make_demo_checkpoint(cfg.model.path, dm)
-    if not os.path.exists(os.path.join(cfg.data.path, MANIFEST)):
+    if "data" in make:
         log(f"demo: writing {dm.num_samples} synthetic edit samples to {cfg.data.path}")
         write_cache(cfg.data.path, demo_samples(dm, dit.in_channels // 4, dit.joint_attention_dim),
                     metadata={"source": "qwen_edit_jax.training.demo", "rule": "per-instruction channel map"})

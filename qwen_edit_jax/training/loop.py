@@ -2,7 +2,7 @@
 
 Outputs in `output_dir`: `run.json` (the resolved config, readable again with `--config`),
 `metrics.jsonl` (one JSON object per logged step), `checkpoints/<step>/` (Orbax), and at the end
-`lora_<format>.safetensors` (standard separate q/k/v LoRA, via `qwen_edit_jax.lora.io.save_lora`).
+`lora_<format>.safetensors` (standard separate q/k/v LoRA, via `qwen_edit_jax.lora.adapters`).
 Running the same command again on the same `output_dir` resumes from the newest complete
 checkpoint; the data order, noise and timesteps depend only on (seed, step), so a resumed run
 ends with bit-identical LoRA weights on the same hardware.
@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,14 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
-from ..api import init_lora_state, load_transformer
 from ..config import DiTConfig
-from ..weights.writer import atomic_path
+from ..loading import load_transformer
+from ..lora.adapters import load_lora_into_adapters, lora_tensors, write_lora_tensors
+from ..parallel import batch_sharding, distributed, make_mesh
+from ..sampling import validation_distance
+from ..utils.files import atomic_path, check_output_dir
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
 from .data import BatchLoader, CachedDataset, DataError
-from .step import init_opt_state, make_optimizer, make_train_step, split_lora
+from .demo import ensure_demo_assets, plan_demo_assets
+from .step import init_opt_state, make_optimizer, make_schedule, make_train_step, split_lora
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -50,21 +56,42 @@ class TrainResult:
     output_dir: str
     final_step: int
     resumed_from: int | None
-    first_loss: float | None  # mean loss of the first logged steps of this run (None if no step ran)
-    last_loss: float | None
+    first_loss: float | None  # mean loss of the first `loss_steps` steps of this run (None if no step ran)
+    last_loss: float | None  # mean loss of the last `loss_steps` steps (disjoint from the first when ≥ 2 ran)
     lora_files: list[str]
     seconds: float
     lora_params: Any = None  # the trained LoRA parameters (pure dict, as `split_lora` returns them)
+    loss_steps: int = 0  # steps averaged in first_loss / last_loss: min(10, steps run // 2), at least 1
+    schedule_steps: int | None = None  # length of the learning-rate schedule this run followed
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute model/data paths (run.json must name the base checkpoint unambiguously)."""
+    """Absolute model/data/demo paths (run.json must name the base checkpoint unambiguously)."""
     model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
     data = dataclasses.replace(cfg.data, path=os.path.abspath(cfg.data.path))
+    demo = dataclasses.replace(cfg.demo, model_path=os.path.abspath(cfg.demo.model_path),
+                               data_path=os.path.abspath(cfg.demo.data_path))
     lora = cfg.lora
     if lora.init_from:
         lora = dataclasses.replace(lora, init_from=os.path.abspath(lora.init_from))
-    return cfg.replace(model=model, data=data, lora=lora)
+    return cfg.replace(model=model, data=data, lora=lora, demo=demo)
+
+
+def check_inputs(cfg: TrainConfig) -> list[str]:
+    """Every input path exists (or is a demo asset to be made, see `demo.plan_demo_assets`); creates nothing.
+
+    Returns the demo assets to make; a missing path is a `ConfigError` naming the key and the path.
+    """
+    make = plan_demo_assets(cfg)
+    if cfg.lora.init_from and not os.path.isfile(cfg.lora.init_from):
+        raise ConfigError(f"lora.init_from={cfg.lora.init_from}: no such LoRA file")
+    return make
+
+
+def _has_checkpoint(output_dir: str) -> bool:
+    """A complete Orbax step (a purely numeric folder) exists under output_dir/checkpoints."""
+    d = os.path.join(output_dir, CHECKPOINT_DIR)
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -138,53 +165,57 @@ def check_data_matches_model(dataset: CachedDataset, dit: DiTConfig) -> None:
 def _make_mesh(cfg: TrainConfig):
     if not cfg.mesh.enabled:
         return None
-    from ..sharding import make_mesh
-
     return make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
 
 
-def _host_tree(tree: Any) -> Any:
-    """Fully-addressable copies of (possibly multi-host sharded) arrays, for export."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return tree
-
-
 def export_lora(model: nnx.Module, output_dir: str, cfg: TrainConfig) -> list[str]:
-    from ..lora.io import save_lora
-
+    """Write the trained adapters in each `export.formats` style. Every process calls this (adapters
+    spread over several hosts are gathered slice by slice); only process 0 writes files."""
     paths = []
     for fmt in cfg.export.formats:
+        tensors = lora_tensors(model, format=fmt, dtype=cfg.export.dtype)
         path = os.path.join(output_dir, f"lora_{fmt}.safetensors")
-        save_lora(model, path, format=fmt, dtype=cfg.export.dtype,
-                  metadata={"qwen_edit_jax.base_model": cfg.model.path})
+        if jax.process_index() == 0:
+            write_lora_tensors(path, tensors, format=fmt, metadata={"qwen_edit_jax.base_model": cfg.model.path})
         paths.append(path)
     return paths
 
 
 def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str], None] | None = None) -> TrainResult:
-    """Run (or resume) the LoRA training described by `cfg` into `output_dir`."""
-    t_start = time.perf_counter()
+    """Run (or resume) the LoRA training described by `cfg` into `output_dir`.
+
+    Inputs are checked before anything is written; a run that fails before its first checkpoint
+    removes the output folder if this call created it (an existing folder is never removed).
+    """
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None)
-    output_dir = os.path.abspath(os.fspath(output_dir))
+    output_dir = check_output_dir(output_dir, "output_dir")
     cfg = resolve_paths(cfg)
+    check_inputs(cfg)
+    created = not os.path.lexists(output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    if cfg.demo.enabled:
-        from ..distributed import sync
-        from .demo import ensure_demo_assets
+    try:
+        return _train(cfg, output_dir, log, is_main)
+    except BaseException:
+        if created and is_main and not _has_checkpoint(output_dir):
+            shutil.rmtree(output_dir, ignore_errors=True)  # nothing a resume could use: leave no folder behind
+        raise
 
+
+def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_main: bool) -> TrainResult:
+    t_start = time.perf_counter()
+    if cfg.demo.enabled:
         if is_main:
             ensure_demo_assets(cfg, log)
-        sync("demo-assets")
+        distributed.sync("demo-assets")
 
     dataset = CachedDataset(cfg.data.path, verify=cfg.data.verify)
     mesh = _make_mesh(cfg)
     dit_config, graphdef, params, base, local_rows = _load_model(cfg, dataset, mesh)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.max_steps)
+    # the optimiser state's structure does not depend on the schedule's length (fixed after resuming)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps)
     opt_state = init_opt_state(tx, params, mesh)
+    schedule_steps = cfg.optim.schedule_steps or cfg.train.max_steps
     with contextlib.ExitStack() as stack:
         loader = BatchLoader(dataset, batch_size=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
                              text_buckets=cfg.data.text_buckets, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
@@ -207,12 +238,15 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
             rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
             start = int(meta["step"])
             log(f"resuming from {ckpt.directory}/{resumed} (step {start})")
+            schedule_steps = resumed_schedule_steps(cfg, meta, start, log)
+        tx, schedule = make_optimizer(cfg.optim, schedule_steps)
         if is_main:
             info = {"base_model": {"path": cfg.model.path, "config": dit_config.to_dict()},
                     "dataset": {"path": dataset.path, "num_samples": len(dataset), "fingerprint": dataset.fingerprint,
                                 "steps_per_epoch": loader.steps_per_epoch,
                                 "buckets": {_bucket_name(k): len(v) for k, v in loader.buckets.items()}},
                     "lora_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+                    "schedule_steps": schedule_steps,
                     "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
                     "jax": jax.__version__}
             _write_json(run_path, {**cfg.to_dict(), RUN_INFO_KEY: info})
@@ -220,66 +254,64 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
         stack.callback(metrics.close)
         step_fn = make_train_step(graphdef, tx, cfg.objective, mesh=mesh, global_batch=cfg.data.batch_size)
         validate = _validator(cfg, dataset, graphdef, mesh) if cfg.validation.every else None
+        if start < cfg.train.max_steps:
+            log("compiling the training step (the first step; can take minutes on the full model) ...")
         bar = None
         if cfg.train.progress and is_main:
-            from tqdm.auto import tqdm
-
             bar = stack.enter_context(tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step",
                                            dynamic_ncols=True))
         losses: list[float] = []
         global_batch = cfg.data.batch_size * cfg.optim.grad_accum
-        pending = None  # a checkpoint is written only after the next step's loss proves its weights finite
         if validate is not None and start == 0:
             metrics.write({"step": 0, **validate(params, base)})
+        window: list[tuple[int, Any]] = []  # (step, on-device metrics) not yet fetched
+        t_fetch = time.perf_counter()
         for step in range(start, cfg.train.max_steps):
             batch = next(loader)
-            t0 = time.perf_counter()
             params, opt_state, m = step_fn(params, opt_state, base, batch.img_shapes, batch.arrays, rng, step)
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            dt = time.perf_counter() - t0
             done = step + 1
-            if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm", "param_norm")):
-                ckpt.wait()
-                good = ckpt.latest_step()
-                raise NonFiniteLossError(
-                    f"step {done}: loss {m['loss']}, grad norm {m['grad_norm']}, LoRA weight norm {m['param_norm']}: "
-                    f"not finite; training stopped. Last good checkpoint: "
-                    f"{'none' if good is None else f'{ckpt.directory}/{good}'} (intact). "
-                    f"Lower optim.learning_rate, keep optim.max_grad_norm on, or check the data.")
-            if pending is not None:
-                ckpt.save(*pending)
-                pending = None
-            losses.append(m["loss"])
-            if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or step == start:
+            window.append((done, m))
+            log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps or step == start
+            save_now = done % cfg.train.save_every == 0 or done == cfg.train.max_steps
+            validate_now = validate is not None and done % cfg.validation.every == 0
+            if log_now or save_now or validate_now:
+                ready, window = window, []  # wait for this step: it is logged, saved or validated
+            elif bar is not None and len(window) > 1:
+                ready, window = window[:-1], window[-1:]  # one step late: the device is busy with this one
+            else:
+                continue  # keep dispatching; metrics are fetched in one transfer later
+            fetched = jax.device_get([w[1] for w in ready])
+            now = time.perf_counter()
+            dt = (now - t_fetch) / len(ready)
+            t_fetch = now
+            for (d, _), hm in zip(ready, fetched):
+                _check_finite(d, hm, ckpt)
+                losses.append(float(hm["loss"]))
+            m = {k: float(v) for k, v in fetched[-1].items()}
+            if log_now:
                 metrics.write({"step": done, "loss": m["loss"], "mse": m["mse"], "lr": float(schedule(step)),
                                "grad_norm": m["grad_norm"], "sigma": m["sigma"], "step_time": dt,
                                "samples_per_s": global_batch / dt, "epoch": batch.epoch})
             if bar is not None:
-                bar.update(1)
+                bar.update(ready[-1][0] - bar.n)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", s_step=f"{dt:.3f}", samples_s=f"{global_batch / dt:.1f}")
-            if done % cfg.train.save_every == 0 or done == cfg.train.max_steps:
+            if save_now:  # every step up to `done` was checked finite above, so the saved state is too
                 meta = {"step": done, "data": loader.state_dict(),
-                        "rng": np.asarray(jax.random.key_data(rng)).tolist(), "config": cfg.to_dict()}
+                        "rng": np.asarray(jax.random.key_data(rng)).tolist(), "config": cfg.to_dict(),
+                        "schedule_steps": schedule_steps}
                 # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
-                pending = (done, _copy(params), _copy(opt_state), meta)
-                if done == cfg.train.max_steps:
-                    ckpt.save(*pending)
-                    pending = None
-            if validate is not None and done % cfg.validation.every == 0:
+                ckpt.save(done, _copy(params), _copy(opt_state), meta)
+            if validate_now:
                 metrics.write({"step": done, **validate(params, base)})
         ckpt.wait()
-    files = []
-    if is_main or jax.process_count() > 1:
-        trained = nnx.merge(graphdef, _host_tree(params), base)
-        if is_main:
-            files = export_lora(trained, output_dir, cfg)
-            for f in files:
-                log(f"wrote {f}")
-    n = min(10, len(losses))
+    files = export_lora(nnx.merge(graphdef, params, base), output_dir, cfg)
+    for f in files:
+        log(f"wrote {f}")
+    n = min(10, max(1, len(losses) // 2))  # first and last windows do not overlap once two steps ran
     return TrainResult(output_dir, max(start, cfg.train.max_steps), resumed,
                        float(np.mean(losses[:n])) if losses else None,
                        float(np.mean(losses[-n:])) if losses else None, files, time.perf_counter() - t_start,
-                       params)
+                       params, loss_steps=n if losses else 0, schedule_steps=schedule_steps)
 
 
 def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
@@ -289,22 +321,14 @@ def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
         raise ConfigError(f"model.dtype={cfg.model.dtype!r}: XLA:CPU cannot run the backward pass of "
                           f"{options.dtype.name} matmuls with fp32 accumulation; on CPU train with "
                           f"model.dtype=float32 (model.param_dtype may stay bfloat16)")
-    model = load_transformer(cfg.model.path, options=options) if mesh is None else \
-        load_transformer(cfg.model.path, options=options, mesh=mesh)
+    # adapters are created once, on device, already in their shardings
+    model = load_transformer(cfg.model.path, options=options, mesh=mesh, lora_seed=cfg.lora.seed)
     check_data_matches_model(dataset, model.config)
-    nnx.update(model, init_lora_state(model.config, options, cfg.lora.seed))
     if cfg.lora.init_from:
-        from ..lora.io import load_lora_into_adapters
-
         load_lora_into_adapters(model, cfg.lora.init_from)
     local_rows = None
     if mesh is not None:
-        from .. import distributed
-        from .. import sharding as shd
-
-        shd.shard_model(model, mesh)  # places the fresh LoRA params (base weights are already placed)
-        local_rows = distributed.local_batch_rows(shd.batch_sharding(mesh, cfg.data.batch_size),
-                                                  cfg.data.batch_size)
+        local_rows = distributed.local_batch_rows(batch_sharding(mesh, cfg.data.batch_size), cfg.data.batch_size)
     graphdef, params, base = split_lora(model)
     return model.config, graphdef, params, base, local_rows
 
@@ -325,6 +349,49 @@ def _resume(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, o
                           f"{type(e).__name__}: {str(e)[:300]}") from None
 
 
+def resumed_schedule_steps(cfg: TrainConfig, meta: dict[str, Any], step: int, log: Callable[[str], None]) -> int:
+    """The learning-rate schedule's length for a resumed run, and a log line for whatever changed.
+
+    The run keeps the length it was trained with (recorded in the checkpoint; older checkpoints:
+    the `train.max_steps` saved with them), so a new `train.max_steps` continues the same curve:
+    a longer run trains on at the schedule's final LR. `optim.schedule_steps` set to another length
+    re-stretches the schedule; the LR then jumps at the resumed step, and the log says by how much.
+    """
+    saved = meta.get("config", {})
+    recorded = meta.get("schedule_steps") or saved.get("optim", {}).get("schedule_steps") \
+        or saved.get("train", {}).get("max_steps") or cfg.train.max_steps
+    recorded = int(recorded)
+    old_max = saved.get("train", {}).get("max_steps")
+    if old_max is not None and int(old_max) != cfg.train.max_steps:
+        log(f"train.max_steps: {old_max} -> {cfg.train.max_steps}")
+    wanted = cfg.optim.schedule_steps
+    if wanted is None or wanted == recorded:
+        if cfg.train.max_steps > recorded and cfg.optim.schedule != "constant":
+            final = float(make_schedule(cfg.optim, recorded)(recorded))
+            log(f"learning-rate schedule: kept at its recorded length of {recorded} steps; steps {recorded + 1}-"
+                f"{cfg.train.max_steps} run at its final LR {final:.3g} (set optim.schedule_steps="
+                f"{cfg.train.max_steps} to stretch the schedule instead)")
+        return recorded
+    before = float(make_schedule(cfg.optim, recorded)(step))
+    after = float(make_schedule(cfg.optim, wanted)(step))
+    log(f"learning-rate schedule: re-stretched from {recorded} to {wanted} steps (optim.schedule_steps); "
+        f"the LR at step {step + 1} changes from {before:.3g} to {after:.3g}")
+    return wanted
+
+
+def _check_finite(step: int, m: dict[str, Any], ckpt: TrainCheckpointer) -> None:
+    """Stop before a non-finite state can reach a checkpoint (the checks run before every save)."""
+    if all(math.isfinite(float(m[k])) for k in ("loss", "grad_norm", "param_norm")):
+        return
+    ckpt.wait()
+    good = ckpt.latest_step()
+    raise NonFiniteLossError(
+        f"step {step}: loss {float(m['loss'])}, grad norm {float(m['grad_norm'])}, LoRA weight norm "
+        f"{float(m['param_norm'])}: not finite; training stopped. Last good checkpoint: "
+        f"{'none' if good is None else f'{ckpt.directory}/{good}'} (intact). "
+        f"Lower optim.learning_rate, keep optim.max_grad_norm on, or check the data.")
+
+
 def _copy(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.copy() if isinstance(x, jax.Array) else x, tree)
 
@@ -336,8 +403,6 @@ def _bucket_name(key) -> str:
 
 def _validator(cfg: TrainConfig, dataset: CachedDataset, graphdef, mesh) -> Callable[[Any, Any], dict[str, Any]]:
     """Periodic validation sampling through `qwen_edit_jax.sampling.validation_distance`."""
-    from ..sampling import validation_distance
-
     v = cfg.validation
     for i in v.samples:
         if not 0 <= i < len(dataset):

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..sampling import FlowMatchConfig, calculate_shift, exponential_shift, stretch_to_terminal
+from ..sampling.schedule import FlowMatchConfig, calculate_shift, exponential_shift, stretch_to_terminal
 from .config import ObjectiveSection
 
 F32 = jnp.float32

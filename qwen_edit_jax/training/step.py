@@ -16,7 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from .. import parallel
+from ..models.dit import normalize_img_shapes
+from ..parallel import batch_sharding, distributed, replicated, sharded_jit
 from .config import ObjectiveSection, OptimSection
 from .objective import flow_matching_loss, timestep_table
 
@@ -63,7 +67,8 @@ def _mean_tree(tree: Any, n: int) -> Any:
 class TrainStep:
     """`step(params, opt_state, base, img_shapes, arrays, rng, step) -> (params, opt_state, metrics)`.
 
-    `arrays`: `target` [A, B, N, C], `references` [A, B, M, C], `prompt_embeds` [A, B, L, J],
+    `img_shapes`: (1, h, w) of the target, then of each reference — one list, or one per sample
+    (all equal), as the model and `sampling.sample` accept. `arrays`: `target` [A, B, N, C], `references` [A, B, M, C], `prompt_embeds` [A, B, L, J],
     `prompt_mask` [A, B, L] (A = grad-accumulation micro-batches, B = batch). `rng` is a typed key;
     the step's randomness is `fold_in(rng, step)` so a resumed run draws the same noise.
 
@@ -127,7 +132,7 @@ class TrainStep:
         return _MeshJit(step, self.mesh, donate, self.global_batch)
 
     def __call__(self, params, opt_state, base, img_shapes, arrays, rng, step):
-        img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
+        img_shapes = _layout(img_shapes, arrays)
         fn = self._fns.get(img_shapes)
         if fn is None:
             fn = self._fns[img_shapes] = self._step_fn(img_shapes)
@@ -135,18 +140,27 @@ class TrainStep:
 
     def lower(self, params, opt_state, base, img_shapes, arrays, rng, step):
         """Ahead-of-time lowering (memory plans): arguments may be `jax.ShapeDtypeStruct`s; needs `mesh`."""
-        img_shapes = tuple(tuple(int(v) for v in s) for s in img_shapes)
+        img_shapes = _layout(img_shapes, arrays)
         fn = self._fns.get(img_shapes)
         if fn is None:
             fn = self._fns[img_shapes] = self._step_fn(img_shapes)
         return fn.lower(params, opt_state, base, arrays, rng, step)
 
 
-class _MeshJit:
-    """`sharding.sharded_jit` with in/out shardings taken from the first call's (already placed) arguments.
+def _layout(img_shapes: Any, arrays: dict[str, Any]) -> tuple[tuple[int, int, int], ...]:
+    """The batch's one image layout from `img_shapes` in either convention the model accepts: one list
+    of (frames, h, w) (target first, then references) or one such list per sample (all equal)."""
+    first = img_shapes[0] if len(img_shapes) else None
+    per_sample = isinstance(first, (list, tuple)) and len(first) > 0 and isinstance(first[0], (list, tuple))
+    n_tokens = arrays["target"].shape[2] + (arrays["references"].shape[2] if "references" in arrays else 0)
+    return normalize_img_shapes(img_shapes, len(img_shapes) if per_sample else 0, n_tokens)
 
-    The batch arrives as this host's rows (`distributed.local_batch_rows`) and is assembled into
-    global arrays [A, B, ...] split on B by `sharding.batch_sharding(mesh, B)`.
+
+class _MeshJit:
+    """`parallel.sharded_jit` with in/out shardings taken from the first call's (already placed) arguments.
+
+    The batch arrives as this host's rows (`parallel.distributed.local_batch_rows`) and is assembled into
+    global arrays [A, B, ...] split on B by `parallel.batch_sharding(mesh, B)`.
     """
 
     def __init__(self, fn: Callable, mesh: Any, donate: tuple, global_batch: int | None):
@@ -154,45 +168,35 @@ class _MeshJit:
         self._jitted: dict[tuple, Any] = {}
 
     def __call__(self, params, opt_state, base, arrays, rng, step):
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from .. import sharding as shd
-
         batch = self.global_batch or arrays["target"].shape[1] * jax.process_count()
-        spec = shd.batch_sharding(self.mesh, batch).spec
-        accum = NamedSharding(self.mesh, PartitionSpec(None, *spec))
-        arrays = {k: jax.make_array_from_process_local_data(accum, np.asarray(v), (v.shape[0], batch, *v.shape[2:]))
-                  for k, v in arrays.items()}
+        accum = NamedSharding(self.mesh, PartitionSpec(None, *batch_sharding(self.mesh, batch).spec))
+        arrays = distributed.global_batch(arrays, accum, batch, axis=1)
         key = (batch,)
         if key not in self._jitted:
-            replicated = shd.replicated(self.mesh)
+            rep = replicated(self.mesh)
 
             def sh(tree):
-                return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else replicated, tree)
+                return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else rep, tree)
 
             p_sh, o_sh, b_sh = sh(params), sh(opt_state), sh(base)
-            self._jitted[key] = shd.sharded_jit(
+            self._jitted[key] = sharded_jit(
                 self.fn, self.mesh, donate_argnums=self.donate,
-                in_shardings=(p_sh, o_sh, b_sh, accum, replicated, replicated),
-                out_shardings=(p_sh, o_sh, replicated))
+                in_shardings=(p_sh, o_sh, b_sh, accum, rep, rep),
+                out_shardings=(p_sh, o_sh, rep))
         return self._jitted[key](params, opt_state, base, arrays, rng, step)
 
     def lower(self, params, opt_state, base, arrays, rng, step):
         """AOT (benchmarks/memory_plan.py): `jax.ShapeDtypeStruct` arguments, params/opt state/base with shardings."""
-        from jax.sharding import NamedSharding, PartitionSpec
-
-        from .. import sharding as shd
-
         batch = arrays["target"].shape[1]
-        accum = NamedSharding(self.mesh, PartitionSpec(None, *shd.batch_sharding(self.mesh, batch).spec))
-        replicated = shd.replicated(self.mesh)
+        accum = NamedSharding(self.mesh, PartitionSpec(None, *batch_sharding(self.mesh, batch).spec))
+        rep = replicated(self.mesh)
 
         def sh(tree):
             return jax.tree.map(lambda x: x.sharding, tree)
 
-        fn = shd.sharded_jit(self.fn, self.mesh, donate_argnums=self.donate,
-                             in_shardings=(sh(params), sh(opt_state), sh(base), accum, replicated, replicated),
-                             out_shardings=(sh(params), sh(opt_state), replicated))
+        fn = sharded_jit(self.fn, self.mesh, donate_argnums=self.donate,
+                         in_shardings=(sh(params), sh(opt_state), sh(base), accum, rep, rep),
+                         out_shardings=(sh(params), sh(opt_state), rep))
         arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=accum) for k, v in arrays.items()}
         return fn.lower(params, opt_state, base, arrays, rng, step)
 
@@ -208,8 +212,8 @@ def make_train_step(
 ) -> TrainStep:
     """The reusable LoRA training step (see `TrainStep`); used by the loop and the benchmarks.
 
-    `mesh` (from `qwen_edit_jax.sharding.make_mesh`): jit with explicit shardings; the params,
-    base and optimiser state must already be placed on it (`sharding.shard_model`, `opt_state_on`),
+    `mesh` (from `qwen_edit_jax.parallel.make_mesh`): jit with explicit shardings; the params,
+    base and optimiser state must already be placed on it (`load_transformer(mesh=)`, `init_opt_state`),
     and `global_batch` is the micro-batch size over all hosts (default: local rows × hosts).
     """
     return TrainStep(graphdef, tx, objective or ObjectiveSection(), mesh=mesh, global_batch=global_batch,
@@ -220,6 +224,4 @@ def init_opt_state(tx: optax.GradientTransformation, params: Params, mesh: Any =
     """Optimiser state for `params`; on a mesh, Adam moments take the params' shardings (scalars replicated)."""
     if mesh is None:
         return jax.jit(tx.init)(params)
-    from .. import sharding as shd
-
-    return shd.init_opt_state(tx, params, mesh)
+    return parallel.init_opt_state(tx, params, mesh)

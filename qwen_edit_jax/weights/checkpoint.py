@@ -20,25 +20,27 @@ view (tensorstore slice reads) used to convert back to the standard layout layer
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import threading
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_dtypes  # noqa: F401
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
+from flax import nnx
 from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
 from ..config import DiTConfig, as_dtype
-from .loader import Index, LazyParams, _norm_index
-from .safetensors_io import CheckpointError
-from .writer import atomic_path
+from ..errors import CheckpointError
+from ..utils.files import atomic_path
+from . import keymap
+from .lazy import Index, LazyParams, check_params, norm_index
 
 MARKER = "qwen_edit_jax.json"
 PARAMS_DIR = "params"
@@ -193,15 +195,10 @@ def save_merged(
     Each leaf keeps the source dtype (a bf16 checkpoint stays bf16) unless `dtype` is given.
     Peak host memory ≈ `memory_budget` + one layer per leaf being read.
     """
-    import jax
-
-    from . import keymap
-    from .layout import leaf_dtype
-
     out = os.fspath(path)
     cast = None if dtype is None else np.dtype(as_dtype(dtype))
     stacked_paths = {p: (e.stacked, len(e.torch)) for p, e, _, _ in keymap.iter_leaves(lazy.config)}
-    dtypes = {p: cast or leaf_dtype(lazy, p) for p in lazy.paths()}
+    dtypes = {p: cast or np.dtype(lazy.dtype(p)) for p in lazy.paths()}
     total = sum(int(np.prod(lazy.shape(p))) * dtypes[p].itemsize for p in lazy.paths())
     n_tensors = sum(n * (lazy.config.num_layers if s else 1) for s, n in stacked_paths.values())
     bar = None
@@ -271,17 +268,15 @@ class MergedParams:
         self.marker = _read_marker(self.path)
         self.config = read_merged_config(self.path, config)
         self.description = f"{self.path} (merged checkpoint)"
+        self.fuse_qkv = True
         self._params_dir = os.path.join(self.path, PARAMS_DIR)
         self._dtypes = {p: np.dtype(d) for p, d in self.marker["dtypes"].items()}
         self._stores: dict[str, Any] = {}
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
-        from . import keymap
-
         expected = {p: keymap.flax_leaf_shape(e, fl, self.config) for p, e, fl, _ in keymap.iter_leaves(self.config)}
-        if set(expected) != set(self._dtypes):
-            missing, extra = sorted(set(expected) - set(self._dtypes)), sorted(set(self._dtypes) - set(expected))
-            raise CheckpointError(f"{self.path}: parameters do not match config.json: missing {missing[:3]}, "
-                                  f"unexpected {extra[:3]}")
+        # names here; each leaf's stored shape is checked when its store is first opened (`_store`)
+        check_params(self.path, {p: expected.get(p, ()) for p in self._dtypes}, expected,
+                     hint="the parameters do not match config.json")
         self._shapes = expected
 
     def _store(self, p: str):
@@ -309,7 +304,7 @@ class MergedParams:
         return self._dtypes[path]
 
     def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
-        idx = _norm_index(index, self._shapes[path])
+        idx = norm_index(index, self._shapes[path])
         try:
             out = self._store(path)[idx].read().result()
         except CheckpointError:
@@ -327,9 +322,6 @@ def load_merged_params(path: str | os.PathLike, abstract_state: Any, shardings: 
     structure of `jax.sharding.Sharding` (None: first device; a leaf's own `.sharding` is used when
     it has one). Values are cast to the abstract dtype. Returns the same structure with jax Arrays.
     """
-    import jax
-    from flax import nnx
-
     path = os.fspath(path)
     marker = _read_marker(path)
     is_state = isinstance(abstract_state, nnx.State)
@@ -374,20 +366,3 @@ def load_merged_params(path: str | os.PathLike, abstract_state: Any, shardings: 
         nnx.replace_by_pure_dict(state, _nest(flat))
         return state
     return _nest(flat) if any(isinstance(v, Mapping) for v in tree.values()) else flat
-
-
-def load_merged_model(path: str | os.PathLike, options: Any, *, config: DiTConfig | None = None) -> Any:
-    """A `QwenImageTransformer` from a merged checkpoint (single host; weights cast to `options.param_dtype`)."""
-    import jax
-    from flax import nnx
-
-    from ..api import abstract_model, model_from_params
-    from ..transformer import BASE_PARAMS
-
-    cfg = read_merged_config(path, config)
-    base = dataclasses.replace(options, lora=None)  # the checkpoint holds base weights only
-    abstract = nnx.state(abstract_model(cfg, base), BASE_PARAMS)
-    flat_abs = {".".join(map(str, k)): jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in nnx.to_flat_state(abstract)}
-    params = load_merged_params(path, flat_abs)
-    return model_from_params(cfg, options, params, source=os.fspath(path))
-

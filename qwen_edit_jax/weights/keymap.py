@@ -20,6 +20,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from ..config import DiTConfig
+from .arrays import transpose_2d
 
 BLOCKS = "transformer_blocks"
 
@@ -86,6 +87,11 @@ def module_entries(fuse_qkv: bool = True) -> list[ModuleEntry]:
     return _top() + _block(fuse_qkv)
 
 
+def fused_entries() -> dict[str, ModuleEntry]:
+    """Fused module name relative to a block → its entry: {'attn.to_qkv': (to_q, to_k, to_v), 'attn.add_qkv_proj': …}."""
+    return {e.flax.split(".", 1)[1]: e for e in module_entries(True) if e.fused}
+
+
 def torch_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
     """Every diffusers parameter name → its torch shape, for this config (1,933 for the real model)."""
     d, j, hd = cfg.inner_dim, cfg.joint_attention_dim, cfg.attention_head_dim
@@ -135,7 +141,7 @@ def flax_leaf_shape(entry: ModuleEntry, leaf: str, cfg: DiTConfig) -> tuple[int,
 def to_flax_leaf(leaf: str, tensors: list[np.ndarray]) -> np.ndarray:
     """torch tensor(s) of one module (one layer) → the Flax leaf value for that layer."""
     if leaf == "kernel":
-        mats = [t.T for t in tensors]
+        mats = [transpose_2d(t) for t in tensors]
         return mats[0] if len(mats) == 1 else np.stack(mats, axis=1)
     return tensors[0] if len(tensors) == 1 else np.stack(tensors, axis=0)
 
@@ -144,7 +150,7 @@ def from_flax_leaf(leaf: str, value: np.ndarray, n_torch: int) -> list[np.ndarra
     """Inverse of `to_flax_leaf` for one layer: Flax leaf → list of torch tensors (contiguous)."""
     if leaf == "kernel":
         parts = [value] if n_torch == 1 else [value[:, j] for j in range(n_torch)]
-        return [np.ascontiguousarray(p.T) for p in parts]
+        return [transpose_2d(p) for p in parts]
     parts = [value] if n_torch == 1 else [value[j] for j in range(n_torch)]
     return [np.ascontiguousarray(p) for p in parts]
 

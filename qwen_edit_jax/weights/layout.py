@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from ..config import PRESETS, DiTConfig
+from ..errors import CheckpointError
 from . import keymap
-from .safetensors_io import INDEX_NAME, CheckpointError, TensorSource, _np_dtype
+from .safetensors_io import INDEX_NAME, TensorSource
 
 BASE_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "")
 ANCHOR = "img_in.weight"
@@ -30,12 +31,7 @@ ZERO_COND_T_NOTE = ("zero_cond_t (Qwen-Image-Edit-2511) is not visible in the we
                     f"({', '.join(sorted(p for p in PRESETS if p != 'tiny'))})")
 
 
-def fused_torch_groups() -> dict[str, tuple[str, ...]]:
-    """Fused module (relative to a block) → its torch q, k, v modules: {'attn.to_qkv': ('attn.to_q', …), …}."""
-    return {e.flax.split(".", 1)[1]: e.torch for e in keymap.module_entries(True) if e.fused}
-
-
-_FUSED_KEY = re.compile(rf"^({keymap.BLOCKS}\.\d+\.)({'|'.join(map(re.escape, fused_torch_groups()))})\.(weight|bias)$")
+_FUSED_KEY = re.compile(rf"^({keymap.BLOCKS}\.\d+\.)({'|'.join(map(re.escape, keymap.fused_entries()))})\.(weight|bias)$")
 
 
 class FusedQKVSource:
@@ -46,7 +42,7 @@ class FusedQKVSource:
         self.description = source.description
         self._virtual: dict[str, tuple[str, int]] = {}  # standard name → (fused key, index j)
         self._plain: list[str] = []
-        groups = fused_torch_groups()
+        groups = {rel: e.torch for rel, e in keymap.fused_entries().items()}
         for k in source.keys():
             m = _FUSED_KEY.match(k)
             if not m:
@@ -92,9 +88,6 @@ class FusedQKVSource:
 
     def get(self, key: str) -> np.ndarray:
         return self.read_slice(key, ())
-
-    def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
-        return self.read_slice(key, (slice(start, stop),))
 
 
 @dataclasses.dataclass
@@ -177,39 +170,3 @@ def open_torch_source(path: str) -> tuple[Any, Detected]:
         style += f", prefix {prefix!r} (ComfyUI)" if "diffusion_model" in prefix else f", prefix {prefix!r}"
     det = Detected(path, "base", _container(path, source), style, prefix, fused)
     return (FusedQKVSource(source) if fused else source), det
-
-
-def source_dtype(source: Any, key: str) -> np.dtype:
-    return np.dtype(_np_dtype(source.dtype(key)))
-
-
-def leaf_dtype(lazy: Any, path: str) -> np.dtype:
-    """Stored dtype of one Flax leaf without reading its data."""
-    fn = getattr(lazy, "dtype", None)
-    if callable(fn):
-        return np.dtype(fn(path))
-    source = getattr(lazy, "source", None)
-    if source is not None:
-        entry = {p: e for p, e, _, _ in keymap.iter_leaves(lazy.config, getattr(lazy, "fuse_qkv", True))}[path]
-        tleaf = "bias" if path.endswith(".bias") else "weight"
-        names = keymap.torch_names_for(entry, tleaf, 0 if entry.stacked else None)
-        return np.result_type(*[source_dtype(source, n) for n in names])
-    shape = lazy.shape(path)
-    return lazy.read(path, tuple(slice(0, 1) for _ in shape)).dtype
-
-
-def detect(path: str | os.PathLike) -> Detected:
-    """Base model or LoRA, and which container / key style (no config needed)."""
-    from ..lora.io import is_lora_file, read_lora_file
-    from .checkpoint import is_merged_checkpoint
-
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointError(f"{path}: no such file or folder")
-    if is_merged_checkpoint(path):
-        return Detected(path, "base", "merged Orbax checkpoint (this project)", "Flax merged-QKV params")
-    if is_lora_file(path):
-        lf = read_lora_file(path)
-        return Detected(path, "LoRA", "single safetensors file", lf.describe())
-    _, det = open_torch_source(path)
-    return det

@@ -1,40 +1,20 @@
-"""Lazy, per-slice access to base weights in Flax layout, whatever the file layout on disk.
-
-`LazyParams` is the contract between checkpoint files and everything that places weights:
-`read(path, index)` returns just the requested slice of one Flax parameter (stacked over layers,
-q|k|v fused, transposed), reading only the torch tensors that slice touches. Single-host loading
-reads whole leaves; sharded loading (`sharding.py`) reads one device's slice per callback.
-"""
+"""Opening base weights lazily in any layout: `TorchLayoutParams` (diffusers names, any container)
+and `open_lazy_params` (which also recognises this project's merged Orbax checkpoints)."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from ..config import DiTConfig, as_dtype
-from . import keymap
-from .safetensors_io import CheckpointError, TensorSource
-
-Index = tuple[slice, ...]
-
-
-class LazyParams(Protocol):
-    config: DiTConfig
-    description: str
-
-    def paths(self) -> list[str]: ...
-
-    def shape(self, path: str) -> tuple[int, ...]: ...
-
-    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray: ...
-
-
-def _norm_index(index: Index | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
-    index = tuple(index or ())
-    index = index + (slice(None),) * (len(shape) - len(index))
-    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+from ..errors import CheckpointError
+from . import keymap, layout
+from .arrays import transpose_2d
+from .checkpoint import MergedParams, is_merged_checkpoint
+from .lazy import Index, LazyParams, check_params, norm_index
+from .safetensors_io import TensorSource, np_dtype
 
 
 class TorchLayoutParams:
@@ -50,22 +30,9 @@ class TorchLayoutParams:
 
     def validate(self) -> None:
         """Every expected tensor present with the right shape, nothing unexpected."""
-        have = set(self.source.keys())
-        missing = sorted(set(self._expected) - have)
-        unexpected = sorted(have - set(self._expected))
-        if missing:
-            raise CheckpointError(
-                f"{self.description}: missing {len(missing)} tensors, e.g. {missing[:3]} "
-                f"(does the config match the weights? num_layers={self.config.num_layers})")
-        if unexpected:
-            raise CheckpointError(
-                f"{self.description}: {len(unexpected)} unexpected tensors, e.g. {unexpected[:3]} "
-                f"(does the config match the weights? num_layers={self.config.num_layers})")
-        for name, shape in self._expected.items():
-            got = self.source.shape(name)
-            if tuple(got) != shape:
-                raise CheckpointError(f"{self.source.file_of(name)}: tensor {name} has shape {tuple(got)}, "
-                                      f"expected {shape} for this config")
+        have = {k: self.source.shape(k) for k in self.source.keys()}
+        check_params(self.description, have, self._expected, where=self.source.file_of,
+                     hint=f"does the config match the weights? num_layers={self.config.num_layers}")
 
     def paths(self) -> list[str]:
         return list(self._leaves)
@@ -73,6 +40,12 @@ class TorchLayoutParams:
     def shape(self, path: str) -> tuple[int, ...]:
         entry, fleaf, _ = self._leaves[path]
         return keymap.flax_leaf_shape(entry, fleaf, self.config)
+
+    def dtype(self, path: str) -> np.dtype:
+        """Stored dtype of one Flax leaf (the common type of its torch tensors), without reading data."""
+        entry, _, tleaf = self._leaves[path]
+        names = keymap.torch_names_for(entry, tleaf, 0 if entry.stacked else None)
+        return np.result_type(*[np.dtype(np_dtype(self.source.dtype(n))) for n in names])
 
     def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
         """`leaf[index]` in Flax layout, reading only the torch bytes the slice covers.
@@ -83,7 +56,7 @@ class TorchLayoutParams:
         one preallocated array (cast per layer), never stacked from a second copy.
         """
         entry, fleaf, tleaf = self._leaves[path]
-        idx = _norm_index(index, self.shape(path))
+        idx = norm_index(index, self.shape(path))
         layers, inner = (range(*idx[0].indices(self.config.num_layers)), idx[1:]) if entry.stacked else ([None], idx)
         want = None if dtype is None else np.dtype(as_dtype(dtype))
         out = None
@@ -110,7 +83,7 @@ class TorchLayoutParams:
             names = names[group]
             inner = (inner[0], inner[2]) if fleaf == "kernel" else inner[1:]
         if fleaf == "kernel":  # torch weight [out, in] → Flax [in, out]: read the transposed slice
-            mats = [self.source.read_slice(n, (inner[1], inner[0])).T for n in names]
+            mats = [transpose_2d(self.source.read_slice(n, (inner[1], inner[0]))) for n in names]
             return np.stack(mats, axis=1) if entry.fused else mats[0]
         vecs = [self.source.read_slice(n, inner) for n in names]
         return np.stack(vecs, axis=0) if entry.fused else vecs[0]
@@ -126,8 +99,6 @@ def open_lazy_params(
     layout — or a merged Orbax checkpoint. `config`: a DiTConfig, a config.json path or a preset
     name; required when no config.json lies beside the weights. `.detected` says what was found.
     """
-    from . import layout
-    from .checkpoint import MergedParams, is_merged_checkpoint
 
     path = os.fspath(path)
     if is_merged_checkpoint(path):
@@ -143,8 +114,3 @@ def open_lazy_params(
     lazy = TorchLayoutParams(source, cfg, fuse_qkv=fuse_qkv)
     lazy.detected = detected
     return lazy
-
-
-def read_all(lazy: LazyParams, dtype: Any = np.float32) -> dict[str, np.ndarray]:
-    """Every leaf, whole, as numpy (single-host loading)."""
-    return {p: lazy.read(p, dtype=dtype) for p in lazy.paths()}

@@ -11,18 +11,39 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterator
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors needs it)
 import numpy as np
 
+from ..errors import CheckpointError
+
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAMES = (INDEX_NAME, "model.safetensors.index.json")  # diffusers, transformers
 _MAX_HEADER = 100 * 1024 * 1024  # as the safetensors library
 
+# safetensors dtype string ⇄ numpy dtype name: the one table for reading and writing
+ST_TO_NUMPY = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+               "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "U16": "uint16", "U32": "uint32",
+               "U64": "uint64", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+NUMPY_TO_ST = {v: k for k, v in ST_TO_NUMPY.items()}
 
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable or inconsistent; the message names file and key."""
+
+def np_dtype(st: str) -> np.dtype:
+    """safetensors dtype string ('BF16', …) → numpy dtype."""
+    try:
+        return np.dtype(ST_TO_NUMPY[st])
+    except KeyError:
+        raise CheckpointError(f"safetensors dtype {st!r} is not supported") from None
+
+
+def st_dtype(dtype: object) -> str:
+    """numpy dtype → safetensors dtype string (BF16, F32 …)."""
+    name = np.dtype(dtype).name
+    try:
+        return NUMPY_TO_ST[name]
+    except KeyError:
+        raise ValueError(f"dtype {name} cannot be stored in safetensors") from None
 
 
 class SafetensorsFile:
@@ -62,7 +83,7 @@ class SafetensorsFile:
             for key, info in header.items():
                 try:
                     st, shape, (b, e) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
-                    dt = np.dtype(_DT[st])
+                    dt = np.dtype(ST_TO_NUMPY[st])
                 except (KeyError, TypeError, ValueError):
                     raise CheckpointError(f"{path}: tensor {key!r} has an invalid header entry {info!r}") from None
                 if not 0 <= b <= e or e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
@@ -115,9 +136,9 @@ class TensorSource:
     def open(cls, path: str | os.PathLike) -> "TensorSource":
         path = os.fspath(path)
         if os.path.isdir(path):
-            index = os.path.join(path, INDEX_NAME)
-            if os.path.exists(index):
-                return cls.from_index(index)
+            for name in INDEX_NAMES:
+                if os.path.exists(os.path.join(path, name)):
+                    return cls.from_index(os.path.join(path, name))
             files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
             if SINGLE_NAME in files:
                 files = [SINGLE_NAME]
@@ -209,26 +230,3 @@ class TensorSource:
 
     def get(self, key: str) -> np.ndarray:
         return self.read_slice(key, ())
-
-    def get_rows(self, key: str, start: int, stop: int) -> np.ndarray:
-        """Rows [start:stop] of the first axis, reading only those bytes."""
-        return self.read_slice(key, (slice(start, stop),))
-
-    def items(self) -> Iterator[tuple[str, np.ndarray]]:
-        for k in self.keys():
-            yield k, self.get(k)
-
-    def nbytes(self) -> int:
-        total = 0
-        for k in self.keys():
-            total += int(np.prod(self.shape(k))) * np.dtype(_np_dtype(self.dtype(k))).itemsize
-        return total
-
-
-_DT = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32",
-       "I16": "int16", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool", "I8": "int8",
-       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
-
-
-def _np_dtype(st_dtype: str) -> str:
-    return _DT.get(st_dtype, "float32")

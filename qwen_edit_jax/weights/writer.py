@@ -2,8 +2,7 @@
 
 `SafetensorsWriter` lays out a file's header from a plan (name, shape, dtype) before any data
 exists, then streams each tensor to its offset, so a shard never has to be held in memory.
-`save_diffusers` writes a diffusers-style transformer folder (config.json + one file, or shards
-+ `diffusion_pytorch_model.safetensors.index.json`) from a model or any (name, array) stream.
+`write_sharded` splits planned tensors into diffusers-style shards + index.
 
 Every output goes to a temporary name beside the target and is renamed only when complete;
 an existing target is replaced only with `overwrite=True` (and never deleted before the new
@@ -12,40 +11,20 @@ output is in place).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import struct
-import tempfile
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import ml_dtypes  # noqa: F401  (numpy bfloat16 / float8)
 import numpy as np
 
-from .safetensors_io import INDEX_NAME, SINGLE_NAME
+from ..utils.files import atomic_path
+from .safetensors_io import INDEX_NAME, SINGLE_NAME, st_dtype
 
-DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3  # diffusers' default ("5GB" as 5 GiB-ish; any value works)
-
-_ST_DTYPES = {
-    "bfloat16": "BF16", "float16": "F16", "float32": "F32", "float64": "F64",
-    "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-    "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64", "bool": "BOOL",
-    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
-}
-
-
-def st_dtype(dtype: Any) -> str:
-    """numpy dtype → safetensors dtype string (BF16, F32 …)."""
-    name = np.dtype(dtype).name
-    try:
-        return _ST_DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype {name} cannot be stored in safetensors") from None
-
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # diffusers' default "5GB" (decimal, as `parse_size` reads it)
 
 def parse_size(size: int | str) -> int:
     """'5GB', '300KB', '10MiB' or an int → bytes (decimal units as in diffusers/transformers)."""
@@ -69,62 +48,6 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-# ---- atomic outputs ---------------------------------------------------------------------------
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def check_target(path: str, overwrite: bool) -> None:
-    """Refuse to touch an existing output unless `overwrite`."""
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, overwrite: bool = False, is_dir: bool = False) -> Iterator[str]:
-    """Yield a temporary path beside `path`; on success rename it to `path`, on failure delete it.
-
-    With `overwrite`, an existing `path` is moved aside first and removed only after the new
-    output has been renamed into place, so a failure never leaves neither.
-    """
-    path = os.path.abspath(os.fspath(path))
-    check_target(path, overwrite)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    base = os.path.basename(path)
-    if is_dir:
-        tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-        os.chmod(tmp, 0o777 & ~_UMASK)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.tmp-", dir=parent)
-        os.close(fd)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-    try:
-        yield tmp
-        check_target(path, overwrite)
-        old = None
-        if os.path.lexists(path):
-            old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-        os.rename(tmp, path)
-        tmp = None
-        if old is not None:
-            _remove(old)
-    finally:
-        if tmp is not None:
-            _remove(tmp)
-
-
-def _remove(p: str) -> None:
-    for _ in range(3):  # a background writer may still be closing files
-        if os.path.isdir(p) and not os.path.islink(p):
-            shutil.rmtree(p, ignore_errors=True)
-        elif os.path.lexists(p):
-            os.remove(p)
-        if not os.path.lexists(p):
-            return
 
 
 # ---- one safetensors file ---------------------------------------------------------------------
@@ -274,69 +197,3 @@ def write_sharded(
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
     return names
-
-
-# ---- diffusers transformer folders ------------------------------------------------------------
-def save_diffusers(
-    model_or_named_tensors: Any,
-    path: str | os.PathLike,
-    *,
-    config: Any = None,
-    dtype: Any = None,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    overwrite: bool = False,
-    progress: bool = False,
-) -> str:
-    """Write a diffusers-style transformer folder: config.json + safetensors (one file or shards + index).
-
-    `model_or_named_tensors`: a `QwenImageTransformer` (its base weights are streamed through
-    `api.iter_torch_params`, one tensor at a time), a `{name: array}` mapping, or an iterable of
-    (name, array) pairs (then gathered into memory to plan the file; fine for tiny models).
-    `config` (a `DiTConfig`) is required unless a model is given. `dtype` casts every tensor.
-    Atomic: written to a temporary folder beside `path`, renamed when complete.
-    """
-    from ..config import DiTConfig, as_dtype
-
-    cast = None if dtype is None else np.dtype(as_dtype(dtype))
-    if hasattr(model_or_named_tensors, "config") and hasattr(model_or_named_tensors, "transformer_blocks"):
-        from ..api import iter_torch_params
-        from . import keymap
-
-        model = model_or_named_tensors
-        config = config or model.config
-        shapes = keymap.torch_shapes(config)
-        from flax import nnx
-
-        dtypes = {}
-        flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-        for fpath, entry, _fleaf, tleaf in keymap.iter_leaves(config, model.options.fuse_qkv):
-            for layer in (range(config.num_layers) if entry.stacked else [None]):
-                for n in keymap.torch_names_for(entry, tleaf, layer):
-                    dtypes[n] = np.dtype(flat[fpath].dtype)
-        specs = [TensorSpec(n, shapes[n], cast or dtypes[n]) for n in sorted(shapes)]
-        stream: Iterable[tuple[str, np.ndarray]] = iter_torch_params(model)
-    else:
-        if not isinstance(config, DiTConfig):
-            raise ValueError("save_diffusers: pass config=DiTConfig(...) when writing named tensors")
-        items = model_or_named_tensors
-        if not isinstance(items, Mapping):
-            items = dict(items)
-        specs = [TensorSpec(n, tuple(np.shape(v)), cast or np.asarray(v).dtype) for n, v in sorted(items.items())]
-        stream = items.items()
-    if cast is not None:
-        stream = ((n, np.asarray(v).astype(cast)) for n, v in stream)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="write diffusers")
-    out = os.fspath(path)
-    try:
-        with atomic_path(out, overwrite=overwrite, is_dir=True) as tmp:
-            config.to_json(os.path.join(tmp, "config.json"))
-            write_sharded(tmp, specs, stream, max_shard_size=max_shard_size, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return out

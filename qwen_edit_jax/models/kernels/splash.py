@@ -16,7 +16,7 @@ with an online softmax and never forms them (forward and a fused backward kernel
   communication; each device runs the kernel on its own samples and heads.
 - Off TPU (CPU tests) the same kernel runs in Pallas interpret mode; on TPU it is compiled.
 
-Importing this module registers the kernel; it needs no TPU (`get_attention('splash')` imports it).
+`models.kernels.get_attention('splash')` imports this module on first use; it needs no TPU.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec as P
 
-from .attention import register_attention
-from .sharding import batch_axes_for, current_mesh
+from ...parallel.mesh import batch_axes_for, current_mesh
 
 F32 = jnp.float32
 LANE = 128  # splash block sizes are multiples of 128 on TPU
@@ -85,7 +84,6 @@ def _mesh_specs(mesh, batch: int, heads: int) -> tuple[P, P, int]:
     return P(b, h, None, None), P(b, None), heads // (t if h else 1)
 
 
-@register_attention("splash")
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
     """Splash attention with the standard kernel signature (`[B, S, H, d]`, key mask `[B, S]`)."""
     bsz, s, heads, d = q.shape

@@ -1,7 +1,7 @@
 """Multi-host runs: `jax.distributed` start-up and per-host batch rows.
 
 One process runs per host (TPU VM worker or GPU node); together they see every device of the job
-as one `jax.devices()` list, build one mesh (`sharding.make_mesh`) and run one SPMD program.
+as one `jax.devices()` list, build one mesh (`parallel.make_mesh`) and run one SPMD program.
 
 - `initialize()` starts `jax.distributed` when the job has several processes: on Cloud TPU pods
   (`QWEN_EDIT_JAX_DISTRIBUTED=1`, set by `train/launch_tpu_pod.sh`), SLURM and Open MPI JAX
@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -96,15 +97,10 @@ def initialize(
     return False
 
 
-def is_main_process() -> bool:
-    """Process 0: the one that logs, writes exported LoRA files and progress bars."""
-    return jax.process_index() == 0
-
-
 def local_batch_rows(sharding: jax.sharding.Sharding, global_batch: int) -> np.ndarray:
     """Indices (sorted) of the global batch rows that live on this process's devices.
 
-    `sharding` is the batch sharding (`sharding.batch_sharding(mesh, global_batch)`), applied to
+    `sharding` is the batch sharding (`parallel.batch_sharding(mesh, global_batch)`), applied to
     the leading axis. A replicated batch gives every row to every process.
     """
     rows: set[int] = set()
@@ -114,27 +110,34 @@ def local_batch_rows(sharding: jax.sharding.Sharding, global_batch: int) -> np.n
     return np.array(sorted(rows), dtype=np.int64)
 
 
-def global_batch(local: Any, sharding: jax.sharding.Sharding, global_batch_size: int) -> Any:
-    """Global arrays from this host's rows (`local_batch_rows` order) of every leaf of `local`.
+def global_batch(local: Any, sharding: jax.sharding.Sharding, global_batch_size: int, axis: int = 0) -> Any:
+    """Global arrays from this host's rows (`local_batch_rows` order, on batch axis `axis`) of every leaf.
 
     Thin wrapper over `jax.make_array_from_process_local_data` that checks the row count, so a
     data loader that loaded the wrong rows fails with a clear message instead of a shape error.
     """
-    n_local = len(local_batch_rows(sharding, global_batch_size))
+    n_local = len(local_batch_rows(sharding, global_batch_size)) if axis == 0 else None
 
     def one(x):
         x = np.asarray(x)
-        if x.shape[0] != n_local:
+        if n_local is not None and x.shape[0] != n_local:
             raise DistributedError(f"process {jax.process_index()} passed {x.shape[0]} batch rows, but its devices "
                                    f"hold {n_local} of the global batch of {global_batch_size}")
-        return jax.make_array_from_process_local_data(sharding, x, (global_batch_size, *x.shape[1:]))
+        shape = (*x.shape[:axis], global_batch_size, *x.shape[axis + 1:])
+        return jax.make_array_from_process_local_data(sharding, x, shape)
 
     return jax.tree.map(one, local)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A jax array as numpy on this host; an array spread over several hosts is all-gathered first
+    (every process must call this for the same array, as for any collective)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def sync(name: str = "barrier") -> None:
     """Block until every process reaches this point (no-op for one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from .config import ModelOptions
+from ...config import ModelOptions
+from ...parallel import constrain
 
 EPS = 1e-6
 F32 = jnp.float32
@@ -170,4 +171,4 @@ class FeedForward(nnx.Module):
         self.fc2 = Linear(4 * dim, dim, axes=("mlp", "embed"), options=options, rngs=rngs, name=f"{name}.fc2")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        return self.fc2(gelu_tanh(constrain(self.fc1(x), ("batch", "seq", "mlp"))))

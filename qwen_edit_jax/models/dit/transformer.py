@@ -7,15 +7,16 @@ identical blocks are stored stacked (leading `layers` axis) and run with `jax.la
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ...config import DiTConfig, ModelOptions
+from ...parallel import constrain
 from .attention import Attention
-from .config import DiTConfig, ModelOptions
 from .layers import MATMUL_CHECKPOINT_NAME, FeedForward, Linear, RMSNorm, TimeTextEmbed, layer_norm, modulate
 from .rope import ImgShape, rope_angles
 
@@ -32,9 +33,25 @@ class BlockContext:
     txt_mask: jax.Array | None  # [B, L] bool
 
 
-def _six(mod: jax.Array) -> list[jax.Array]:
-    """[R, 6D] → six [R, 1, D] chunks: shift1, scale1, gate1, shift2, scale2, gate2."""
-    return [c[:, None, :] for c in jnp.split(mod, 6, axis=-1)]
+# Logical names of the [B, S, D] activations: samples over data × fsdp, tokens over what the batch leaves.
+TOKENS = ("batch", "seq", None)
+
+
+class Modulation(NamedTuple):
+    """The six adaLN chunks of a block, each `[R, 1, D]` (or `[B, N, D]` per token under zero_cond_t):
+    shift/scale/gate before attention (msa) and before the MLP (mlp), in diffusers' order."""
+
+    shift_msa: jax.Array
+    scale_msa: jax.Array
+    gate_msa: jax.Array
+    shift_mlp: jax.Array
+    scale_mlp: jax.Array
+    gate_mlp: jax.Array
+
+
+def _modulation(mod: jax.Array) -> Modulation:
+    """[R, 6D] → the six [R, 1, D] chunks."""
+    return Modulation(*(c[:, None, :] for c in jnp.split(mod, 6, axis=-1)))
 
 
 class Block(nnx.Module):
@@ -50,27 +67,28 @@ class Block(nnx.Module):
         self.txt_mlp = FeedForward(d, name="txt_mlp", **lin)
 
     def __call__(self, img: jax.Array, txt: jax.Array, c: BlockContext) -> tuple[jax.Array, jax.Array]:
+        img, txt = constrain(img, TOKENS), constrain(txt, TOKENS)
         if c.temb_ref is None:
-            im = _six(self.img_mod(jax.nn.silu(c.temb)))
+            im = _modulation(self.img_mod(jax.nn.silu(c.temb)))
         else:  # zero_cond_t: reference tokens take shift, scale and gate from temb(0)
             both = self.img_mod(jax.nn.silu(jnp.concatenate([c.temb, c.temb_ref], axis=0)))
             cur, ref = jnp.split(both, 2, axis=0)
             sel = c.ref_mask[None, :, None]
-            im = [jnp.where(sel, r, m) for m, r in zip(_six(cur), _six(ref))]
-        tm = _six(self.txt_mod(jax.nn.silu(c.temb)))
+            im = Modulation(*(jnp.where(sel, r, m) for m, r in zip(_modulation(cur), _modulation(ref))))
+        tm = _modulation(self.txt_mod(jax.nn.silu(c.temb)))
 
         a_img, a_txt = self.attn(
-            modulate(layer_norm(img), im[0], im[1]),
-            modulate(layer_norm(txt), tm[0], tm[1]),
+            modulate(layer_norm(img), im.shift_msa, im.scale_msa),
+            modulate(layer_norm(txt), tm.shift_msa, tm.scale_msa),
             c.img_angles,
             c.txt_angles,
             c.txt_mask,
         )
-        img = img + im[2] * a_img
-        txt = txt + tm[2] * a_txt
-        img = img + im[5] * self.img_mlp(modulate(layer_norm(img), im[3], im[4]))
-        txt = txt + tm[5] * self.txt_mlp(modulate(layer_norm(txt), tm[3], tm[4]))
-        return img, txt
+        img = img + im.gate_msa * a_img
+        txt = txt + tm.gate_msa * a_txt
+        img = img + im.gate_mlp * self.img_mlp(modulate(layer_norm(img), im.shift_mlp, im.scale_mlp))
+        txt = txt + tm.gate_mlp * self.txt_mlp(modulate(layer_norm(txt), tm.shift_mlp, tm.scale_mlp))
+        return constrain(img, TOKENS), constrain(txt, TOKENS)
 
 
 class NormOut(nnx.Module):
@@ -176,7 +194,7 @@ class QwenImageTransformer(nnx.Module):
         layout = normalize_img_shapes(img_shapes, b, n)
         n_txt = encoder_hidden_states.shape[1]
 
-        img = self.img_in(hidden_states)
+        img = constrain(self.img_in(hidden_states), TOKENS)
         sigma = jnp.broadcast_to(jnp.asarray(timestep), (b,)).astype(dt)  # diffusers rounds σ to the activation dtype
         temb = self.time_text_embed(sigma)
         temb_ref = ref_mask = None
@@ -184,7 +202,7 @@ class QwenImageTransformer(nnx.Module):
         if cfg.zero_cond_t and n_target < n:
             temb_ref = self.time_text_embed(jnp.zeros_like(sigma))
             ref_mask = jnp.asarray(np.arange(n) >= n_target)
-        txt = self.txt_in(self.txt_norm(encoder_hidden_states.astype(dt)))
+        txt = constrain(self.txt_in(self.txt_norm(encoder_hidden_states.astype(dt))), TOKENS)
         txt_mask = None
         if encoder_hidden_states_mask is not None:
             if encoder_hidden_states_mask.shape != (b, n_txt):
@@ -194,7 +212,7 @@ class QwenImageTransformer(nnx.Module):
         img_angles, txt_angles = rope_angles(layout, n_txt, cfg.axes_dims_rope)
         ctx = BlockContext(temb, temb_ref, ref_mask, jnp.asarray(img_angles), jnp.asarray(txt_angles), txt_mask)
         img, _ = self._run_blocks(img, txt, ctx)
-        return self.proj_out(self.norm_out(img, temb))
+        return constrain(self.proj_out(self.norm_out(img, temb)), TOKENS)
 
 
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))

@@ -1,6 +1,6 @@
 """PyTorch checkpoints ⇄ merged Flax params, for base models and LoRAs (the converter's library side).
 
-`convert(input, output, direction)` detects what `input` is (`layout.detect`) and:
+`convert(input, output, direction)` detects what `input` is (`detect`) and:
 
 * base model, `to_merged`: any layout → merged Orbax checkpoint (`checkpoint.save_merged`),
   streamed layer by layer, source dtype kept unless `dtype`;
@@ -19,28 +19,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
-
-from ..config import DiTConfig, as_dtype
-from . import keymap, layout
-from .checkpoint import save_merged
-from .loader import LazyParams, open_lazy_params
-from .safetensors_io import CheckpointError
-from .writer import (
-    DEFAULT_MAX_SHARD_SIZE,
-    SafetensorsWriter,
-    TensorSpec,
-    atomic_path,
-    check_target,
-    write_safetensors_file,
-    write_sharded,
-)
+from .config import DiTConfig, as_dtype
+from .errors import CheckpointError
+from .lora import formats
+from .lora.files import is_lora_file, lora_file_tensors, lora_to_fused, read_lora_file
+from .utils.files import check_target
+from .weights import keymap, layout
+from .weights.checkpoint import is_merged_checkpoint, save_merged
+from .weights.loader import open_lazy_params
+from .weights.torch_layout import save_standard
+from .weights.writer import DEFAULT_MAX_SHARD_SIZE, write_safetensors_file
 
 DIRECTIONS = ("to_merged", "to_standard")
-BASE_FORMATS = ("diffusers", "diffsynth", "comfyui")
 
 
 @dataclasses.dataclass
@@ -54,93 +46,9 @@ class ConvertResult:
     seconds: float
 
 
-# ---- base models: standard layout writer -------------------------------------------------------
-def standard_specs(lazy: LazyParams, cast: np.dtype | None = None) -> list[TensorSpec]:
-    """Every diffusers tensor (name, torch shape, dtype) the lazy params map to, sorted by name."""
-    shapes = keymap.torch_shapes(lazy.config)
-    specs = []
-    for path, entry, _fleaf, tleaf in keymap.iter_leaves(lazy.config):
-        dt = cast or layout.leaf_dtype(lazy, path)
-        for layer in (range(lazy.config.num_layers) if entry.stacked else [None]):
-            for name in keymap.torch_names_for(entry, tleaf, layer):
-                specs.append(TensorSpec(name, shapes[name], np.dtype(dt)))
-    return sorted(specs, key=lambda s: s.name)
-
-
-def iter_standard_tensors(lazy: LazyParams, cast: np.dtype | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(diffusers name, torch-layout array) one layer of one leaf at a time."""
-    cfg = lazy.config
-    for path, entry, fleaf, tleaf in keymap.iter_leaves(cfg):
-        for layer in (range(cfg.num_layers) if entry.stacked else [None]):
-            value = lazy.read(path) if layer is None else lazy.read(path, (slice(layer, layer + 1),))[0]
-            tensors = keymap.from_flax_leaf(fleaf, value, len(entry.torch))
-            for name, t in zip(keymap.torch_names_for(entry, tleaf, layer), tensors):
-                yield name, (t if cast is None else t.astype(cast))
-
-
-def _bar(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc)
-
-
-def _counting(stream, bar, n_total: int):
-    for done, (name, t) in enumerate(stream, 1):
-        yield name, t
-        if bar is not None:
-            bar.set_postfix_str(f"tensors {done}/{n_total}", refresh=False)
-
-
-def save_standard(
-    lazy: LazyParams,
-    output: str | os.PathLike,
-    *,
-    format: str = "diffusers",
-    dtype: Any = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-) -> str:
-    """Write base weights in the standard PyTorch layout (separate q/k/v, torch `[out, in]`)."""
-    if format not in BASE_FORMATS:
-        raise ValueError(f"--format {format!r} is a LoRA key style; base models are written as "
-                         f"{', '.join(BASE_FORMATS)} (diffsynth reads the diffusers folder)")
-    out = os.fspath(output)
-    cast = None if dtype is None else np.dtype(as_dtype(dtype))
-    specs = standard_specs(lazy, cast)
-    bar = _bar(sum(s.nbytes for s in specs), "to_standard", progress)
-    stream = _counting(iter_standard_tensors(lazy, cast), bar, len(specs))
-    try:
-        if format == "comfyui":  # one file, bare diffusers names (as ComfyUI's repacks)
-            with atomic_path(out, overwrite=overwrite) as tmp:
-                w = SafetensorsWriter(tmp, specs, {"format": "pt"})
-                try:
-                    for name, t in stream:
-                        w.write(name, t)
-                        if bar is not None:
-                            bar.update(w.specs[name].nbytes)
-                except BaseException:
-                    w.abort()
-                    raise
-                w.close()
-        else:
-            with atomic_path(out, overwrite=overwrite, is_dir=True) as tmp:
-                lazy.config.to_json(os.path.join(tmp, "config.json"))
-                write_sharded(tmp, specs, stream, max_shard_size=max_shard_size, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
-
-
 # ---- LoRAs ------------------------------------------------------------------------------------
 def convert_lora(input: str, output: str, direction: str, *, format: str = "diffusers", dtype: Any = None,
                  overwrite: bool = False) -> tuple[str, int, int]:
-    from ..lora import formats
-    from ..lora.io import lora_file_tensors, lora_to_fused, read_lora_file
-
     lf = read_lora_file(input)
     if direction == "to_merged":
         modules = lora_to_fused(lf)
@@ -155,6 +63,20 @@ def convert_lora(input: str, output: str, direction: str, *, format: str = "diff
     meta = {"format": "pt", "qwen_edit_jax.lora_format": style}
     write_safetensors_file(output, tensors, metadata=meta, overwrite=overwrite)
     return what, len(tensors), sum(t.nbytes for t in tensors.values())
+
+
+def detect(path: str | os.PathLike) -> layout.Detected:
+    """Base model or LoRA, and which container / key style (no config needed)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or folder")
+    if is_merged_checkpoint(path):
+        return layout.Detected(path, "base", "merged Orbax checkpoint (this project)", "Flax merged-QKV params")
+    if is_lora_file(path):
+        lf = read_lora_file(path)
+        return layout.Detected(path, "LoRA", "single safetensors file", lf.describe())
+    _, det = layout.open_torch_source(path)
+    return det
 
 
 # ---- entry point --------------------------------------------------------------------------------
@@ -181,7 +103,7 @@ def convert(
         raise ValueError(f"--output {output} is the input; choose another path")
     check_target(output, overwrite)
     t0 = time.perf_counter()
-    detected = layout.detect(input)
+    detected = detect(input)
     if detected.kind == "LoRA":
         if log:
             log(f"detected: {detected.describe()}")
@@ -212,4 +134,4 @@ def _tree_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-__all__ = ["CheckpointError", "ConvertResult", "convert", "convert_lora", "save_standard"]
+__all__ = ["CheckpointError", "ConvertResult", "convert", "convert_lora", "detect", "save_standard"]

@@ -1,0 +1,142 @@
+"""Loading the DiT: checkpoint files (`weights/`) → `QwenImageTransformer` (`models/dit`) → devices (`parallel/`).
+
+Every source — a diffusers folder or file in any PyTorch layout, a merged Orbax checkpoint, or
+in-memory arrays — is a `LazyParams`, and every leaf goes to its devices through one
+`jax.make_array_from_callback` call: each device's slice is read from disk (cast per layer) and
+placed, one leaf at a time. Without a mesh the "mesh" is the first device, so single-host loading
+streams too: peak host memory is the placed weights plus one leaf, never the checkpoint twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, Sharding, SingleDeviceSharding
+from tqdm.auto import tqdm
+
+from ..config import DiTConfig, ModelOptions
+from ..lora.merge import apply_lora
+from ..models.dit import BASE_PARAMS, QwenImageTransformer, abstract_model, fresh_lora_state
+from ..parallel import param_shardings
+from ..weights.lazy import ArrayParams, LazyParams, check_params
+from ..weights.loader import open_lazy_params
+from ..weights.torch_layout import iter_standard_tensors, save_standard
+
+LoraSpec = str | os.PathLike | Sequence[Any] | None
+
+
+def _flat(state: Any) -> dict[str, Any]:
+    return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+
+
+def _shardings(state: nnx.State, mesh: Mesh | None) -> dict[str, Sharding]:
+    """Each variable's target sharding: `LOGICAL_RULES` on a mesh, else the first local device."""
+    if mesh is None:
+        one = SingleDeviceSharding(jax.local_devices()[0])
+        return {k: one for k in _flat(state)}
+    return {k: v.get_value() for k, v in _flat(param_shardings(state, mesh)).items()}
+
+
+def array_from_lazy(lazy: LazyParams, path: str, sharding: Sharding, dtype: Any) -> jax.Array:
+    """One parameter as a `jax.Array` in `sharding`, each device's slice read straight from the source.
+
+    The callback runs once per addressable device with that device's index; devices holding the
+    same slice (replicas) share one read. No host holds more than its own devices' slices.
+    """
+    cache: dict[tuple, np.ndarray] = {}
+
+    def cb(index: tuple[slice, ...] | None) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index or ())
+        if key not in cache:
+            cache[key] = lazy.read(path, index, dtype=dtype)
+        return cache[key]
+
+    return jax.make_array_from_callback(tuple(lazy.shape(path)), sharding, cb)
+
+
+def init_lora(model: QwenImageTransformer, mesh: Mesh | None, seed: int = 0) -> None:
+    """Give `model` fresh LoRA adapters (A random, B zero), computed on device already in their shardings."""
+    abstract = nnx.state(abstract_model(model.config, model.options), nnx.LoRAParam)
+    out_sh = param_shardings(abstract, mesh) if mesh is not None else None
+    make = jax.jit(lambda: fresh_lora_state(model.config, model.options, seed), out_shardings=out_sh)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        nnx.update(model, make())
+
+
+def place_params(lazy: LazyParams, options: ModelOptions, *, mesh: Mesh | None = None, lora_seed: int = 0,
+                 progress: bool = True) -> QwenImageTransformer:
+    """Build the model from `lazy`, every base weight streamed to its devices; fresh LoRA if `options.lora`."""
+    model = abstract_model(lazy.config, options)
+    graphdef, state = nnx.split(model)
+    base = {k: v for k, v in _flat(state).items() if not isinstance(v, nnx.LoRAParam)}
+    check_params(lazy.description, {p: lazy.shape(p) for p in lazy.paths()}, {k: v.shape for k, v in base.items()})
+    shardings = _shardings(state, mesh)
+    show = progress and jax.process_index() == 0 and len(base) > 50
+    for key, var in tqdm(base.items(), desc="load", unit="leaf", disable=not show):
+        var.set_value(array_from_lazy(lazy, key, shardings[key], options.param_dtype))
+    model = nnx.merge(graphdef, state)
+    if options.lora is not None:
+        init_lora(model, mesh, lora_seed)
+    return model
+
+
+def load_transformer(
+    path: str | os.PathLike,
+    *,
+    dtype: Any = np.float32,
+    mesh: Mesh | None = None,
+    lora: LoraSpec = None,
+    options: ModelOptions | None = None,
+    config: DiTConfig | str | None = None,
+    lora_seed: int = 0,
+    progress: bool = True,
+) -> QwenImageTransformer:
+    """Load the transformer from a diffusers folder (config.json + one safetensors file, or shards
+    with an index), a single safetensors file with `config=` (also ComfyUI prefixes and the original
+    merged-QKV PyTorch layout), or a merged Orbax checkpoint written by `convert/convert_checkpoint.py`.
+
+    `dtype` sets both parameter and activation dtype unless `options` is given. `lora`: a LoRA file
+    or a list of paths / (path, strength) pairs in any supported key style, merged into the weights.
+    `mesh` (`parallel.make_mesh`): every weight arrives sharded per `parallel.LOGICAL_RULES`, each
+    process reading only its own devices' slices. Trainable adapters (`options.lora`) are created
+    once, on device, in their shardings (`lora_seed`).
+    """
+    options = options or ModelOptions(param_dtype=dtype, dtype=dtype)
+    lazy = open_lazy_params(path, config, fuse_qkv=options.fuse_qkv)
+    model = place_params(lazy, options, mesh=mesh, lora_seed=lora_seed, progress=progress)
+    if lora is not None:  # LoRA files of any key style, merged into the base weights (exact in fp32)
+        apply_lora(model, lora)
+    return model
+
+
+def model_from_params(config: DiTConfig, options: ModelOptions, params: Mapping[str, Any], *, lora_seed: int = 0,
+                      source: str = "params", mesh: Mesh | None = None) -> QwenImageTransformer:
+    """A model from a flat `{flax path: array}` dict of base weights (fresh LoRA if `options.lora`)."""
+    lazy = ArrayParams(params, config, fuse_qkv=options.fuse_qkv, description=source)
+    return place_params(lazy, options, mesh=mesh, lora_seed=lora_seed, progress=False)
+
+
+def model_params(model: QwenImageTransformer) -> ArrayParams:
+    """The model's base weights as a `LazyParams` (for export; arrays spread over hosts are gathered per slice)."""
+    flat = {k: v.get_value() for k, v in _flat(nnx.state(model, BASE_PARAMS)).items()}
+    return ArrayParams(flat, model.config, fuse_qkv=model.options.fuse_qkv, description="model")
+
+
+def iter_torch_params(model: QwenImageTransformer) -> Iterator[tuple[str, np.ndarray]]:
+    """The model's base weights as (diffusers name, numpy array in torch layout), one at a time."""
+    return iter_standard_tensors(model_params(model))
+
+
+def save_transformer(model: QwenImageTransformer, path: str | os.PathLike, **kwargs: Any) -> str:
+    """Write the model's base weights as a diffusers transformer folder (`format="comfyui"`: one file).
+
+    Keyword arguments as `weights.torch_layout.save_standard` (dtype, overwrite, max_shard_size, progress).
+    """
+    kwargs.setdefault("progress", False)
+    return save_standard(model_params(model), path, **kwargs)

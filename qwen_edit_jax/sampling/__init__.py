@@ -1,0 +1,34 @@
+"""Sampling: the flow-match schedule (`schedule`), the compiled true-CFG loop (`loop`), cached examples (`cached`)."""
+
+from .cached import (
+    SampleSettings,
+    latent_img_shape,
+    output_name,
+    plan_batches,
+    plan_outputs,
+    sample_cached,
+    sample_cached_batch,
+    sample_dataset,
+    sample_noise,
+    save_latents,
+    validation_distance,
+)
+from .loop import sample
+from .schedule import (
+    QWEN_IMAGE_SCHEDULER,
+    FlowMatchConfig,
+    calculate_shift,
+    cfg_combine,
+    euler_step,
+    exponential_shift,
+    flow_match_sigmas,
+    model_timesteps,
+    stretch_to_terminal,
+)
+
+__all__ = [
+    "QWEN_IMAGE_SCHEDULER", "FlowMatchConfig", "SampleSettings", "calculate_shift", "cfg_combine", "euler_step",
+    "exponential_shift", "flow_match_sigmas", "latent_img_shape", "model_timesteps", "output_name", "plan_batches",
+    "plan_outputs", "sample", "sample_cached", "sample_cached_batch", "sample_dataset", "sample_noise",
+    "save_latents", "stretch_to_terminal", "validation_distance",
+]

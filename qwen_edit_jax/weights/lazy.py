@@ -1,0 +1,88 @@
+"""The `LazyParams` contract: per-slice access to base weights in Flax layout, whatever is on disk.
+
+`read(path, index)` returns just the requested slice of one Flax parameter (stacked over layers,
+q|k|v fused, transposed), reading only the bytes that slice touches. Loading places each leaf on
+its devices through it (one device's slice per callback), the converter streams layer by layer.
+`check_params` is the one place that compares what a source holds with what a config expects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..config import DiTConfig, as_dtype
+from ..errors import CheckpointError
+from ..parallel.distributed import to_host
+
+Index = tuple[slice, ...]
+
+
+class LazyParams(Protocol):
+    config: DiTConfig
+    description: str
+    fuse_qkv: bool  # False: six separate q/k/v projections (the benchmark baseline layout)
+
+    def paths(self) -> list[str]: ...
+
+    def shape(self, path: str) -> tuple[int, ...]: ...
+
+    def dtype(self, path: str) -> np.dtype: ...
+
+    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray: ...
+
+
+def norm_index(index: Index | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    """A basic-slice index padded to every axis, with concrete start/stop/step."""
+    index = tuple(index or ())
+    index = index + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+
+
+def _some(names: list[str]) -> str:
+    return f"{names[:3]}{' …' if len(names) > 3 else ''}"
+
+
+def check_params(description: str, have: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],
+                 *, hint: str = "", where: Any = None) -> None:
+    """Every expected name present with its shape, nothing unexpected; else one `CheckpointError`.
+
+    `where(name)` names the file holding a tensor (for the shape message); `hint` is appended to
+    the missing/unexpected messages (e.g. "does the config match the weights?").
+    """
+    missing = sorted(set(expected) - set(have))
+    unexpected = sorted(set(have) - set(expected))
+    tail = f" ({hint})" if hint else ""
+    if missing:
+        raise CheckpointError(f"{description}: missing {len(missing)} tensors, e.g. {_some(missing)}{tail}")
+    if unexpected:
+        raise CheckpointError(f"{description}: {len(unexpected)} unexpected tensors, e.g. {_some(unexpected)}{tail}")
+    for name, shape in expected.items():
+        if tuple(have[name]) != tuple(shape):
+            src = where(name) if where is not None else description
+            raise CheckpointError(f"{src}: tensor {name} has shape {tuple(have[name])}, expected {tuple(shape)} "
+                                  f"for this config")
+
+
+class ArrayParams:
+    """`LazyParams` over in-memory arrays (`{flax path: numpy or jax array}`), e.g. a model's own weights."""
+
+    def __init__(self, params: Mapping[str, Any], config: DiTConfig, *, fuse_qkv: bool = True,
+                 description: str = "params"):
+        self.params, self.config, self.description, self.fuse_qkv = params, config, description, fuse_qkv
+
+    def paths(self) -> list[str]:
+        return list(self.params)
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return tuple(self.params[path].shape)
+
+    def dtype(self, path: str) -> np.dtype:
+        return np.dtype(self.params[path].dtype)
+
+    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
+        """The slice as numpy; a jax array spread over several hosts is gathered (all processes call this)."""
+        out = to_host(self.params[path][norm_index(index, self.shape(path))])
+        return out if dtype is None else out.astype(np.dtype(as_dtype(dtype)))
