@@ -20,6 +20,23 @@ _IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "pooled_p
 _UNSUPPORTED_TRUE_KEYS = {"use_additional_t_cond", "use_layer3d_rope", "guidance_embeds"}
 
 
+def read_json_config(path: str | os.PathLike, what: str = "config") -> tuple[dict[str, Any], str]:
+    """A diffusers/transformers `config.json` (a file, or a folder holding one) as a dict, and its path."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return d, path
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
     """Architecture of `QwenImageTransformer2DModel`; field names equal diffusers' config keys."""
@@ -82,16 +99,7 @@ class DiTConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "DiTConfig":
         """Read a diffusers `config.json` (a file, or a folder holding one)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        d, path = read_json_config(path)
         return cls.from_dict(d, source=path)
 
     def to_dict(self) -> dict[str, Any]:

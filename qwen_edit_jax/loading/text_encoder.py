@@ -15,7 +15,6 @@ the file and key before anything is read.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -25,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from ..config import as_dtype
+from ..config import as_dtype, read_json_config
 from ..encoding import QwenPromptEncoder, check_tokenizer
 from ..errors import CheckpointError
 from ..models.kernels import get_attention
@@ -46,12 +45,9 @@ def read_text_encoder_config(folder: str | os.PathLike) -> Qwen25VLConfig:
     """`Qwen25VLConfig` from `folder/config.json` (either transformers layout)."""
     path = os.path.join(os.fspath(folder), "config.json")
     try:
-        with open(path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found (a transformers text_encoder folder has config.json)") from None
+        raw, path = read_json_config(path, "text encoder config (a transformers text_encoder folder has config.json)")
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from None
+        raise CheckpointError(str(e)) from None
     try:
         return Qwen25VLConfig.from_dict(raw, source=path)
     except ValueError as e:

@@ -7,9 +7,10 @@ layout, 127M parameters) with its 16 latent normalisation constants.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
+
+from ...config import read_json_config
 
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -84,18 +85,7 @@ class VAEConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "VAEConfig":
         """Read a diffusers `config.json` (a file, or a `vae/` folder holding one)."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        try:
-            with open(path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"VAE config not found: {path}") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+        d, path = read_json_config(path, "VAE config")
         return cls.from_dict(d, source=path)
 
     def to_dict(self) -> dict[str, Any]:
