@@ -139,7 +139,8 @@ def preset(name: str) -> DiTConfig:
 
 
 RematPolicy = Literal["none", "full", "save_matmuls"]
-AttentionImpl = Literal["xla", "cudnn", "splash", "chunked"]
+AttentionImpl = Literal["auto", "xla", "chunked", "flash", "cudnn", "splash"]
+ATTENTION_KERNELS: tuple[str, ...] = AttentionImpl.__args__  # the built-in names in models.kernels
 QKVMode = Literal["split", "shared"]
 
 DEFAULT_LORA_TARGETS = ("to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp")
@@ -203,7 +204,7 @@ class ModelOptions:
     dtype: Any = jnp.float32  # activation / matmul-input dtype; norms, RoPE and softmax stay fp32
     scan_layers: bool = True  # lax.scan over stacked blocks (compile time independent of depth)
     remat: RematPolicy = "none"
-    attention: AttentionImpl = "xla"
+    attention: AttentionImpl = "auto"  # per platform: splash (TPU), cudnn (GPU, bf16/fp16), else flash
     fuse_qkv: bool = True  # False: six separate q/k/v projections (benchmark baseline only)
     lora: LoraConfig | None = None
 
@@ -212,7 +213,7 @@ class ModelOptions:
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         if self.remat not in ("none", "full", "save_matmuls"):
             raise ValueError(f"remat must be 'none', 'full' or 'save_matmuls', got {self.remat!r}")
-        if self.attention not in ("xla", "cudnn", "splash", "chunked"):
-            raise ValueError(f"attention must be 'xla', 'cudnn', 'splash' or 'chunked', got {self.attention!r}")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"attention must be one of {list(ATTENTION_KERNELS)}, got {self.attention!r}")
         if self.lora is not None and not self.fuse_qkv:
             raise ValueError("LoRA is implemented on the fused-QKV layout only (fuse_qkv=True)")

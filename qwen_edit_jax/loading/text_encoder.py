@@ -35,7 +35,7 @@ from ..weights import text_encoder_keys as keys
 from ..weights.safetensors_io import CheckpointError as SourceError
 from ..weights.safetensors_io import TensorSource
 
-DEFAULT_ATTENTION = "chunked"  # vision tower kernel: memory-efficient on every backend ('splash' on TPU)
+DEFAULT_ATTENTION = "auto"  # vision tower kernel: splash (TPU), cudnn (GPU, half precision), else flash
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _FLOAT_DTYPES = {"BF16", "F16", "F32", "F64"}

@@ -30,7 +30,7 @@ class ModelSection:
     param_dtype: str = "bfloat16"  # storage dtype of the frozen base weights
     dtype: str = "bfloat16"  # activation dtype; LoRA params and the loss stay fp32
     remat: Literal["none", "full", "save_matmuls"] = "full"
-    attention: Literal["xla", "cudnn", "splash", "chunked"] = "xla"
+    attention: Literal["auto", "xla", "chunked", "flash", "cudnn", "splash"] = "auto"  # see ModelOptions
     scan_layers: bool = True
 
 

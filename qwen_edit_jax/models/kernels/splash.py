@@ -29,6 +29,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec as P
 
 from ...parallel.mesh import batch_axes_for, current_mesh
+from .platform import platform_of
 
 F32 = jnp.float32
 LANE = 128  # splash block sizes are multiples of 128 on TPU
@@ -67,14 +68,6 @@ def segment_ids(batch: int, s: int, sp: int, key_mask: jax.Array | None) -> tupl
     return q_ids, valid.astype(jnp.int32)
 
 
-def _platform(mesh) -> str:
-    """The platform the kernel is built for (a TPU topology's when AOT-compiling for one)."""
-    device = getattr(mesh, "abstract_device", None) if mesh is not None else None
-    if device is not None and getattr(device, "platform", None):
-        return device.platform
-    return jax.default_backend()
-
-
 def _mesh_specs(mesh, batch: int, heads: int) -> tuple[P, P, int]:
     """(q/k/v/out spec `[B, H, S, d]`, segment-id spec `[B, S]`, local head count)."""
     axes = batch_axes_for(mesh, batch)
@@ -95,7 +88,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     kh, vh = to_bhsd(k), to_bhsd(v)
     q_ids, kv_ids = segment_ids(bsz, s, sp, key_mask)
     mesh = current_mesh()
-    platform = _platform(mesh)
+    platform = platform_of(mesh)
     if platform in ("gpu", "cuda", "rocm"):
         raise ValueError("attention='splash' is the TPU (Pallas Mosaic) kernel; on NVIDIA GPUs use attention='cudnn'")
     interpret = platform != "tpu"  # CPU: Pallas interpret mode (tests)

@@ -30,7 +30,7 @@ from ..kernels import get_attention
 from .config import VAEConfig
 
 F32 = jnp.float32
-DEFAULT_ATTENTION = "chunked"  # mid-block kernel: memory-efficient, pure JAX, every backend
+DEFAULT_ATTENTION = "auto"  # mid-block kernel: splash (TPU), cudnn (GPU, half precision), else flash
 NORM_EPS = 1e-12  # torch.nn.functional.normalize's default
 BATCH_NHWC = ("batch", None, None, None)
 Padding = tuple[tuple[int, int], tuple[int, int]]
