@@ -1,8 +1,8 @@
 """qwen_edit_jax: the Qwen-Image(-Edit) MMDiT with merged QKV in JAX/Flax NNX, for LoRA training.
 
 Layers, bottom up (a module imports only from lower layers): `config`, `errors`, `packing`, `utils`
-→ `parallel` → `models`, `weights` → `lora` → `loading`, `convert`, `preprocess`, `encoding` → `sampling` →
-`training`.
+→ `parallel` → `models`, `weights` → `lora` → `loading`, `convert`, `preprocess`, `encoding` → `sampling`,
+`pipeline` → `training`, `caching`.
 """
 
 from flax import nnx as _nnx
@@ -25,9 +25,11 @@ from .loading import (  # noqa: E402
 from .models.dit import QwenImageTransformer, abstract_model, count_params, init_transformer  # noqa: E402
 from .models.vae import VAEConfig  # noqa: E402
 from .packing import pack_latents, unpack_latents  # noqa: E402
+from .pipeline import QwenImageEditPipeline  # noqa: E402
 
 __all__ = [
-    "DiTConfig", "LoraConfig", "ModelOptions", "PRESETS", "QwenImageTransformer", "QwenImageVAE", "QwenPromptEncoder",
+    "DiTConfig", "LoraConfig", "ModelOptions", "PRESETS", "QwenImageEditPipeline", "QwenImageTransformer",
+    "QwenImageVAE", "QwenPromptEncoder",
     "VAEConfig", "abstract_model", "count_params", "init_transformer", "init_vae", "iter_torch_params",
     "load_text_encoder", "load_transformer", "load_vae", "model_from_params", "pack_latents", "preset",
     "save_transformer", "unpack_latents",
