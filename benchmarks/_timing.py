@@ -8,11 +8,30 @@ Medians are reported over clean iterations when there are enough, else over all 
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import statistics
+import sys
 import time
 from typing import Any, Callable
+
+REFERENCE_EXTRA = "pip install -e '.[test]'"
+
+
+def reference_missing(*modules: str) -> list[str]:
+    """Which of the PyTorch reference's packages (torch, diffusers, peft) are not installed; the main
+    install has none of them (they come with the test extra). Prints what the benchmark does instead."""
+    missing = []
+    for m in modules:
+        try:
+            importlib.import_module(m)
+        except ImportError:
+            missing.append(m)
+    if missing:
+        print(f"note: {', '.join(missing)} not installed: the PyTorch/diffusers comparison needs the test extra "
+              f"({REFERENCE_EXTRA}); timing the JAX side only", file=sys.stderr, flush=True)
+    return missing
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

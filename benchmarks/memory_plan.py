@@ -10,6 +10,10 @@ XLA's own memory and cost analysis for one chip:
 
 Needs `pip install -e .[tpu-plan]` (libtpu). The last line with `--json` is one JSON object.
 Peak = arguments + outputs − donated aliases + temporaries (+ code), as XLA allocates them.
+When the TPU compiler refuses the program (HBM OOM), the figure in its error is not the real need
+(it reports what an un-rematerialised schedule would take); the plan then compiles the same step
+with shorter stacks (`--extrapolate 4,8` blocks), fits temporaries = a + b·blocks, and reports the
+full-depth arguments + extrapolated temporaries, marked `peak_source: "extrapolated"`.
 FLOPs are counted on the step's jaxpr (every matmul, × scan length, remat recomputation
 included, splash kernels by FlashAttention accounting), because XLA's cost analysis counts the
 60-layer scan's loop body once. Estimated step time = flops_per_device / chip peak bf16 FLOP/s:
@@ -19,6 +23,7 @@ a lower bound at 100% MFU (real runs reach 30–60%); `--mfu` scales it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -57,6 +62,12 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="splash", choices=["xla", "chunked", "splash"])
     p.add_argument("--param-dtype", default="bfloat16")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
+                   help="weight-only quantized frozen base (block kernels int8 / fp8 + per-channel scales)")
+    p.add_argument("--layers", type=int, default=None, help="cut the stack to this many blocks (planning aid)")
+    p.add_argument("--extrapolate", default="4,8",
+                   help="when the compiler refuses the full stack: compile these shorter stacks and extrapolate "
+                        "their temporaries linearly to the full depth ('' = report the error's lower bound)")
     p.add_argument("--mfu", type=float, default=1.0, help="assumed model-FLOPs utilisation for the time estimate")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -145,6 +156,24 @@ def _hbm_oom(err: Exception) -> int | None:
     return int(float(m.group(1)) * 1024 ** "KMGT".index(m.group(2)) * 1024)
 
 
+def _compile(lowered, arg_bytes: int):
+    """(sizes, peak bytes, XLA flops, OOM temporaries or None) of one AOT compile."""
+    try:
+        compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses programs that cannot fit in HBM
+        oom = _hbm_oom(e)
+        if oom is None:
+            raise
+        # lower bound: the arguments plus the temporaries XLA reported needing
+        return dict(argument=arg_bytes, output=0, alias=0, temp=oom), arg_bytes + oom, 0.0, oom
+    mem = compiled.memory_analysis()
+    sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
+                 alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes)
+    peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + mem.generated_code_size_in_bytes
+    cost = compiled.cost_analysis()
+    return sizes, peak, float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0)), None
+
+
 def token_grid(cfg, args) -> tuple[int, int]:
     """Packed-token grid (h, w) of one image: VAE /8, then patch_size² patches."""
     f = 8 * cfg.patch_size
@@ -171,7 +200,9 @@ def _splash_flops(eqn) -> float:
     """FLOPs of one splash `pallas_call` from its operand shapes (q, k, v are [..., H, S, d])."""
     phase = next((p for p in SPLASH_BWD_MATMULS if f"_{p}" in str(eqn.params.get("name", ""))), None)
     shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
-    shapes = [sh for sh in shapes if len(sh) >= 3]
+    # q, k, v (and do) are the 4-D [B, H, S, d] operands; 3-D ones ([B, S, 128] lane-broadcast residuals)
+    # can be larger when H·d < 128 and must not be taken for q
+    shapes = [sh for sh in shapes if len(sh) >= 4]
     if phase is None or not shapes:
         return 0.0
     big = max(int(np.prod(sh)) for sh in shapes)
@@ -238,12 +269,15 @@ def plan(args) -> dict:
     from qwen_edit_jax.config import LoraConfig, ModelOptions
 
     cfg = q.preset(args.preset)
+    if args.layers:
+        cfg = dataclasses.replace(cfg, num_layers=args.layers)
     chip = chip_of(args.topology)
     devices = topology_devices(args.topology)
     data, fsdp, tensor = (int(x) for x in args.mesh.split(","))
     mesh = shd.make_mesh(data, fsdp, tensor, devices=devices)
     opts = ModelOptions(param_dtype=args.param_dtype, dtype=args.dtype, remat=args.remat, attention=args.attention,
-                        lora=LoraConfig(rank=args.lora_rank))
+                        lora=LoraConfig(rank=args.lora_rank),
+                        quantize=None if args.quantize == "none" else args.quantize)
     model_abs = q.abstract_model(cfg, opts)
     n_params = q.count_params(model_abs)
     n_lora = q.count_params(model_abs, nnx.LoRAParam)
@@ -252,24 +286,26 @@ def plan(args) -> dict:
     t0 = time.perf_counter()
     lowered = lower()
     t1 = time.perf_counter()
-    oom = None
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # the TPU compiler refuses programs that cannot fit in HBM
-        oom = _hbm_oom(e)
-        if oom is None:
-            raise
+    sizes, peak, xla_reported, oom = _compile(lowered, arg_bytes)
     t2 = time.perf_counter()
-    if oom is None:
-        mem = compiled.memory_analysis()
-        sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-                     alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes)
-        peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + mem.generated_code_size_in_bytes
-        cost = compiled.cost_analysis()
-        xla_reported = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0))
-    else:  # lower bound: the arguments plus the temporaries XLA reported needing
-        sizes = dict(argument=arg_bytes, output=0, alias=0, temp=oom)
-        peak, xla_reported = arg_bytes + oom, 0.0
+    source, fitted = ("compiled" if oom is None else "oom_lower_bound"), {}
+    short = sorted({int(x) for x in args.extrapolate.split(",") if x.strip()} - {cfg.num_layers})
+    if oom is not None and len(short) >= 2 and max(short) < cfg.num_layers:
+        for n in short:  # the same step on shorter stacks (all else equal): temporaries grow linearly
+            lw, _, _, _ = build_step(dataclasses.replace(cfg, num_layers=n), opts, mesh, args)
+            s_n, _, _, oom_n = _compile(lw(), 0)
+            if oom_n is not None:
+                break
+            fitted[n] = s_n
+        if len(fitted) == len(short):
+            ns = np.array(list(fitted), float)
+            temps = np.array([fitted[n]["temp"] for n in fitted], float)
+            slope, icept = np.polyfit(ns, temps, 1)
+            last = fitted[max(fitted)]
+            sizes = dict(argument=arg_bytes, output=last["output"], alias=last["alias"],
+                         temp=int(round(icept + slope * cfg.num_layers)))
+            peak = arg_bytes + sizes["output"] - sizes["alias"] + sizes["temp"]
+            source = "extrapolated"
     flops = flops_per_device(jaxpr(), cfg, mesh, args)
     weights_per_dev = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
                           for x in jax.tree.leaves(base))
@@ -299,10 +335,17 @@ def plan(args) -> dict:
         "temp_bytes": sizes["temp"],
         "peak_bytes_per_device": int(peak),
         "peak_gib_per_device": peak / GiB,
-        "compile_oom": oom is not None,  # XLA refused: peak is a lower bound (arguments + reported temporaries)
+        "num_layers": cfg.num_layers,
+        "quantize": None if args.quantize == "none" else args.quantize,
+        "compile_oom": oom is not None,  # XLA refused the full stack
+        # "compiled": XLA's memory analysis; "extrapolated": full-depth arguments + temporaries fitted on the
+        # shorter stacks in `extrapolated_from`; "oom_lower_bound": arguments + the error's temporaries
+        "peak_source": source,
+        "extrapolated_from": {str(n): v["temp"] for n, v in fitted.items()},
+        "oom_reported_temp_bytes": oom,
         "hbm_gib": chip["hbm_gib"],
         "budget_gib": chip["budget_gib"],
-        "fits": oom is None and peak / GiB <= chip["budget_gib"],
+        "fits": source != "oom_lower_bound" and peak / GiB <= chip["budget_gib"],
         "flops_per_device": flops["total"],
         "matmul_flops_per_device": flops["matmul"],
         "attention_flops_per_device": flops["attention"],
@@ -320,13 +363,17 @@ def table(r: dict) -> str:
         ("target", f"{r['topology']} ({r['devices']}× {r['device_kind']}), mesh {r['mesh']}"),
         ("workload", f"{r['height']}×{r['width']} + {r['refs']} ref, {r['image_tokens']} image + "
                      f"{r['text_tokens']} text tokens, batch {r['batch']} × accum {r['grad_accum']}"),
-        ("model", f"{r['params']:,} params, LoRA r{r['lora_rank']} {r['lora_params']:,} (fp32), "
-                  f"remat {r['remat']}, attention {r['attention']}"),
+        ("model", f"{r['params']:,} params ({r['num_layers']} blocks, base {r['quantize'] or 'float'}), "
+                  f"LoRA r{r['lora_rank']} {r['lora_params']:,} (fp32), remat {r['remat']}, attention {r['attention']}"),
         ("weights / chip", f"{r['weights_bytes_per_device'] / GiB:.2f} GiB"),
         ("args / temp / out", f"{r['argument_bytes'] / GiB:.2f} / {r['temp_bytes'] / GiB:.2f} / "
                               f"{r['output_bytes'] / GiB:.2f} GiB (aliased {r['alias_bytes'] / GiB:.2f})"),
-        ("peak / chip", f"{'≥ ' if r['compile_oom'] else ''}{r['peak_gib_per_device']:.2f} GiB of {r['hbm_gib']:.0f} "
+        ("peak / chip", f"{'≥ ' if r['peak_source'] == 'oom_lower_bound' else ''}"
+                        f"{'≈ ' if r['peak_source'] == 'extrapolated' else ''}{r['peak_gib_per_device']:.2f} GiB of {r['hbm_gib']:.0f} "
                         f"(budget {r['budget_gib']:.0f}: {'fits' if r['fits'] else 'DOES NOT FIT'})"),
+        *([("note", f"compiler refused the full stack; temporaries extrapolated from {list(r['extrapolated_from'])} "
+                    f"blocks (the error claimed {r['oom_reported_temp_bytes'] / GiB:.1f} GiB)")]
+          if r["peak_source"] == "extrapolated" else []),
         ("TFLOP / chip / step", f"{r['flops_per_device'] / 1e12:.1f} "
                                 f"(matmuls {r['matmul_flops_per_device'] / 1e12:.1f} + "
                                 f"splash {r['attention_flops_per_device'] / 1e12:.1f}; XLA's cost analysis, "

@@ -9,6 +9,7 @@ Each run samples with true CFG (negative prompt), one target plus one reference 
 whole `num_inference_steps` loop; s/step = loop time / steps. JAX runs the loop as one compiled
 program, with cond+uncond batched (`batch_cfg`) and separately; diffusers runs
 `tests/sampling_reference.diffusers_edit_loop` (the pipelines' loop) on the same weights and inputs.
+The diffusers side needs the test extra (torch, diffusers); without it the JAX side runs alone.
 """
 
 from __future__ import annotations
@@ -25,10 +26,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+from qwen_edit_jax.utils.accelerators import cpu_unless_accelerator  # noqa: E402
+
+cpu_unless_accelerator()  # no libtpu probe noise on a CPU-only machine (JAX_PLATFORMS wins if set)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import emit_json, print_table, time_fn
+from _timing import emit_json, print_table, reference_missing, time_fn
 from train_step import add_model_args, grid, model_config, model_flops
 
 import qwen_edit_jax as q
@@ -113,12 +118,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--attention", default="xla")
-    p.add_argument("--jax-only", action="store_true", help="skip diffusers (GPU runs, big configs)")
+    p.add_argument("--jax-only", action="store_true",
+                   help="skip diffusers (GPU runs, big configs; automatic without the test extra)")
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch intra-op threads (0: torch's default); e.g. 1 under `taskset -c 0` for one core each")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     args = p.parse_args(argv)
+    if not args.jax_only and reference_missing("torch", "diffusers"):
+        args.jax_only = True
 
     cfg = model_config(args)
     dtype = q.config.as_dtype(args.dtype)

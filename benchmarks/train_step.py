@@ -6,6 +6,8 @@
 
 Achieved FLOP/s counts the model's matmul FLOPs analytically (linears + attention; backward =
 2 × forward) and is set against the peak of one large matmul measured in the same run.
+`--lora-rank R` times a full LoRA training step against diffusers + PEFT; that side needs the test
+extra (torch, diffusers, peft): without it, or with `--jax-only`, only the JAX step is timed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from qwen_edit_jax.utils.accelerators import cpu_unless_accelerator  # noqa: E402
+
+cpu_unless_accelerator()  # no libtpu probe noise on a CPU-only machine (JAX_PLATFORMS wins if set)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -26,7 +33,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import qwen_edit_jax as q  # noqa: E402
-from _timing import emit_json, print_table, time_fn  # noqa: E402
+from _timing import emit_json, print_table, reference_missing, time_fn  # noqa: E402
 
 
 def grid(n: int) -> tuple[int, int, int]:
@@ -134,11 +141,8 @@ def bench_model(args: argparse.Namespace, fuse_qkv: bool) -> dict:
 def bench_lora(args: argparse.Namespace) -> dict:
     """A full LoRA training step (`qwen_edit_jax.training.make_train_step`: forward, backward, clip,
     AdamW, donated buffers) against diffusers + PEFT doing the same step in PyTorch (same config,
-    same targets as separate q/k/v LoRAs, fp32 on CPU), in one run. Prints the time ratio."""
-    import torch
-    from diffusers import QwenImageTransformer2DModel
-    from peft import LoraConfig as PeftLoraConfig
-
+    same targets as separate q/k/v LoRAs, fp32 on CPU), in one run. Prints the time ratio.
+    Without torch/diffusers/peft (the test extra), or with `--jax-only`, times the JAX step alone."""
     from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
     from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
 
@@ -174,8 +178,29 @@ def bench_lora(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     ours()
     compile_s = time.perf_counter() - t0
+    if args.jax_only or reference_missing("torch", "diffusers", "peft"):
+        jt = time_fn(ours, iters=args.iters, warmup=args.warmup)
+        rows = [{"impl": "jax (merged qkv, split LoRA)", "step_s": jt["median_s"], "clean": jt["clean"],
+                 "lora_params": n_lora, "compile_s": compile_s}]
+        result = {
+            "device": str(jax.devices()[0].device_kind), "platform": jax.devices()[0].platform,
+            "host": platform.node(), "dtype": "float32", "batch": b, "lora_rank": rank, "layers": cfg.num_layers,
+            "inner_dim": cfg.inner_dim, "img_tokens": args.img_tokens, "ref_tokens": args.ref_tokens,
+            "txt_tokens": args.txt_tokens, "step_s": jt["median_s"], "torch_step_s": None, "torch_over_jax": None,
+            "results": rows,
+        }
+        print(f"LoRA training step (JAX only), rank {rank}, {cfg.num_layers} layers x dim {cfg.inner_dim}, fp32, "
+              f"batch {b}")
+        print_table(rows, ["impl", "step_s", "clean", "lora_params", "compile_s"])
+        if args.json:
+            emit_json(result)
+        return result
 
     # ---- diffusers + PEFT
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from peft import LoraConfig as PeftLoraConfig
+
     torch.manual_seed(0)
     d = cfg.to_dict()
     d.pop("_class_name")
@@ -261,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--lora-rank", type=int, default=0,
                    help="time a full LoRA training step of this rank vs diffusers+PEFT in PyTorch (bench_lora)")
+    p.add_argument("--jax-only", action="store_true",
+                   help="with --lora-rank: time the JAX step alone (automatic without the test extra)")
     args = p.parse_args(argv)
     if args.preset:
         args.img_tokens, args.ref_tokens, args.txt_tokens = (args.img_tokens if args.img_tokens != 1024 else 64,

@@ -142,6 +142,7 @@ RematPolicy = Literal["none", "full", "save_matmuls"]
 AttentionImpl = Literal["auto", "xla", "chunked", "flash", "cudnn", "splash"]
 ATTENTION_KERNELS: tuple[str, ...] = AttentionImpl.__args__  # the built-in names in models.kernels
 QKVMode = Literal["split", "shared"]
+QuantizeMode = Literal["int8", "fp8"]
 
 DEFAULT_LORA_TARGETS = ("to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp")
 
@@ -207,9 +208,16 @@ class ModelOptions:
     attention: AttentionImpl = "auto"  # per platform: splash (TPU), cudnn (GPU, bf16/fp16), else flash
     fuse_qkv: bool = True  # False: six separate q/k/v projections (benchmark baseline only)
     lora: LoraConfig | None = None
+    # weight-only quantized frozen base: the block linears' kernels stored as int8 / fp8 (e4m3) values
+    # with per-output-channel fp32 scales (models/quant.py); other leaves stay in `param_dtype`
+    quantize: QuantizeMode | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
+        if self.quantize is not None and self.quantize not in ("int8", "fp8"):
+            raise ValueError(f"quantize must be None, 'int8' or 'fp8', got {self.quantize!r}")
+        if self.quantize is not None and not self.fuse_qkv:
+            raise ValueError("quantize is implemented on the fused-QKV layout only (fuse_qkv=True)")
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
         if self.remat not in ("none", "full", "save_matmuls"):
             raise ValueError(f"remat must be 'none', 'full' or 'save_matmuls', got {self.remat!r}")

@@ -7,8 +7,12 @@
 * base model, `to_standard`: any layout → a diffusers folder (config.json + shards + index;
   DiffSynth reads it too) or, with `format="comfyui"`, one safetensors file; bit-exact;
 * LoRA, `to_merged`: separate q/k/v → fused `attn.to_qkv` / `attn.add_qkv_proj` (stacked A,
-  block-diagonal B, exact), other modules unchanged, same key style;
-* LoRA, `to_standard`: any key style (fused names included) → separate q/k/v in `format`.
+  block-diagonal B, exact), other modules unchanged; key style `format` if given, else the input's;
+* LoRA, `to_standard`: any key style (fused names included) → separate q/k/v in `format`
+  (default diffusers).
+
+What the input is comes from its content (safetensors header, Orbax marker), never its name.
+A merged Orbax checkpoint has no key style, so `format` with a base model's `to_merged` is refused.
 
 Outputs are atomic (temporary name, renamed when complete); an existing output is replaced only
 with `overwrite=True`.
@@ -24,6 +28,7 @@ from typing import Any
 from .config import DiTConfig, as_dtype
 from .errors import CheckpointError
 from .lora import formats
+from .loading.quantized import QuantizedParams
 from .lora.files import is_lora_file, lora_file_tensors, lora_to_fused, read_lora_file
 from .utils.files import check_target
 from .weights import keymap, layout
@@ -47,17 +52,19 @@ class ConvertResult:
 
 
 # ---- LoRAs ------------------------------------------------------------------------------------
-def convert_lora(input: str, output: str, direction: str, *, format: str = "diffusers", dtype: Any = None,
+def convert_lora(input: str, output: str, direction: str, *, format: str | None = None, dtype: Any = None,
                  overwrite: bool = False) -> tuple[str, int, int]:
+    """Convert a LoRA file; `format` is the output key style (default: the input's for `to_merged`,
+    diffusers for `to_standard`)."""
+    if format is not None and format not in formats.WRITE_STYLES:
+        raise ValueError(f"unknown LoRA --format {format!r}; choose one of {list(formats.WRITE_STYLES)}")
     lf = read_lora_file(input)
     if direction == "to_merged":
         modules = lora_to_fused(lf)
-        style = lf.style if lf.style in formats.WRITE_STYLES else "diffsynth"
+        style = format or (lf.style if lf.style in formats.WRITE_STYLES else "diffsynth")
         what = f"merged-QKV LoRA ({style} key style, fused attn.to_qkv / attn.add_qkv_proj)"
     else:
-        if format not in formats.WRITE_STYLES:
-            raise ValueError(f"unknown LoRA --format {format!r}; choose one of {list(formats.WRITE_STYLES)}")
-        modules, style = lf.modules, format
+        modules, style = lf.modules, format or "diffusers"
         what = f"standard LoRA ({style} key style, separate q/k/v)"
     tensors = lora_file_tensors(modules, format=style, dtype=dtype)
     meta = {"format": "pt", "qwen_edit_jax.lora_format": style}
@@ -74,7 +81,7 @@ def detect(path: str | os.PathLike) -> layout.Detected:
         return layout.Detected(path, "base", "merged Orbax checkpoint (this project)", "Flax merged-QKV params")
     if is_lora_file(path):
         lf = read_lora_file(path)
-        return layout.Detected(path, "LoRA", "single safetensors file", lf.describe())
+        return layout.Detected(path, "LoRA", "single safetensors file", lf.describe().removeprefix("LoRA, "))
     _, det = layout.open_torch_source(path)
     return det
 
@@ -86,14 +93,22 @@ def convert(
     direction: str,
     *,
     config: DiTConfig | str | None = None,
-    format: str = "diffusers",
+    format: str | None = None,
     dtype: Any = None,
     overwrite: bool = False,
     progress: bool = True,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     log: Any = None,
+    quantize: str | None = None,
 ) -> ConvertResult:
-    """Convert a base model or LoRA between the standard PyTorch layout and the merged layout."""
+    """Convert a base model or LoRA between the standard PyTorch layout and the merged layout.
+
+    `format`: the output's key style — base `to_standard`: diffusers (default), diffsynth or comfyui;
+    LoRA: any of `lora.formats.WRITE_STYLES` (default: the input's for `to_merged`, diffusers for
+    `to_standard`); base `to_merged` writes an Orbax checkpoint, which has none, so it is refused.
+    `quantize` ("int8" / "fp8", base `to_merged` only): write a quantized merged checkpoint (block kernels
+    as 8-bit values + fp32 per-output-channel scales, `loading.quantized`); load it with the same mode.
+    """
     input, output = os.fspath(input), os.fspath(output)
     if direction not in DIRECTIONS:
         raise ValueError(f"--direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -104,11 +119,16 @@ def convert(
     check_target(output, overwrite)
     t0 = time.perf_counter()
     detected = detect(input)
+    if quantize is not None and (detected.kind == "LoRA" or direction != "to_merged"):
+        raise ValueError(f"--quantize {quantize} applies to a base model's to_merged output only")
     if detected.kind == "LoRA":
         if log:
             log(f"detected: {detected.describe()}")
         what, n, nbytes = convert_lora(input, output, direction, format=format, dtype=dtype, overwrite=overwrite)
         return ConvertResult(detected, output, direction, what, n, nbytes, time.perf_counter() - t0)
+    if direction == "to_merged" and format is not None:
+        raise ValueError(f"--format {format} does not apply to a base model's to_merged output (a merged Orbax "
+                         f"checkpoint has no key style); drop --format, or use it with --direction to_standard")
     lazy = open_lazy_params(input, config)
     detected = getattr(lazy, "detected", detected)
     if log:
@@ -116,11 +136,16 @@ def convert(
         log(f"detected: {detected.describe()}; {c.num_layers} layers, width {c.inner_dim}, "
             f"zero_cond_t={c.zero_cond_t}")
     n_tensors = len(keymap.torch_shapes(lazy.config))
+    if direction == "to_standard" and getattr(lazy, "quantize", None):
+        raise ValueError(f"{input} is a quantized ({lazy.quantize}) merged checkpoint; the standard layouts hold "
+                         f"float weights: convert the float original instead")
     if direction == "to_merged":
+        if quantize is not None:
+            lazy = QuantizedParams(lazy, quantize)
         save_merged(lazy, output, dtype=dtype, overwrite=overwrite, progress=progress, source=input)
         what = "merged Orbax checkpoint (config.json + params/)"
     else:
-        save_standard(lazy, output, format=format, dtype=dtype, overwrite=overwrite, progress=progress,
+        save_standard(lazy, output, format=format or "diffusers", dtype=dtype, overwrite=overwrite, progress=progress,
                       max_shard_size=max_shard_size)
         what = ("single safetensors file (ComfyUI)" if format == "comfyui"
                 else "diffusers folder (config.json + safetensors)")

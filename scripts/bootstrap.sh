@@ -1,18 +1,55 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install the project. `bootstrap.sh test` adds the test extra
-# (PyTorch CPU 2.13.0 + diffusers for parity tests); torch is installed first and pinned so pip
-# never pulls a multi-GB CUDA build.
+# (PyTorch CPU 2.13.0 + diffusers for parity tests, libtpu for TPU memory plans); torch is installed
+# first and pinned so pip never pulls a multi-GB CUDA build.
+# pip runs quietly; known noise is dropped from its output, and any pip failure stops this script
+# with pip's exit status and its full output (nothing is left to turn into a silent test skip).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+
+# pip's output without known noise: "… is ignored" notices and setuptools' "InformationOnly" box
+# ("Editable installation … folders with the same name …"), which -q does not silence.
+drop_noise() {
+  awk '
+    /^[[:space:]]*!![[:space:]]*$/ {
+      if (!box) { box = 1; quiet = (held && line ~ /InformationOnly/); if (quiet) held = 0 }
+      else { box = 0; after = quiet }
+      if (!quiet) { if (held) print line; held = 0; print }
+      next
+    }
+    box && quiet { next }
+    after { after = 0; next }
+    /is ignored/ { next }
+    { if (held) print line; line = $0; held = 1 }
+    END { if (held) print line }'
+}
+
+pip_quiet() {
+  local out status=0
+  out=$(.venv/bin/python -m pip "$@" 2>&1) || status=$?
+  if [ "$status" -ne 0 ]; then
+    printf '%s\n' "$out" >&2
+    echo "error: 'pip $*' failed (exit status $status); nothing after it was installed" >&2
+    exit "$status"
+  fi
+  if [ -n "$out" ]; then
+    printf '%s\n' "$out" | drop_noise
+  fi
+}
+
+pip_quiet install -q --upgrade pip
 if [ "${1:-}" = "test" ]; then
-  .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q -e ".[test]" 2>&1 | grep -v "is ignored" || true
+  pip_quiet install -q "torch==2.13.0"
+  pip_quiet install -q -e ".[test]"
 else
-  .venv/bin/python -m pip install -q -e . 2>&1 | grep -v "is ignored" || true
+  pip_quiet install -q -e .
 fi
-# (the test extra brings libtpu for AOT memory plans; keep its TPU probe quiet on machines without one)
-[ "${1:-}" = "test" ] && export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
-.venv/bin/python -c "import qwen_edit_jax, jax; print('qwen_edit_jax ready on', jax.devices()[0].platform)"
+# JAX_PLATFORMS=cpu unless the machine has a TPU or GPU (qwen_edit_jax.utils.accelerators): libtpu from
+# the test extra would otherwise probe for a TPU and print a screen of errors on a CPU-only machine.
+.venv/bin/python -c "
+from qwen_edit_jax.utils.accelerators import cpu_unless_accelerator
+cpu_unless_accelerator()
+import jax, qwen_edit_jax
+print('qwen_edit_jax ready on', jax.devices()[0].platform)"

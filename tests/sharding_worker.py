@@ -172,7 +172,7 @@ def scenario_splash(_arg):
 
 def flat_base(model) -> dict:
     """{flax path: array} of the base weights (LoRA excluded)."""
-    state = nnx.state(model, q.transformer.BASE_PARAMS)
+    state = nnx.state(model, q.models.dit.BASE_PARAMS)
     return {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
@@ -199,6 +199,7 @@ class CountingLazy:
 def scenario_load(path):
     """load_transformer(path, mesh=) from a diffusers folder and from a merged Orbax checkpoint:
     equal weights, every callback reads exactly its device's slice (never a whole tensor)."""
+    from qwen_edit_jax.loading import dit as dit_loading
     from qwen_edit_jax.weights import safetensors_io
     from qwen_edit_jax.weights.checkpoint import save_merged
     from qwen_edit_jax.weights.loader import open_lazy_params
@@ -208,11 +209,11 @@ def scenario_load(path):
     x = inputs(8)
     ref_out = np.asarray(single(*x, IMG_SHAPES))
     src = safetensors_io.TensorSource
-    orig_slice, orig_get, orig_array = src.read_slice, src.get, shd.array_from_lazy
+    orig_slice, orig_get, orig_array = src.read_slice, src.get, dit_loading.array_from_lazy
     reads: list = []  # (key, bytes copied out of the memory map)
 
-    def counting_slice(self, key, index):
-        a = orig_slice(self, key, index)
+    def counting_slice(self, key, index, **kwargs):
+        a = orig_slice(self, key, index, **kwargs)
         reads.append((key, int(a.nbytes)))
         return a
 
@@ -224,12 +225,12 @@ def scenario_load(path):
         mesh = shd.make_mesh(*m)
         calls: list = []
         src.read_slice, src.get = counting_slice, forbidden_get
-        shd.array_from_lazy = lambda lazy, p, sh, dt, calls=calls: orig_array(CountingLazy(lazy, sh, reads, calls),
-                                                                              p, sh, dt)
+        dit_loading.array_from_lazy = lambda lazy, p, sh, dt, calls=calls: orig_array(
+            CountingLazy(lazy, sh, reads, calls), p, sh, dt)
         try:
             model = q.load_transformer(path, mesh=mesh)
         finally:
-            src.read_slice, src.get, shd.array_from_lazy = orig_slice, orig_get, orig_array
+            src.read_slice, src.get, dit_loading.array_from_lazy = orig_slice, orig_get, orig_array
         flat = flat_base(model)
         out[str(m)] = {
             "max_weight_diff": max(float(np.max(np.abs(np.asarray(a) - ref_flat[k]))) for k, a in flat.items()),
@@ -238,12 +239,12 @@ def scenario_load(path):
             "calls": calls,
             "sharded_leaves": sum(shd.is_sharded(a) for a in flat.values()),
         }
-    # the converter's merged Orbax checkpoint: restored straight into the target shardings
+    # the converter's merged Orbax checkpoint: each device's slice read from the zarr chunks
     merged = save_merged(open_lazy_params(path), os.path.join(os.path.dirname(path), "merged"), progress=False)
     mesh = shd.make_mesh(2, 2, 2)
     model = q.load_transformer(merged, mesh=mesh)
     flat = flat_base(model)
-    want = shd.param_shardings(nnx.state(model, q.transformer.BASE_PARAMS), mesh)
+    want = shd.param_shardings(nnx.state(model, q.models.dit.BASE_PARAMS), mesh)
     want = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(want)}
     out["merged"] = {
         "max_weight_diff": max(float(np.max(np.abs(np.asarray(a) - ref_flat[k]))) for k, a in flat.items()),
@@ -271,7 +272,7 @@ def scenario_seq_parallel(_arg):
     single = jax.jit(fwd).lower(state, *x).compile()
     ref = np.asarray(single(state, *x))
     out = {"single_flops": single.cost_analysis()["flops"]}
-    for m in [(1, 8, 1), (2, 4, 1), (1, 4, 2)]:
+    for m in [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]:
         mesh = shd.make_mesh(*m)
         sharded = shd.shard_model(q.init_transformer(CFG, ModelOptions(), seed=0), mesh)
         st = nnx.state(sharded)

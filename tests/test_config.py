@@ -6,7 +6,7 @@ import pytest
 
 from qwen_edit_jax import DiTConfig, LoraConfig, ModelOptions, preset
 
-# The published configs (qwen_image_dit.md §1), as they appear in transformer/config.json.
+# The published configs, as they appear in each model's transformer/config.json on the Hugging Face Hub.
 QWEN_IMAGE = {"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.34.0.dev0",
               "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56], "guidance_embeds": False,
               "in_channels": 64, "joint_attention_dim": 3584, "num_attention_heads": 24, "num_layers": 60,

@@ -58,9 +58,69 @@ def fp32_single(tmp_path_factory, torch_model):
     return save_torch_model(torch_model, tmp_path_factory.mktemp("fp32") / "base")
 
 
+# Names of the Flax tree that differ from diffusers' module names (written out here, independently of
+# qwen_edit_jax.weights.keymap, so that the loader is checked against something it did not produce).
+_RENAMES = (("img_mod.1.", "img_mod."), ("txt_mod.1.", "txt_mod."), ("img_mlp.net.0.proj.", "img_mlp.fc1."),
+            ("img_mlp.net.2.", "img_mlp.fc2."), ("txt_mlp.net.0.proj.", "txt_mlp.fc1."),
+            ("txt_mlp.net.2.", "txt_mlp.fc2."), ("attn.to_out.0.", "attn.to_out."))
+_FUSED = {"attn.to_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+          "attn.add_qkv_proj": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+
+
+def reference_from_torch(torch_model) -> dict[str, np.ndarray]:
+    """The expected Flax params of a diffusers model, from its `state_dict()` by hand: linear weights
+    [out, in] → kernels [in, out]; norm weights → `scale`; blocks stacked on a leading axis; q|k|v
+    fused into kernels [D, 3, D] (slice j = q, k, v) and biases [3, D]."""
+    sd = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+
+    def leaf(name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
+        stem, kind = name.rsplit(".", 1)
+        if kind == "bias":
+            return name, w
+        if "norm" in stem and w.ndim == 1:
+            return f"{stem}.scale", w
+        return f"{stem}.kernel", w.T
+
+    out: dict[str, np.ndarray] = {}
+    blocks: dict[str, list[np.ndarray]] = {}
+    n = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    for i in range(n):
+        pre = f"transformer_blocks.{i}."
+        mine = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+        for fused, parts in _FUSED.items():
+            blocks.setdefault(f"{fused}.kernel", []).append(
+                np.stack([mine.pop(f"{p}.weight").T for p in parts], axis=1))  # [D_in, 3, D_out]
+            blocks.setdefault(f"{fused}.bias", []).append(np.stack([mine.pop(f"{p}.bias") for p in parts]))
+        for k, v in mine.items():
+            for a, b in _RENAMES:
+                k = k.replace(a, b)
+            name, v = leaf(k, v)
+            blocks.setdefault(name, []).append(v)
+    for name, vs in blocks.items():
+        out[f"transformer_blocks.{name}"] = np.stack(vs)
+    for k, v in sd.items():
+        if not k.startswith("transformer_blocks."):
+            name, v = leaf(k, v)
+            out[name] = v
+    return out
+
+
 @pytest.fixture(scope="module")
-def reference_params(fp32_single):
-    return flax_params(q.load_transformer(fp32_single))
+def reference_params():
+    # a fresh copy of `torch_model` (same seed): the bf16 fixture's `.to(bfloat16)` round trip rounds that one
+    return reference_from_torch(make_torch_model(TINY, seed=4))
+
+
+def test_reference_is_independent_and_complete(reference_params):
+    """The hand-built reference has the model's exact tree, and the fused kernel's slice j is W_j.T."""
+    model = q.init_transformer(TINY)
+    shapes = {k: v.shape for k, v in flax_params(model).items()}
+    assert {k: v.shape for k, v in reference_params.items()} == shapes
+    sd = make_torch_model(TINY, seed=4).state_dict()
+    qkv = reference_params["transformer_blocks.attn.to_qkv.kernel"]
+    np.testing.assert_array_equal(qkv[1, :, 2, :], sd["transformer_blocks.1.attn.to_v.weight"].numpy().T)
+    np.testing.assert_array_equal(reference_params["transformer_blocks.attn.add_qkv_proj.bias"][0, 1],
+                                  sd["transformer_blocks.0.attn.add_k_proj.bias"].numpy())
 
 
 # ---- round trips ---------------------------------------------------------------------------------
@@ -244,6 +304,41 @@ def test_lora_roundtrip_bit_exact(style, tmp_path, fp32_single):
     m2 = flax_params(q.load_transformer(fp32_single, lora=merged))
     for k in m1:
         np.testing.assert_allclose(m1[k], m2[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+def test_lora_files_are_recognised_by_content_not_name(tmp_path):
+    """`to_merged` into a name without an extension, then `to_standard` from it: read back by content."""
+    src = _write_single(tmp_path / "in.safetensors", _lora_sd("diffsynth", seed=2))
+    merged, back = str(tmp_path / "l_merged"), str(tmp_path / "l_back")
+    assert convert(src, merged, "to_merged").detected.kind == "LoRA"
+    res = convert(merged, back, "to_standard", format="diffsynth")
+    assert res.detected.kind == "LoRA" and "fused QKV modules" in res.detected.key_style
+    assert_bit_identical(tensors_of(src), tensors_of(back))
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "comfyui", "kohya", "diffsynth", "lightx2v"])
+def test_lora_to_merged_honours_format(fmt, tmp_path):
+    """`--direction to_merged --format F` writes the fused LoRA in key style F (it used to keep the input's)."""
+    src = _write_single(tmp_path / "in.safetensors", _lora_sd("diffsynth", seed=3))
+    merged = str(tmp_path / "merged.safetensors")
+    res = convert(src, merged, "to_merged", format=fmt)
+    assert f"({fmt} key style, fused" in res.written
+    lf = read_lora_file(merged)
+    assert lf.style == fmt and len(lf.fused_modules) == 2 * TINY.num_layers
+    with safe_open(merged, "np") as f:
+        keys = list(f.keys())
+    marker = {"diffusers": "transformer.transformer_blocks.0.attn.to_qkv.lora_A.weight",
+              "comfyui": "diffusion_model.transformer_blocks.0.attn.to_qkv.lora_A.weight",
+              "kohya": "lora_unet_transformer_blocks_0_attn_to_qkv.lora_down.weight",
+              "diffsynth": "transformer_blocks.0.attn.to_qkv.lora_A.default.weight",
+              "lightx2v": "transformer_blocks.0.attn.to_qkv.lora_down.weight"}[fmt]
+    assert marker in keys, keys[:4]
+    back = str(tmp_path / "back.safetensors")
+    convert(merged, back, "to_standard", format="diffsynth")
+    a, b = read_lora(src), read_lora(back)
+    assert sorted(a) == sorted(b)
+    for m in a:  # the same ΔW per module, whatever style the merged file used
+        np.testing.assert_allclose(b[m].delta(), a[m].delta(), rtol=1e-6, atol=1e-6)
 
 
 def test_lora_to_standard_changes_style(tmp_path):

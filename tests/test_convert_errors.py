@@ -234,3 +234,33 @@ def test_lora_json_metadata_not_required(tmp_path):
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": np.ones((128, 2), np.float32)}, p,
               metadata={"lora_adapter_metadata": "{broken"})
     assert read_lora(p)["transformer_blocks.0.attn.to_q"].scale == 1.0
+
+
+def test_format_with_a_base_to_merged_is_refused(cli, capsys, tmp_path, base_tensors):
+    """A merged Orbax checkpoint has no key style: `--format` there is an error, not silently ignored."""
+    err, out = run_fail(cli, capsys, tmp_path, "--input", folder(tmp_path, base_tensors), "--direction", "to_merged",
+                        "--format", "kohya")
+    assert "--format kohya does not apply to a base model's to_merged output" in err
+    assert not os.path.exists(out)
+
+
+def test_not_a_checkpoint_says_what_it_holds(cli, capsys, tmp_path):
+    """No base-model anchor and no LoRA either: the message lists what the file does hold."""
+    p = str(tmp_path / "vae.safetensors")
+    save_file({"decoder.conv_in.weight": np.ones((2, 2), np.float32),
+               "decoder.conv_in.bias": np.ones(2, np.float32)}, p)
+    err, _ = run_fail(cli, capsys, tmp_path, "--input", p, "--direction", "to_merged", "--config", "tiny")
+    assert "not a Qwen-Image transformer checkpoint; it holds 2 tensors, e.g. ['decoder.conv_in.bias', " \
+           "'decoder.conv_in.weight']" in err
+
+
+def test_a_lora_where_a_base_model_belongs_says_so(tmp_path):
+    """Loading a LoRA file (any name) as the base model: the error says it found a LoRA and what to do."""
+    p = str(tmp_path / "my_lora")
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((2, 128), np.float32),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": np.ones((128, 2), np.float32)}, p)
+    with pytest.raises(q.errors.CheckpointError, match=r"it holds 2 tensors, 2 of them LoRA factors \(e\.g\. "
+                                                       r"\['transformer\.transformer_blocks\.0\.attn\.to_q\.lora_A"
+                                                       r"\.weight'.*a LoRA, not a base model; load a base model here "
+                                                       r"and pass the LoRA separately"):
+        q.load_transformer(p, config=TINY)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -152,6 +154,71 @@ def test_cli_existing_outputs_and_errors(setup, capsys):
     assert "cached dataset folder not found" in capsys.readouterr().err
     assert cli.main(common + ["--overwrite", "--lora", str(setup["tmp"] / "no.safetensors")]) == 2
     assert "LoRA file not found" in capsys.readouterr().err
+
+
+def test_cli_cfg_without_negative_prompt_warns_and_records_the_scale_used(setup, capsys):
+    """`--cfg 4` on a sample without a cached negative prompt: a warning, and the file says CFG was 1."""
+    cli = _load_cli()
+    out = setup["tmp"] / "out_nocfg"
+    assert cli.main(["--cache", setup["cache"], "--model", setup["base"], "--out", str(out), "--steps", "2",
+                     "--dtype", "float32", "--cfg", "4.0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: true_cfg_scale=4.0 but 1 of 3 samples have no cached negative prompt" in err
+    _, meta = _read(str(out / "t2i.safetensors"))
+    assert meta["true_cfg_scale"] == "1.0" and meta["requested_true_cfg_scale"] == "4.0"
+    _, meta = _read(str(out / sampling.output_name("edit/0")))
+    assert meta["true_cfg_scale"] == "4.0"  # this one has a negative prompt: CFG ran
+
+
+def test_cli_bad_out_and_lora_strength_are_one_line_errors(setup, tmp_path, capsys):
+    cli = _load_cli()
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    common = ["--cache", setup["cache"], "--model", setup["base"], "--steps", "1", "--ids", "t2i"]
+    for out, msg in ((f, f"error: --out {f}: is a file, not a folder"),
+                     (f / "sub", f"error: --out {f}/sub: {f} is a file, so no folder can be made under it")):
+        assert cli.main(common + ["--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(msg) and len(err.strip().splitlines()) == 1, err
+    assert cli.main(common + ["--out", str(tmp_path / "o"), "--lora", f"{setup['lora_path']}:abc"]) == 2
+    err = capsys.readouterr().err
+    assert "strength 'abc' after the last ':' is not a number" in err and "not found" not in err, err
+    assert cli.main(common + ["--out", str(tmp_path / "o"), "--lora", f"{tmp_path}/missing.safetensors:0.5"]) == 2
+    assert f"--lora {tmp_path}/missing.safetensors: LoRA file not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_epilog_keeps_the_usage_lines():
+    r = subprocess.run([sys.executable, "sample/sample.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, COLUMNS="100"), timeout=120)
+    lines = r.stdout.splitlines()
+    assert any(line.rstrip().endswith("--model Qwen-Image-Edit-2509/transformer \\") for line in lines), r.stdout
+    assert any(line.strip().startswith("--lora runs/demo/lora_diffusers.safetensors:0.8") for line in lines)
+    assert r.stdout.count("Sample edit targets from a training cache") == 1  # the description is not repeated
+
+
+def test_outputs_respect_the_umask_and_a_failed_run_leaves_no_folder(setup, tmp_path, monkeypatch):
+    model = q.load_transformer(setup["base"])
+    ds = CachedDataset(setup["cache"])
+    old = os.umask(0o022)
+    try:
+        cache = write_cache(str(tmp_path / "cache"), setup["samples"][2:])
+        out = sampling.sample_dataset(model, ds, tmp_path / "out", indices=[2], progress=False,
+                                      settings=sampling.SampleSettings(num_inference_steps=1, true_cfg_scale=1.0))
+    finally:
+        os.umask(old)
+    shard = [n for n in os.listdir(cache) if n.endswith(".safetensors")][0]
+    assert oct(os.stat(os.path.join(cache, shard)).st_mode & 0o777) == "0o644"  # safetensors alone writes 0o600
+    assert oct(os.stat(out["t2i"]).st_mode & 0o777) == "0o644"
+
+    def boom(*a, **k):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(sampling.cached, "sample_cached_batch", boom)
+    with pytest.raises(RuntimeError, match="device lost"):
+        sampling.sample_dataset(model, ds, tmp_path / "new" / "out", indices=[2], progress=False,
+                                settings=sampling.SampleSettings(true_cfg_scale=1.0))
+    assert not (tmp_path / "new" / "out").exists()
 
 
 def test_batching_does_not_change_samples(setup):

@@ -60,14 +60,14 @@ SCRIPT = textwrap.dedent(
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     seen = []
-    real_sample = sampling.sample
+    real_sample = sampling.cached.sample  # the name the command's sample_dataset → sample_cached_batch calls
 
     def spy(model, **kw):  # record whether the command ran sharded
         seen.append(kw.get("mesh") is not None
                     and sharding.is_sharded(model.transformer_blocks.attn.to_qkv.kernel[...]))
         return real_sample(model, **kw)
 
-    sampling.sample = spy
+    sampling.cached.sample = spy
     common = ["--cache", cache, "--model", base, "--steps", "2", "--dtype", "float32", "--batch-size", "2"]
     assert cli.main(common + ["--out", os.path.join(tmp, "one")]) == 0
     assert cli.main(common + ["--out", os.path.join(tmp, "mesh"), "--mesh", "2,2,1"]) == 0

@@ -192,7 +192,7 @@ def test_sharded_loading_reads_only_device_slices(tmp_path):
         big = [c for c in m["calls"] if c["path"].endswith("to_qkv.kernel")]
         split = {"(1, 8, 1)": 8, "(2, 2, 2)": 4, "(1, 2, 4)": 8}[mesh]
         assert big and all(c["source_bytes"] * split == c["leaf_bytes"] for c in big)
-    merged = r["merged"]  # converter's merged Orbax checkpoint, restored with target shardings
+    merged = r["merged"]  # converter's merged Orbax checkpoint, each device's slice read from its chunks
     assert merged["max_weight_diff"] == 0.0 and merged["rel_err"] <= TOL
     assert merged["shardings_match"] and merged["sharded_leaves"] >= 20
 
@@ -239,4 +239,6 @@ def test_batch_one_splits_tokens_not_work():
     for m, n_split in (("(1, 8, 1)", 8), ("(2, 4, 1)", 8), ("(1, 4, 2)", 8)):
         assert r[m]["rel_err"] <= TOL, (m, r[m])
         ratio = r[m]["flops"] / r["single_flops"]
-        assert ratio <= 1.5 / n_split, (m, ratio, r)  # ≈ 1/8 plus the unsplit text stream and all-gathers
+        assert ratio <= 1.5 / n_split, (m, ratio, r)  # ≈ 1/n plus the unsplit text stream and all-gathers
+    # all three axes > 1: no constraint (see parallel.rules.constrain_tokens), so correct but not split
+    assert r["(2, 2, 2)"]["rel_err"] <= TOL, r["(2, 2, 2)"]

@@ -54,6 +54,7 @@ def test_yaml_exponent_strings_are_numbers(tmp_path):
     ({"optim": {"learning_rate": "fast"}}, r"optim\.learning_rate='fast' is not a number"),
     ({"optim": {"learning_rate": -1.0}}, r"optim\.learning_rate=-1\.0: must be positive"),
     ({"optim": {"grad_accum": 0}}, r"optim\.grad_accum=0: must be >= 1"),
+    ({"optim": {"schedule_steps": 0}}, r"optim\.schedule_steps=0: must be >= 1"),
     ({"optim": {"schedule": "exp"}}, r"optim\.schedule='exp' is not one of \['constant', 'cosine', 'linear'\]"),
     ({"lora": {"rank": 0}}, r"lora\.rank=0: must be positive"),
     ({"lora": {"rank": 4.5}}, r"lora\.rank=4\.5 is not an integer"),

@@ -317,7 +317,7 @@ def test_demo_model_path_on_an_existing_file_is_not_overwritten(assets, tmp_path
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": np.ones((128, 2), np.float32)}, str(lora))
     before = lora.read_bytes()
     cfg = _demo_cfg(tmp_path, **{"model.path": lora, "data.path": assets[2]})
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="a LoRA, not a base model"):
         train(cfg, tmp_path / "run", log=lambda m: None)
     assert lora.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["some_lora.safetensors"]
 
@@ -365,6 +365,7 @@ def test_a_failed_run_leaves_no_folder_it_created(assets, tmp_path):
     assert (existing / "notes.txt").read_text() == "mine"  # a folder that existed before is never removed
 
 
+@pytest.mark.slow
 def test_resume_with_more_steps_keeps_the_lr_schedule(assets, tmp_path):
     """A new --max-steps continues the recorded schedule (no LR jump); optim.schedule_steps re-stretches it, loudly."""
     optim = {"learning_rate": 2e-3, "warmup_steps": 1, "schedule": "cosine", "min_lr_ratio": 0.1}
@@ -397,6 +398,7 @@ def test_resume_with_more_steps_keeps_the_lr_schedule(assets, tmp_path):
                f"{float(sched4(6)):.3g} to {float(sched10(6)):.3g}" in m for m in logs), logs
 
 
+@pytest.mark.slow
 def test_cli_overrides_anywhere_short_run_summary_and_quiet_cpu(assets, tmp_path):
     """`key=value` before and after options; a 2-step run reports two different losses; the compile is
     announced; no libtpu probe noise on a machine without accelerators (JAX_PLATFORMS unset)."""

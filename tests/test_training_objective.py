@@ -1,8 +1,9 @@
-"""Flow-matching objective and timestep samplers against diffusers' scheduler and DiffSynth's numbers."""
+"""Flow-matching objective and timestep samplers against diffusers' scheduler and DiffSynth's published formulas."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,29 @@ def _diffusers_qwen_scheduler():
         base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
 
 
+def diffsynth_qwen_training(n: int = 1000, mu: float = 0.8, shift_terminal: float = 0.02):
+    """DiffSynth-Studio's Qwen-Image training schedule, re-derived here from its published source, in float32
+    as DiffSynth computes it (torch's default dtype). Source: modelscope/DiffSynth-Studio,
+    diffsynth/diffusion/flow_match.py (commit 038bad0100cfc096867bf00522025feff48dc050):
+    `FlowMatchScheduler.set_timesteps_qwen_image` — σ = linspace(1, 0, n+1) without the last point,
+    σ ← e^μ / (e^μ + 1/σ − 1) with μ = 0.8 when no shift length is given, then 1 − σ rescaled so the
+    last σ is shift_terminal = 0.02; timesteps t = 1000·σ — and `set_training_weight` (n = 1000):
+    w = exp(−2((t − 500)/1000)²), minus its minimum, scaled to sum 1000 (mean 1).
+    diffsynth/diffusion/loss.py (commit 0e6976a0ae1e21062f697e294042d4edab8c581f), `FlowMatchSFTLoss`:
+    the timestep index is `torch.randint(0, len(timesteps))` (uniform over the grid) and the MSE is
+    multiplied by that timestep's weight. Returns (σ, w), float32, σ descending."""
+    f = np.float32
+    sigma = np.linspace(1.0, 0.0, n + 1, dtype=f)[:-1]
+    e_mu = f(math.exp(mu))
+    sigma = e_mu / (e_mu + (f(1) / sigma - f(1)))
+    one_minus = f(1) - sigma
+    sigma = f(1) - one_minus / (one_minus[-1] / f(1 - shift_terminal))
+    t = sigma * f(1000)
+    y = np.exp(f(-2) * ((t - f(500)) / f(1000)) ** 2)
+    y = y - y.min()
+    return sigma, y * (f(1000) / y.sum())
+
+
 def test_diffsynth_grid_equals_diffusers_qwen_schedule_at_mu_08():
     """DiffSynth trains on the Qwen-Image inference schedule with 1000 steps and μ = 0.8."""
     sched = _diffusers_qwen_scheduler()
@@ -37,18 +61,25 @@ def test_diffsynth_grid_equals_diffusers_qwen_schedule_at_mu_08():
     assert ours.shape == (1000,)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
     assert ours[0] == pytest.approx(1.0) and ours[-1] == pytest.approx(0.02)
+    # DiffSynth's own formula (float32 there, float64 here: measured 2.7e-6 relative at most, near σ = 0.02
+    # where the terminal stretch divides by a float32 difference)
+    ds_sigma, _ = diffsynth_qwen_training()
+    np.testing.assert_allclose(ours, ds_sigma, rtol=1e-5)
     table = timestep_table(ObjectiveSection(), 4096)
     np.testing.assert_allclose(table.sigmas, ours.astype(np.float32))
-    assert np.median(table.sigmas) == pytest.approx(0.70, abs=0.01)  # DiffSynth: median sampled σ ≈ 0.70
+    # DiffSynth samples the index uniformly, so the median sampled σ is the grid's median (≈ 0.696)
+    assert np.median(table.sigmas) == pytest.approx(float(np.median(ds_sigma)), abs=1e-6)
 
 
-def test_bell_weights_match_diffsynth_numbers():
+def test_bell_weights_match_diffsynth_formula():
     sigmas = qwen_training_sigmas(1000, 0.8, 0.02)
     w = bell_weights(sigmas)
+    ds_sigma, ds_w = diffsynth_qwen_training()
+    np.testing.assert_allclose(w, ds_w, rtol=0, atol=1e-5)  # measured 8.8e-7 (float32 there)
     assert w.mean() == pytest.approx(1.0) and w.min() == pytest.approx(0.0)
-    assert w[0] == pytest.approx(0.0)  # t = 1000 gets zero weight
-    assert w.max() == pytest.approx(1.68, abs=0.01)
-    assert abs(sigmas[np.argmax(w)] - 0.5) < 0.002  # peak at t ≈ 500
+    assert w[0] == pytest.approx(0.0) and ds_w[0] == 0.0  # t = 1000 gets zero weight in both
+    assert w.max() == pytest.approx(float(ds_w.max()), rel=1e-6)  # ≈ 1.68
+    assert np.argmax(w) == np.argmax(ds_w)  # the peak, at t ≈ 500
     table = timestep_table(ObjectiveSection(), 64)
     np.testing.assert_allclose(table.weights, w.astype(np.float32), rtol=1e-6)
 
@@ -67,8 +98,9 @@ def test_uniform_and_logit_normal_use_diffusers_training_grid():
 
 def test_resolution_shift_mu():
     cfg = ObjectiveSection(timestep_sampling="resolution_shift")
-    assert resolution_mu(4096, cfg) == pytest.approx(0.69355, abs=1e-5)  # 1024² image
-    assert resolution_mu(6889, cfg) == pytest.approx(0.83432, abs=1e-5)  # 1328²
+    # the pipelines' calculate_shift: μ linear from 0.5 at 256 tokens to 0.9 at 8192 tokens
+    assert resolution_mu(4096, cfg) == pytest.approx(0.5 + 0.4 * (4096 - 256) / (8192 - 256))  # 1024²: 0.69355
+    assert resolution_mu(6889, cfg) == pytest.approx(0.5 + 0.4 * (6889 - 256) / (8192 - 256))  # 1328²: 0.83432
     sched = _diffusers_qwen_scheduler()
     sched.set_timesteps(1000, mu=resolution_mu(4096, cfg))
     np.testing.assert_allclose(timestep_table(cfg, 4096).sigmas, sched.sigmas.numpy()[:-1], rtol=1e-5)
@@ -80,7 +112,9 @@ def test_sampled_distributions():
     key = jax.random.key(0)
     n = 20000
     s, w = sample_timesteps(key, n, timestep_table(ObjectiveSection(), 64))
-    assert float(jnp.median(s)) == pytest.approx(0.70, abs=0.02) and float(jnp.mean(w)) == pytest.approx(1.0, abs=0.03)
+    ds_sigma, ds_w = diffsynth_qwen_training()  # uniform index: median σ and mean weight of the grid
+    assert float(jnp.median(s)) == pytest.approx(float(np.median(ds_sigma)), abs=0.02)
+    assert float(jnp.mean(w)) == pytest.approx(float(ds_w.mean()), abs=0.03)
     s, w = sample_timesteps(key, n, timestep_table(ObjectiveSection(timestep_sampling="uniform"), 64))
     assert float(jnp.mean(s)) == pytest.approx(0.5, abs=0.01) and float(jnp.min(s)) > 0 and (w == 1).all()
     cfg = ObjectiveSection(timestep_sampling="logit_normal", logit_mean=0.0, logit_std=1.0)

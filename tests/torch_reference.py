@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import numpy as np
@@ -31,14 +32,12 @@ def make_torch_model(cfg: DiTConfig, seed: int = 0):
 
 
 def save_torch_model(model, path: str, *, sharded: bool = False, dtype=None) -> str:
-    import torch
-
+    """`save_pretrained` (optionally cast to `dtype`); `model` itself is left untouched (a cast copy is
+    saved: casting in place and back would leave its fp32 weights rounded to `dtype`)."""
     if dtype is not None:
-        model = model.to(dtype)
+        model = copy.deepcopy(model).to(dtype)
     kw = {"max_shard_size": "300KB"} if sharded else {}
     model.save_pretrained(path, safe_serialization=True, **kw)
-    if dtype is not None:
-        model.to(torch.float32)
     return os.fspath(path)
 
 

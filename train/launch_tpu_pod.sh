@@ -4,10 +4,11 @@
 # other through jax.distributed (QWEN_EDIT_JAX_DISTRIBUTED=1 → JAX's TPU auto-detection), build
 # one mesh over all chips, each reads only its own weight shards and batch rows, and Orbax
 # checkpoints are written by all hosts together (checkpoint/output dirs must be on shared storage,
-# e.g. a gs:// bucket or an NFS/Filestore mount visible to every worker).
+# an NFS / Filestore / gcsfuse mount visible to every worker; URLs such as gs:// are refused).
 #
 # Usage:
-#   train/launch_tpu_pod.sh TPU_NAME ZONE CONFIG.yaml [key=value ...]
+#   train/launch_tpu_pod.sh TPU_NAME ZONE CONFIG.yaml --output-dir DIR [key=value ...]
+#   (everything after CONFIG.yaml is passed to train/train_lora.py on every worker)
 #
 # Environment:
 #   PROJECT   gcloud project (default: gcloud's configured project)
@@ -17,14 +18,22 @@
 #   DRY_RUN=1 print the gcloud commands instead of running them
 #
 # Example (v5e-32 = 8 hosts × 4 chips; mesh sizes come from the config's `mesh:` section):
-#   SYNC=1 SETUP=1 train/launch_tpu_pod.sh my-v5e-32 us-west4-a train/configs/edit_lora.yaml mesh.enabled=true
+#   SYNC=1 SETUP=1 train/launch_tpu_pod.sh my-v5e-32 us-west4-a train/configs/qwen-image-edit.yaml \
+#       --output-dir /mnt/shared/runs/edit model.path=/mnt/shared/Qwen-Image-Edit/transformer data.path=/mnt/shared/cache
 set -euo pipefail
 
 if [ $# -lt 3 ]; then
-  sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,/^set -euo/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'
   exit 2
 fi
 TPU_NAME=$1; ZONE=$2; CONFIG=$3; shift 3
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# Fail here, not on every worker: the config is read on the workers relative to REPO_DIR, which is
+# (or, with SYNC=1, becomes) a copy of this checkout.
+if [ ! -f "$CONFIG" ] && [ ! -f "$ROOT/$CONFIG" ]; then
+  echo "error: config $CONFIG not found (relative paths are relative to the repository root; shipped: $(cd "$ROOT" && ls train/configs/*.yaml | tr '\n' ' '))" >&2
+  exit 2
+fi
 REPO_DIR=${REPO_DIR:-'~/qwen-edit-jax'}
 GCLOUD=(gcloud compute tpus tpu-vm)
 COMMON=(--zone "$ZONE")
@@ -39,7 +48,6 @@ OVERRIDES=""
 for a in "$@"; do OVERRIDES+=" $(printf '%q' "$a")"; done
 
 if [ "${SYNC:-0}" = 1 ]; then
-  ROOT=$(cd "$(dirname "$0")/.." && pwd)
   run "${GCLOUD[@]}" ssh "$TPU_NAME" "${COMMON[@]}" --worker=all --command "mkdir -p $REPO_DIR"
   run "${GCLOUD[@]}" scp "${COMMON[@]}" --worker=all --recurse "$ROOT/qwen_edit_jax" "$ROOT/train" "$ROOT/scripts" \
     "$ROOT/pyproject.toml" "$ROOT/README.md" "$TPU_NAME:$REPO_DIR/"

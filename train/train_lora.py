@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train a LoRA on the merged-QKV Qwen-Image-Edit DiT.
+r"""Train a LoRA on the merged-QKV Qwen-Image-Edit DiT.
 
     python train/train_lora.py --config train/configs/demo.yaml --output-dir runs/demo \
         [--max-steps N] [--save-every N] [section.key=value ...]

@@ -10,6 +10,7 @@ streams too: peak host memory is the placed weights plus one leaf, never the che
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -21,9 +22,12 @@ from jax.sharding import Mesh, Sharding, SingleDeviceSharding
 from tqdm.auto import tqdm
 
 from ..config import DiTConfig, ModelOptions
+from ..errors import CheckpointError
 from ..lora.merge import apply_lora
 from ..models.dit import BASE_PARAMS, QwenImageTransformer, abstract_model, fresh_lora_state
+from ..models.quant import quantize, reduced_axis
 from ..parallel import param_shardings
+from ..weights.checkpoint import SCALE_SUFFIX  # a quantized `….kernel` has its scales at `….kernel_scale`
 from ..weights.lazy import ArrayParams, LazyParams, check_params
 from ..weights.loader import open_lazy_params
 from ..weights.torch_layout import iter_standard_tensors, save_standard
@@ -69,17 +73,59 @@ def init_lora(model: QwenImageTransformer, mesh: Mesh | None, seed: int = 0) -> 
         nnx.update(model, make())
 
 
+@functools.lru_cache(maxsize=64)
+def _quantizer(mode: str, axis: int, q_sharding: Sharding, s_sharding: Sharding):
+    """One jitted per-leaf quantizer: the float leaf in, (values, scales) out already in their shardings."""
+    return jax.jit(lambda w: quantize(w, mode, axis), out_shardings=(q_sharding, s_sharding))
+
+
+def _read_dtype(lazy: LazyParams, key: str, fallback: Any) -> Any:
+    """Read a kernel to be quantized in its stored float dtype (bf16 stays bf16: no fp32 copy of the leaf)."""
+    dt = np.dtype(lazy.dtype(key))
+    return dt if dt.kind == "f" or dt.name == "bfloat16" else fallback
+
+
 def place_params(lazy: LazyParams, options: ModelOptions, *, mesh: Mesh | None = None, lora_seed: int = 0,
                  progress: bool = True) -> QwenImageTransformer:
-    """Build the model from `lazy`, every base weight streamed to its devices; fresh LoRA if `options.lora`."""
+    """Build the model from `lazy`, every base weight streamed to its devices; fresh LoRA if `options.lora`.
+
+    With `options.quantize`, each block kernel is read (in its stored dtype), quantized on its devices by
+    a jitted per-leaf quantizer and the float copy dropped before the next leaf: peak memory is the
+    quantized model plus one float leaf. A source that already holds `….kernel_scale` (a quantized
+    merged checkpoint) is read as stored, bit for bit; its mode must equal `options.quantize`.
+    """
     model = abstract_model(lazy.config, options)
     graphdef, state = nnx.split(model)
     base = {k: v for k, v in _flat(state).items() if not isinstance(v, nnx.LoRAParam)}
-    check_params(lazy.description, {p: lazy.shape(p) for p in lazy.paths()}, {k: v.shape for k, v in base.items()})
+    scales = {k for k in base if k.endswith(".kernel" + SCALE_SUFFIX)}
+    have = {p: lazy.shape(p) for p in lazy.paths()}
+    pre_quantized = any(p.endswith(".kernel" + SCALE_SUFFIX) for p in have)
+    if pre_quantized and not scales:
+        raise CheckpointError(f"{lazy.description}: holds quantized kernels; load it with quantize= "
+                              f"(ModelOptions.quantize) set to the checkpoint's mode")
+    expected = {k: v.shape for k, v in base.items() if pre_quantized or k not in scales}
+    check_params(lazy.description, have, expected)
     shardings = _shardings(state, mesh)
     show = progress and jax.process_index() == 0 and len(base) > 50
     for key, var in tqdm(base.items(), desc="load", unit="leaf", disable=not show):
-        var.set_value(array_from_lazy(lazy, key, shardings[key], options.param_dtype))
+        skey = key + SCALE_SUFFIX
+        if key in scales:
+            continue  # placed with its kernel
+        if skey not in scales:
+            var.set_value(array_from_lazy(lazy, key, shardings[key], options.param_dtype))
+        elif pre_quantized:
+            if np.dtype(lazy.dtype(key)) != np.dtype(var.dtype):
+                raise CheckpointError(f"{lazy.description}: {key} is stored as {np.dtype(lazy.dtype(key))}, "
+                                      f"quantize={options.quantize!r} needs {np.dtype(var.dtype)}")
+            var.set_value(array_from_lazy(lazy, key, shardings[key], None))
+            base[skey].set_value(array_from_lazy(lazy, skey, shardings[skey], np.float32))
+        else:
+            w = array_from_lazy(lazy, key, shardings[key], _read_dtype(lazy, key, options.param_dtype))
+            axis = reduced_axis(tuple(var.shape), tuple(base[skey].shape))
+            q, sc = _quantizer(options.quantize, axis, shardings[key], shardings[skey])(w)
+            del w
+            var.set_value(q)
+            base[skey].set_value(sc)
     model = nnx.merge(graphdef, state)
     if options.lora is not None:
         init_lora(model, mesh, lora_seed)
@@ -108,6 +154,9 @@ def load_transformer(
     once, on device, in their shardings (`lora_seed`).
     """
     options = options or ModelOptions(param_dtype=dtype, dtype=dtype)
+    if lora is not None and options.quantize:
+        raise ValueError("lora= merges files into the base weights, which a quantized base cannot take; "
+                         "load the float base with lora=, or train a LoRA on the quantized base")
     lazy = open_lazy_params(path, config, fuse_qkv=options.fuse_qkv)
     model = place_params(lazy, options, mesh=mesh, lora_seed=lora_seed, progress=progress)
     if lora is not None:  # LoRA files of any key style, merged into the base weights (exact in fp32)
@@ -128,8 +177,15 @@ def model_params(model: QwenImageTransformer) -> ArrayParams:
     return ArrayParams(flat, model.config, fuse_qkv=model.options.fuse_qkv, description="model")
 
 
+def _no_quantized_export(model: QwenImageTransformer) -> None:
+    if model.options.quantize:
+        raise ValueError(f"the model's base is quantized ({model.options.quantize}); the diffusers / torch layouts "
+                         f"hold float weights: export from the float checkpoint instead")
+
+
 def iter_torch_params(model: QwenImageTransformer) -> Iterator[tuple[str, np.ndarray]]:
     """The model's base weights as (diffusers name, numpy array in torch layout), one at a time."""
+    _no_quantized_export(model)
     return iter_standard_tensors(model_params(model))
 
 
@@ -138,5 +194,6 @@ def save_transformer(model: QwenImageTransformer, path: str | os.PathLike, **kwa
 
     Keyword arguments as `weights.torch_layout.save_standard` (dtype, overwrite, max_shard_size, progress).
     """
+    _no_quantized_export(model)
     kwargs.setdefault("progress", False)
     return save_standard(model_params(model), path, **kwargs)

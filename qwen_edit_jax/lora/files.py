@@ -267,7 +267,7 @@ def lora_to_fused(lora: LoraFile) -> dict[str, LoraWeights]:
 def lora_file_tensors(modules: Mapping[str, LoraWeights], *, format: str, dtype: Any = None) -> dict[str, np.ndarray]:
     """A {module: LoraWeights} dict → tensors in a write style.
 
-    Styles with an alpha key (kohya) store alpha (= rank when the file had none); the others bake
+    Styles with an alpha key (kohya, lightx2v) store alpha (= rank when the file had none); the others bake
     any scale ≠ 1 into B so that every loader applies scale 1. `dtype` casts A and B.
     """
     cast = None if dtype is None else np.dtype(as_dtype(dtype))

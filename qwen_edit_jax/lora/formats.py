@@ -1,7 +1,7 @@
-"""LoRA key styles for Qwen-Image: parse any of them, write the four standard ones.
+"""LoRA key styles for Qwen-Image: parse any of them, write any of the five below (`WRITE_STYLES`).
 
 A LoRA tensor key is `<prefix><module><part>`: the module is a diffusers module name
-(`transformer_blocks.3.attn.to_q`), the part is A / B / alpha. Styles (qwen_image_dit.md §7):
+(`transformer_blocks.3.attn.to_q`), the part is A / B / alpha. Styles:
 
 | style      | key of A                                               | alpha            |
 |------------|--------------------------------------------------------|------------------|
@@ -112,7 +112,7 @@ def parse_key(key: str) -> ParsedKey | None:
 
 
 def key_names(module: str, style: str) -> dict[str, str]:
-    """Keys of one module's tensors in a write style: {'A': …, 'B': …} (+ 'alpha' for kohya)."""
+    """Keys of one module's tensors in a write style: {'A': …, 'B': …} (+ 'alpha' for kohya and lightx2v)."""
     if style == "diffusers":
         return {"A": f"transformer.{module}.lora_A.weight", "B": f"transformer.{module}.lora_B.weight"}
     if style == "comfyui":

@@ -10,6 +10,7 @@ from .rules import (
     LOGICAL_RULES,
     batch_sharding,
     constrain,
+    constrain_tokens,
     init_opt_state,
     is_sharded,
     like_params,
@@ -23,7 +24,7 @@ from .rules import (
 )
 
 __all__ = [
-    "BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_axes_for", "batch_sharding", "constrain", "current_mesh",
+    "BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_axes_for", "batch_sharding", "constrain", "constrain_tokens", "current_mesh",
     "distributed", "init_opt_state", "is_sharded", "like_params", "logical_to_spec", "make_mesh", "param_shardings",
     "param_spec", "param_specs", "replicated", "resolve_mesh_shape", "shard_model", "sharded_jit",
 ]

@@ -2,6 +2,7 @@
 
 from .cached import (
     SampleSettings,
+    cfg_scale_used,
     latent_img_shape,
     output_name,
     plan_batches,
@@ -27,7 +28,8 @@ from .schedule import (
 )
 
 __all__ = [
-    "QWEN_IMAGE_SCHEDULER", "FlowMatchConfig", "SampleSettings", "calculate_shift", "cfg_combine", "euler_step",
+    "QWEN_IMAGE_SCHEDULER", "FlowMatchConfig", "SampleSettings", "calculate_shift", "cfg_combine", "cfg_scale_used",
+    "euler_step",
     "exponential_shift", "flow_match_sigmas", "latent_img_shape", "model_timesteps", "output_name", "plan_batches",
     "plan_outputs", "sample", "sample_cached", "sample_cached_batch", "sample_dataset", "sample_noise",
     "save_latents", "stretch_to_terminal", "validation_distance",

@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..models.dit import QwenImageTransformer
 from ..packing import pack_latents, unpack_latents
-from ..utils.files import atomic_path
+from ..utils.files import atomic_path, check_output_dir
 from .loop import sample
 
 F32 = jnp.float32
@@ -106,7 +107,7 @@ def sample_cached_batch(
                                     "negative_prompt_embeds")
     elif true_cfg_scale > 1 and any(has_neg):
         raise ValueError(f"samples {ids}: some have a negative prompt and some not; batch them separately")
-    scale = true_cfg_scale if neg is not None else 1.0
+    scale = cfg_scale_used(samples, true_cfg_scale)
     out = sample(model, noise=jnp.asarray(noise, dtype), image_latents=None if refs is None else jnp.asarray(refs, dtype),
                  prompt_embeds=jnp.asarray(pos, dtype), prompt_embeds_mask=jnp.asarray(pos_mask),
                  negative_prompt_embeds=None if neg is None else jnp.asarray(neg, dtype),
@@ -115,6 +116,14 @@ def sample_cached_batch(
                  batch_cfg=batch_cfg, mesh=mesh)
     lat = unpack_latents(np.asarray(out, np.float32), h, w, frames_axis=False)
     return [np.ascontiguousarray(x) for x in lat]
+
+
+def cfg_scale_used(samples: Sequence[Any], true_cfg_scale: float) -> float:
+    """The CFG scale `sample_cached_batch` applies: `true_cfg_scale` when it is > 1 and every sample has a
+    cached negative prompt, else 1 (no CFG)."""
+    if true_cfg_scale > 1 and all(getattr(s, "negative_prompt_embeds", None) is not None for s in samples):
+        return float(true_cfg_scale)
+    return 1.0
 
 
 def sample_cached(model: QwenImageTransformer, cached: Any, **kwargs: Any) -> np.ndarray:
@@ -219,20 +228,32 @@ def sample_dataset(
     metadata: dict[str, str] | None = None,
     mesh: Any = None,
     progress: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
     """Sample cached examples (`training.data.CachedDataset`) and write one safetensors file each.
 
     `OUT/<sample id>.safetensors` holds `latents` [C, h, w] float32 — the normalised VAE latent, the
     same space as the cache's `target` — with the sample id, settings and `metadata` in its header.
+    The header's `true_cfg_scale` is the scale actually used for that sample: CFG needs a cached
+    negative prompt, so samples without one are sampled at 1 (`requested_true_cfg_scale` keeps the
+    setting), and `warn` (default `warnings.warn`) says so once, before sampling.
     Every file is written atomically; existing files are an error unless `overwrite` or `skip_existing`.
+    A run that fails before writing any file removes `out_dir` if it created it.
     Returns {sample id: path} of the files written or kept.
     """
-    out_dir = os.path.abspath(os.fspath(out_dir))
+    out_dir = check_output_dir(out_dir, "out_dir")
     indices = list(range(len(dataset))) if indices is None else list(indices)
     paths, todo = plan_outputs(dataset, indices, out_dir, overwrite=overwrite, skip_existing=skip_existing)
+    no_neg = [i for i in todo if dataset.infos[i].negative_prompt_len is None]
+    if settings.true_cfg_scale > 1 and no_neg:
+        (warn or (lambda m: warnings.warn(m, stacklevel=3)))(
+            f"true_cfg_scale={settings.true_cfg_scale} but {len(no_neg)} of {len(todo)} samples have no cached "
+            f"negative prompt: those are sampled without CFG (scale 1), and their files record true_cfg_scale=1.0")
+    created = not os.path.lexists(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     header = {"format": "qwen-edit-jax/sampled-latents", "tensor": "latents [C, h, w] normalised VAE latent",
-              "num_inference_steps": settings.num_inference_steps, "true_cfg_scale": settings.true_cfg_scale,
+              "num_inference_steps": settings.num_inference_steps,
+              "requested_true_cfg_scale": settings.true_cfg_scale,
               "seed": settings.seed, "latent_dtype": str(np.dtype(settings.latent_dtype or model.options.dtype)),
               **(metadata or {})}
     bar = tqdm(total=len(todo), desc="sample", unit="sample", disable=not progress)
@@ -243,9 +264,15 @@ def sample_dataset(
                 model, samples, num_inference_steps=settings.num_inference_steps,
                 true_cfg_scale=settings.true_cfg_scale, seed=settings.seed, latent_dtype=settings.latent_dtype,
                 batch_cfg=settings.batch_cfg, mesh=mesh)
+            used = cfg_scale_used(samples, settings.true_cfg_scale)
             for i, s, lat in zip(batch, samples, outs):
-                save_latents(paths[i], {"latents": lat}, {**header, "sample_id": s.sample_id}, overwrite=overwrite)
+                save_latents(paths[i], {"latents": lat}, {**header, "true_cfg_scale": used, "sample_id": s.sample_id},
+                             overwrite=overwrite)
             bar.update(len(batch))
+    except BaseException:
+        if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)  # leave no empty folder behind
+        raise
     finally:
         bar.close()
     return {dataset.infos[i].sample_id: paths[i] for i in indices}

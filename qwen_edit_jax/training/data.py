@@ -12,7 +12,9 @@
 
 `crc32` covers the raw bytes of all of a sample's tensors, so a damaged sample is caught when it is
 read (cheap: one pass over a few MB); `sha256` per shard is checked by `CachedDataset.verify()`.
-The whole folder is written under a temporary name and renamed when complete.
+`write_cache` writes the whole folder under a temporary name and renames it when complete;
+`ShardWriter` + `write_manifest` are its shard-by-shard parts (`qwen_edit_jax.caching` builds its
+resumable writer on them).
 
 **Loading**: samples are grouped by image layout (target size + reference sizes) and by text
 bucket (prompt length padded up to one of a few lengths, with a mask), so XLA compiles one program
@@ -152,6 +154,87 @@ def _prepare(sample: CachedSample, channels: int | None, joint: int | None, late
     return CachedSample(sid, target, refs, pe, pm, ne, nm)
 
 
+class ShardWriter:
+    """Appends checked samples to numbered shards in `folder`: the building block of `write_cache`
+    and of resumable writers (`qwen_edit_jax.caching`), which restart from the records of the shards
+    already written (`shards`, `entries`, and the dataset's `latent_channels` / `joint_attention_dim`).
+
+    `add` checks and buffers one sample; `flush` writes the buffer as the next shard and returns its
+    record (`{"file", "num_samples", "bytes", "sha256"}`); `manifest` is the complete manifest dict.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, latent_dtype: Any = np.float32, embed_dtype: Any = None,
+                 shards: Sequence[dict[str, Any]] = (), entries: Sequence[dict[str, Any]] = (),
+                 latent_channels: int | None = None, joint_attention_dim: int | None = None, fsync: bool = False):
+        self.folder = os.fspath(folder)
+        self.latent_dtype, self.embed_dtype, self.fsync = latent_dtype, embed_dtype, fsync
+        self.shards = [dict(s) for s in shards]
+        self.entries = [dict(e) for e in entries]
+        self.channels, self.joint = latent_channels, joint_attention_dim
+        self._seen = {e["id"] for e in self.entries}
+        self._pending: dict[str, np.ndarray] = {}
+        self.pending_samples = self.pending_bytes = 0
+
+    def add(self, sample: CachedSample) -> dict[str, Any]:
+        """Check `sample`, cast it to the storage dtypes and buffer it; returns its manifest entry."""
+        s = _prepare(sample, self.channels, self.joint, self.latent_dtype, self.embed_dtype)
+        if s.sample_id in self._seen:
+            raise DataError(f"duplicate sample id {s.sample_id!r}")
+        self._seen.add(s.sample_id)
+        self.channels, self.joint = s.target.shape[0], s.prompt_embeds.shape[1]
+        key = f"{len(self.entries):08d}"
+        tensors = _tensors_of(s, key)
+        entry = {
+            "id": s.sample_id, "shard": len(self.shards), "key": key,
+            "target": list(s.target.shape), "references": [list(r.shape) for r in s.references],
+            "prompt_len": int(s.prompt_embeds.shape[0]),
+            "negative_prompt_len": None if s.negative_prompt_embeds is None
+            else int(s.negative_prompt_embeds.shape[0]),
+            "crc32": _crc(tensors.values()),
+        }
+        self.entries.append(entry)
+        self._pending.update(tensors)
+        self.pending_samples += 1
+        self.pending_bytes += sum(a.nbytes for a in tensors.values())
+        return entry
+
+    def flush(self) -> dict[str, Any] | None:
+        """Write the buffered samples as the next shard; returns its record (None if nothing is buffered)."""
+        if not self.pending_samples:
+            return None
+        name = f"shard-{len(self.shards):05d}.safetensors"
+        fp = os.path.join(self.folder, name)
+        save_file(self._pending, fp, metadata={"format": FORMAT})
+        default_mode(fp)  # safetensors writes 0o600; a cache is usually shared
+        if self.fsync:
+            with open(fp, "rb") as f:
+                os.fsync(f.fileno())
+        record = {"file": name, "num_samples": self.pending_samples, "bytes": os.path.getsize(fp),
+                  "sha256": _sha256(fp)}
+        self.shards.append(record)
+        self._pending, self.pending_samples, self.pending_bytes = {}, 0, 0
+        return record
+
+    def manifest(self, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The manifest of the shards written so far (call after the last `flush`)."""
+        if self.pending_samples:
+            raise DataError(f"{self.folder}: {self.pending_samples} samples are not flushed to a shard yet")
+        return {"format": FORMAT, "version": VERSION, "latent_channels": self.channels,
+                "joint_attention_dim": self.joint, "num_samples": len(self.entries), "shards": self.shards,
+                "samples": self.entries, "metadata": dict(metadata or {})}
+
+
+def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> str:
+    """Write `manifest.json` into `folder` (temporary name, then renamed: never half-written)."""
+    path = os.path.join(os.fspath(folder), MANIFEST)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
 def write_cache(
     path: str | os.PathLike,
     samples: Iterable[CachedSample],
@@ -175,57 +258,17 @@ def write_cache(
 
         bar = tqdm(desc="write cache", unit="sample")
     with atomic_path(path, overwrite=overwrite, is_dir=True) as tmp:
-        shards: list[dict[str, Any]] = []
-        entries: list[dict[str, Any]] = []
-        seen: set[str] = set()
-        channels = joint = None
-        pending: dict[str, np.ndarray] = {}
-        pending_n = pending_bytes = 0
-
-        def flush() -> None:
-            nonlocal pending, pending_n, pending_bytes
-            if not pending_n:
-                return
-            name = f"shard-{len(shards):05d}.safetensors"
-            fp = os.path.join(tmp, name)
-            save_file(pending, fp, metadata={"format": FORMAT})
-            default_mode(fp)  # safetensors writes 0o600; a cache is usually shared
-            shards.append({"file": name, "num_samples": pending_n, "bytes": os.path.getsize(fp),
-                           "sha256": _sha256(fp)})
-            pending, pending_n, pending_bytes = {}, 0, 0
-
+        writer = ShardWriter(tmp, latent_dtype=latent_dtype, embed_dtype=embed_dtype)
         for sample in samples:
-            s = _prepare(sample, channels, joint, latent_dtype, embed_dtype)
-            if s.sample_id in seen:
-                raise DataError(f"duplicate sample id {s.sample_id!r}")
-            seen.add(s.sample_id)
-            channels, joint = s.target.shape[0], s.prompt_embeds.shape[1]
-            key = f"{len(entries):08d}"
-            tensors = _tensors_of(s, key)
-            entries.append({
-                "id": s.sample_id, "shard": len(shards), "key": key,
-                "target": list(s.target.shape), "references": [list(r.shape) for r in s.references],
-                "prompt_len": int(s.prompt_embeds.shape[0]),
-                "negative_prompt_len": None if s.negative_prompt_embeds is None
-                else int(s.negative_prompt_embeds.shape[0]),
-                "crc32": _crc(tensors.values()),
-            })
-            pending.update(tensors)
-            pending_n += 1
-            pending_bytes += sum(a.nbytes for a in tensors.values())
-            if pending_bytes >= shard_bytes:
-                flush()
+            writer.add(sample)
+            if writer.pending_bytes >= shard_bytes:
+                writer.flush()
             if bar is not None:
                 bar.update()
-        flush()
-        if not entries:
+        writer.flush()
+        if not writer.entries:
             raise DataError(f"{path}: no samples to write")
-        manifest = {"format": FORMAT, "version": VERSION, "latent_channels": channels, "joint_attention_dim": joint,
-                    "num_samples": len(entries), "shards": shards, "samples": entries,
-                    "metadata": dict(metadata or {})}
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-            f.write("\n")
+        write_manifest(tmp, writer.manifest(metadata))
     if bar is not None:
         bar.close()
     return path

@@ -66,11 +66,14 @@ class TrainResult:
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute model/data/demo paths (run.json must name the base checkpoint unambiguously)."""
+    """Absolute model/data paths, and demo paths when the demo is on (run.json must name the base
+    checkpoint unambiguously)."""
     model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
     data = dataclasses.replace(cfg.data, path=os.path.abspath(cfg.data.path))
-    demo = dataclasses.replace(cfg.demo, model_path=os.path.abspath(cfg.demo.model_path),
-                               data_path=os.path.abspath(cfg.demo.data_path))
+    demo = cfg.demo
+    if demo.enabled:
+        demo = dataclasses.replace(demo, model_path=os.path.abspath(demo.model_path),
+                                   data_path=os.path.abspath(demo.data_path))
     lora = cfg.lora
     if lora.init_from:
         lora = dataclasses.replace(lora, init_from=os.path.abspath(lora.init_from))

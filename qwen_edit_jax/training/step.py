@@ -68,8 +68,8 @@ class TrainStep:
     """`step(params, opt_state, base, img_shapes, arrays, rng, step) -> (params, opt_state, metrics)`.
 
     `img_shapes`: (1, h, w) of the target, then of each reference — one list, or one per sample
-    (all equal), as the model and `sampling.sample` accept. `arrays`: `target` [A, B, N, C], `references` [A, B, M, C], `prompt_embeds` [A, B, L, J],
-    `prompt_mask` [A, B, L] (A = grad-accumulation micro-batches, B = batch). `rng` is a typed key;
+    (all equal), as the model and `sampling.sample` accept. `arrays`: `target` [A, B, N, C],
+    `references` [A, B, M, C], `prompt_embeds` [A, B, L, J], `prompt_mask` [A, B, L] (A = grad-accumulation micro-batches, B = batch). `rng` is a typed key;
     the step's randomness is `fold_in(rng, step)` so a resumed run draws the same noise.
 
     With `mesh`, every call is jitted with explicit shardings: parameters, base and optimiser state

@@ -32,7 +32,11 @@ def check_output_dir(path: str | os.PathLike, option: str) -> str:
     An existing file at `path`, or a file anywhere above it, is an error (before anything is
     written); a missing folder is fine (it is created later).
     """
-    path = os.path.abspath(os.fspath(path))
+    raw = os.fspath(path)
+    if "://" in raw:
+        raise NotADirectoryError(f"{option} {raw}: URLs are not supported; use a mounted path "
+                                 f"(e.g. NFS, Filestore or gcsfuse)")
+    path = os.path.abspath(raw)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise NotADirectoryError(f"{option} {path}: is a file, not a folder; choose a folder path")
     parent = os.path.dirname(path)

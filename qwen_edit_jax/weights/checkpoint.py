@@ -5,7 +5,11 @@ Layout of a merged checkpoint folder:
     OUT/config.json          diffusers config of the weights (zero_cond_t included)
     OUT/params/              Orbax PyTree checkpoint (OCDBT, zarr); tree = nested dict of the Flax
                              base-parameter paths (`transformer_blocks.attn.to_qkv.kernel` [L, D, 3, D], …)
-    OUT/qwen_edit_jax.json   marker: format, version, source, per-leaf dtypes
+    OUT/qwen_edit_jax.json   marker: format, version, source, per-leaf dtypes, quantize (None|int8|fp8)
+
+A quantized checkpoint (`quantize` in the marker) stores every block kernel
+(`transformer_blocks.….kernel`) as int8 / float8_e4m3fn values and its fp32 per-output-channel
+scales next to it as `….kernel_scale` `[L, 1, *out]`; everything else as in a float checkpoint.
 
 Writing streams: every leaf is a `LazyLeaf` (a view on the source checkpoint) and
 `LazyLeafHandler` (an Orbax `NumpyHandler`) writes stacked leaves one layer at a time into
@@ -47,6 +51,28 @@ PARAMS_DIR = "params"
 FORMAT = "qwen_edit_jax.merged_params"
 VERSION = 1
 DEFAULT_BUDGET = 256 << 20  # bytes of layers read but not yet written, across all leaves
+
+
+SCALE_SUFFIX = "_scale"
+
+
+def is_quantized_kernel(path: str) -> bool:
+    """True for the leaves a quantized base stores as int8 / fp8 + scales: the blocks' linear kernels."""
+    return path.startswith("transformer_blocks.") and path.endswith(".kernel")
+
+
+def scale_path(kernel_path: str) -> str:
+    return kernel_path + SCALE_SUFFIX
+
+
+def expected_shapes(config: DiTConfig, quantize: str | None = None) -> dict[str, tuple[int, ...]]:
+    """Every stored leaf's shape: the key map's Flax leaves, plus `….kernel_scale` `[L, 1, *out]` when quantized."""
+    out = {p: keymap.flax_leaf_shape(e, fl, config) for p, e, fl, _ in keymap.iter_leaves(config)}
+    if quantize:
+        for p in [p for p in out if is_quantized_kernel(p)]:
+            shape = out[p]
+            out[scale_path(p)] = (shape[0], 1, *shape[2:])
+    return out
 
 
 def is_merged_checkpoint(path: str | os.PathLike) -> bool:
@@ -194,11 +220,19 @@ def save_merged(
 
     Each leaf keeps the source dtype (a bf16 checkpoint stays bf16) unless `dtype` is given.
     Peak host memory ≈ `memory_budget` + one layer per leaf being read.
+    A source with a `quantize` attribute (`loading.quantized.QuantizedParams`) writes a quantized
+    checkpoint: its int8 / fp8 kernels and fp32 scales as they are (`dtype` casts the float leaves only).
     """
     out = os.fspath(path)
     cast = None if dtype is None else np.dtype(as_dtype(dtype))
+    quantize = getattr(lazy, "quantize", None)
     stacked_paths = {p: (e.stacked, len(e.torch)) for p, e, _, _ in keymap.iter_leaves(lazy.config)}
-    dtypes = {p: cast or np.dtype(lazy.dtype(p)) for p in lazy.paths()}
+    if quantize:
+        stacked_paths.update({scale_path(p): (True, 0) for p in list(stacked_paths) if is_quantized_kernel(p)})
+        check_params(getattr(lazy, "description", "source"), {p: lazy.shape(p) for p in lazy.paths()},
+                     expected_shapes(lazy.config, quantize))
+    keep = {p for p in lazy.paths() if quantize and (is_quantized_kernel(p) or p.endswith(SCALE_SUFFIX))}
+    dtypes = {p: np.dtype(lazy.dtype(p)) if p in keep else cast or np.dtype(lazy.dtype(p)) for p in lazy.paths()}
     total = sum(int(np.prod(lazy.shape(p))) * dtypes[p].itemsize for p in lazy.paths())
     n_tensors = sum(n * (lazy.config.num_layers if s else 1) for s, n in stacked_paths.values())
     bar = None
@@ -221,7 +255,7 @@ def save_merged(
             lazy.config.to_json(os.path.join(tmp, "config.json"))
             with ocp.Checkpointer(handler) as ckptr:
                 ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(_nest(leaves)))
-            marker = {"format": FORMAT, "version": VERSION, "fuse_qkv": True,
+            marker = {"format": FORMAT, "version": VERSION, "fuse_qkv": True, "quantize": quantize,
                       "source": source or getattr(lazy, "description", ""),
                       "dtypes": {p: dtypes[p].name for p in sorted(dtypes)}}
             with open(os.path.join(tmp, MARKER), "w") as f:
@@ -273,7 +307,8 @@ class MergedParams:
         self._dtypes = {p: np.dtype(d) for p, d in self.marker["dtypes"].items()}
         self._stores: dict[str, Any] = {}
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
-        expected = {p: keymap.flax_leaf_shape(e, fl, self.config) for p, e, fl, _ in keymap.iter_leaves(self.config)}
+        self.quantize = self.marker.get("quantize")  # None, "int8", "fp8"
+        expected = expected_shapes(self.config, self.quantize)
         # names here; each leaf's stored shape is checked when its store is first opened (`_store`)
         check_params(self.path, {p: expected.get(p, ()) for p in self._dtypes}, expected,
                      hint="the parameters do not match config.json")

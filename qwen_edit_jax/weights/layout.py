@@ -76,15 +76,16 @@ class FusedQKVSource:
         shape = self.source.shape(fk)
         return (shape[0] // 3, *shape[1:])
 
-    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
+    def read_slice(self, key: str, index: tuple[slice, ...], *, out: np.ndarray | None = None,
+                   transpose: bool = False) -> np.ndarray:
         if key not in self._virtual:
-            return self.source.read_slice(key, index)
+            return self.source.read_slice(key, index, out=out, transpose=transpose)
         fk, j = self._virtual[key]
         n = self.shape(key)[0]
         index = tuple(index) + (slice(None),) * (len(self.shape(key)) - len(index))
         r = slice(*index[0].indices(n))
         rows = slice(r.start + j * n, r.stop + j * n, r.step)
-        return self.source.read_slice(fk, (rows, *index[1:]))
+        return self.source.read_slice(fk, (rows, *index[1:]), out=out, transpose=transpose)
 
     def get(self, key: str) -> np.ndarray:
         return self.read_slice(key, ())
@@ -122,11 +123,15 @@ def find_prefix(source: TensorSource) -> str:
     for p in BASE_PREFIXES:
         if p + ANCHOR in raw:
             return p
-    hint = ""
-    if any("lora_" in k or k.endswith(".alpha") for k in raw):
-        hint = " It holds LoRA tensors: pass the LoRA .safetensors file itself."
+    keys = sorted(raw)
+    lora = [k for k in keys if "lora_" in k or k.endswith(".alpha")]
+    if lora:  # say what was found: a LoRA where a base model belongs
+        found = (f"it holds {len(keys)} tensors, {len(lora)} of them LoRA factors (e.g. {lora[:2]}): a LoRA, not a "
+                 f"base model; load a base model here and pass the LoRA separately (lora= / --lora)")
+    else:
+        found = f"it holds {len(keys)} tensors, e.g. {keys[:3]}" if keys else "it holds no tensors"
     raise CheckpointError(f"{source.description}: no {ANCHOR!r} (with or without a 'diffusion_model.' / "
-                          f"'transformer.' prefix): not a Qwen-Image transformer checkpoint.{hint}")
+                          f"'transformer.' prefix): not a Qwen-Image transformer checkpoint; {found}")
 
 
 def resolve_config(path: str, config: Any) -> tuple[DiTConfig, str]:

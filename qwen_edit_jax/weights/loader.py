@@ -11,7 +11,6 @@ import numpy as np
 from ..config import DiTConfig, as_dtype
 from ..errors import CheckpointError
 from . import keymap, layout
-from .arrays import transpose_2d
 from .checkpoint import MergedParams, is_merged_checkpoint
 from .lazy import Index, LazyParams, check_params, norm_index
 from .safetensors_io import TensorSource, np_dtype
@@ -58,35 +57,26 @@ class TorchLayoutParams:
         entry, fleaf, tleaf = self._leaves[path]
         idx = norm_index(index, self.shape(path))
         layers, inner = (range(*idx[0].indices(self.config.num_layers)), idx[1:]) if entry.stacked else ([None], idx)
-        want = None if dtype is None else np.dtype(as_dtype(dtype))
-        out = None
+        shape = tuple(len(range(*s.indices(n))) for s, n in zip(idx, self.shape(path)))
+        out = np.empty(shape, np.dtype(as_dtype(dtype)) if dtype is not None else self.dtype(path))
         for i, layer in enumerate(layers):
-            part = self._read_layer(entry, fleaf, tleaf, layer, inner)
-            if out is None:
-                lead = (len(layers),) if entry.stacked else ()
-                out = np.empty(lead + part.shape, want or part.dtype)
-            if entry.stacked:
-                out[i] = part
-            else:
-                out[...] = part
-        if out is None:  # empty layer slice
-            empty = tuple(len(range(*s.indices(n))) for s, n in zip(idx, self.shape(path)))
-            return np.empty(empty, want or np.float32)
+            self._read_layer(entry, fleaf, tleaf, layer, inner, out[i] if entry.stacked else out)
         return out
 
     def _read_layer(self, entry: keymap.ModuleEntry, fleaf: str, tleaf: str, layer: int | None,
-                    inner: tuple[slice, ...]) -> np.ndarray:
-        """One layer's slice of a Flax leaf (kernel `[in, (3,) out]`, bias `[(3,) out]`, scale)."""
+                    inner: tuple[slice, ...], dest: np.ndarray) -> None:
+        """One layer's slice of a Flax leaf (kernel `[in, (3,) out]`, bias `[(3,) out]`, scale) into `dest`."""
         names = keymap.torch_names_for(entry, tleaf, layer)
         if entry.fused:  # the group axis (q|k|v) picks torch tensors
             group = inner[1] if fleaf == "kernel" else inner[0]
             names = names[group]
             inner = (inner[0], inner[2]) if fleaf == "kernel" else inner[1:]
-        if fleaf == "kernel":  # torch weight [out, in] → Flax [in, out]: read the transposed slice
-            mats = [transpose_2d(self.source.read_slice(n, (inner[1], inner[0]))) for n in names]
-            return np.stack(mats, axis=1) if entry.fused else mats[0]
-        vecs = [self.source.read_slice(n, inner) for n in names]
-        return np.stack(vecs, axis=0) if entry.fused else vecs[0]
+        for j, name in enumerate(names if entry.fused else names[:1]):
+            if fleaf == "kernel":  # torch weight [out, in] → Flax [in, out]: the slice, transposed in place
+                self.source.read_slice(name, (inner[1], inner[0]), out=dest[:, j] if entry.fused else dest,
+                                       transpose=True)
+            else:
+                self.source.read_slice(name, inner, out=dest[j] if entry.fused else dest)
 
 
 def open_lazy_params(

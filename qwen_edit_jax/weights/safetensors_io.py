@@ -16,6 +16,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors need
 import numpy as np
 
 from ..errors import CheckpointError
+from .arrays import transpose_2d
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
@@ -104,16 +105,29 @@ class SafetensorsFile:
     def st_dtype(self, key: str) -> str:
         return self._info[key][3]
 
-    def read(self, key: str, index: tuple = ()) -> np.ndarray:
-        """A copy of `tensor[index]` (basic indexing), touching only the pages the slice covers."""
+    def read(self, key: str, index: tuple = (), *, out: np.ndarray | None = None,
+             transpose: bool = False) -> np.ndarray:
+        """A copy of `tensor[index]` (basic indexing), touching only the pages the slice covers.
+
+        `transpose` (2-D slices): the slice's transpose, copied tile by tile straight from the mapped
+        file. `out`: write there (cast to its dtype) instead of a new array — no intermediate copy.
+        """
         dt, shape, b, _ = self._info[key]
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         if nbytes == 0 or self._mm is None:
-            return np.zeros(shape, dt)[tuple(index)].copy()
+            src = np.zeros(shape, dt)[tuple(index)]
+        else:
+            src = np.ndarray(shape, dt, buffer=self._mm, offset=self.data_start + b)[tuple(index)]
+        if transpose:
+            out = transpose_2d(src, out)
+        elif out is not None:
+            out[...] = src
+        else:
+            out = np.array(src, copy=True)
+        del src
+        if nbytes == 0 or self._mm is None:
+            return out
         start = self.data_start + b
-        view = np.ndarray(shape, dt, buffer=self._mm, offset=start)
-        out = np.array(view[tuple(index)], copy=True)
-        del view
         lo = start - start % mmap.PAGESIZE
         try:
             self._mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
@@ -214,15 +228,17 @@ class TensorSource:
         h, stored, _ = self._locate(key)
         return h.st_dtype(stored)
 
-    def read_slice(self, key: str, index: tuple[slice, ...]) -> np.ndarray:
-        """`tensor[index]` (basic slices per axis), copying only those bytes from the mapped file.
+    def read_slice(self, key: str, index: tuple[slice, ...], *, out: np.ndarray | None = None,
+                   transpose: bool = False) -> np.ndarray:
+        """`tensor[index]` (basic slices per axis; `.T` with `transpose`), copying only those bytes from
+        the mapped file, into `out` when given.
 
         Used by sharded loading: each device's shard of a parameter is read without ever
         holding the whole tensor in host memory.
         """
         h, stored, fp = self._locate(key)
         try:
-            return h.read(stored, tuple(index))
+            return h.read(stored, tuple(index), out=out, transpose=transpose)
         except CheckpointError:
             raise
         except Exception as e:

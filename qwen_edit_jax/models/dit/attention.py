@@ -7,7 +7,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ...config import ModelOptions
-from ...parallel import constrain
 from ..kernels import get_attention
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
@@ -45,9 +44,7 @@ class Attention(nnx.Module):
         else:
             names = ("to_q", "to_k", "to_v") if stream == "img" else ("add_q_proj", "add_k_proj", "add_v_proj")
             q, k, v = (getattr(self, n)(x) for n in names)
-        def split(t: jax.Array) -> jax.Array:  # [B, S, heads, head_dim], heads over `tensor`
-            return constrain(t.reshape(*t.shape[:-1], self.heads, self.head_dim), ("batch", "seq", "heads", None))
-
+        split = lambda t: t.reshape(*t.shape[:-1], self.heads, self.head_dim)  # noqa: E731
         return split(q), split(k), split(v)
 
     def __call__(

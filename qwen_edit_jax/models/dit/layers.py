@@ -15,7 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ...config import ModelOptions
-from ...parallel import constrain
+from ..quant import quantize
 
 EPS = 1e-6
 F32 = jnp.float32
@@ -41,6 +41,10 @@ class Linear(nnx.Module):
     `nnx.LoRAParam` kept in fp32. For a fused QKV projection, `qkv_mode="split"` holds one
     adapter per q/k/v slice (A `[3, in, r]`, B `[3, r, inner]`), `"shared"` one A (`[in, r]`) and
     B `[r, 3, inner]`.
+
+    Quantized base (`options.quantize`, named linears = the transformer blocks' ones): `kernel` holds
+    int8 / fp8 values and `kernel_scale` `[1, *out]` the fp32 per-output-channel scales (both plain
+    `nnx.Param`, so frozen base); `y = (x @ kernel)·scale + bias` (`models/quant.py`).
     """
 
     def __init__(
@@ -59,7 +63,13 @@ class Linear(nnx.Module):
         self.dtype = options.dtype
         std = 1.0 / math.sqrt(in_features)
         kernel = jax.random.normal(rngs.params(), (in_features, *out_shape), F32) * std
-        self.kernel = nnx.Param(kernel.astype(options.param_dtype), out_sharding=axes)
+        self.quantized = bool(options.quantize) and bool(name)
+        if self.quantized:
+            q, s = quantize(kernel, options.quantize, axis=0)
+            self.kernel = nnx.Param(q, out_sharding=axes)
+            self.kernel_scale = nnx.Param(s, out_sharding=(None, *axes[1:]))
+        else:
+            self.kernel = nnx.Param(kernel.astype(options.param_dtype), out_sharding=axes)
         self.bias = nnx.Param(jnp.zeros(out_shape, options.param_dtype), out_sharding=axes[1:])
         self.lora_scale = 0.0
         self.lora_grouped = False
@@ -86,7 +96,10 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = _dense(x, self.kernel[...].astype(self.dtype)) + self.bias[...].astype(F32)
+        y = _dense(x, self.kernel[...].astype(self.dtype))
+        if self.quantized:  # per-output-channel scale commutes with the contraction over `in`
+            y = y * self.kernel_scale[...][0]
+        y = y + self.bias[...].astype(F32)
         if self.has_lora:
             a = self.lora_A[...].astype(self.dtype)
             b = self.lora_B[...].astype(self.dtype)
@@ -171,4 +184,4 @@ class FeedForward(nnx.Module):
         self.fc2 = Linear(4 * dim, dim, axes=("mlp", "embed"), options=options, rngs=rngs, name=f"{name}.fc2")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu_tanh(constrain(self.fc1(x), ("batch", "seq", "mlp"))))
+        return self.fc2(gelu_tanh(self.fc1(x)))

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from ...config import DiTConfig, ModelOptions
-from ...parallel import constrain
+from ...parallel import constrain_tokens
 from .attention import Attention
 from .layers import MATMUL_CHECKPOINT_NAME, FeedForward, Linear, RMSNorm, TimeTextEmbed, layer_norm, modulate
 from .rope import ImgShape, rope_angles
@@ -31,10 +31,6 @@ class BlockContext:
     img_angles: jax.Array  # [N, d/2]
     txt_angles: jax.Array  # [L, d/2]
     txt_mask: jax.Array | None  # [B, L] bool
-
-
-# Logical names of the [B, S, D] activations: samples over data × fsdp, tokens over what the batch leaves.
-TOKENS = ("batch", "seq", None)
 
 
 class Modulation(NamedTuple):
@@ -67,7 +63,7 @@ class Block(nnx.Module):
         self.txt_mlp = FeedForward(d, name="txt_mlp", **lin)
 
     def __call__(self, img: jax.Array, txt: jax.Array, c: BlockContext) -> tuple[jax.Array, jax.Array]:
-        img, txt = constrain(img, TOKENS), constrain(txt, TOKENS)
+        img, txt = constrain_tokens(img), constrain_tokens(txt)
         if c.temb_ref is None:
             im = _modulation(self.img_mod(jax.nn.silu(c.temb)))
         else:  # zero_cond_t: reference tokens take shift, scale and gate from temb(0)
@@ -88,7 +84,7 @@ class Block(nnx.Module):
         txt = txt + tm.gate_msa * a_txt
         img = img + im.gate_mlp * self.img_mlp(modulate(layer_norm(img), im.shift_mlp, im.scale_mlp))
         txt = txt + tm.gate_mlp * self.txt_mlp(modulate(layer_norm(txt), tm.shift_mlp, tm.scale_mlp))
-        return constrain(img, TOKENS), constrain(txt, TOKENS)
+        return constrain_tokens(img), constrain_tokens(txt)
 
 
 class NormOut(nnx.Module):
@@ -194,7 +190,7 @@ class QwenImageTransformer(nnx.Module):
         layout = normalize_img_shapes(img_shapes, b, n)
         n_txt = encoder_hidden_states.shape[1]
 
-        img = constrain(self.img_in(hidden_states), TOKENS)
+        img = constrain_tokens(self.img_in(hidden_states))
         sigma = jnp.broadcast_to(jnp.asarray(timestep), (b,)).astype(dt)  # diffusers rounds σ to the activation dtype
         temb = self.time_text_embed(sigma)
         temb_ref = ref_mask = None
@@ -202,7 +198,7 @@ class QwenImageTransformer(nnx.Module):
         if cfg.zero_cond_t and n_target < n:
             temb_ref = self.time_text_embed(jnp.zeros_like(sigma))
             ref_mask = jnp.asarray(np.arange(n) >= n_target)
-        txt = constrain(self.txt_in(self.txt_norm(encoder_hidden_states.astype(dt))), TOKENS)
+        txt = constrain_tokens(self.txt_in(self.txt_norm(encoder_hidden_states.astype(dt))))
         txt_mask = None
         if encoder_hidden_states_mask is not None:
             if encoder_hidden_states_mask.shape != (b, n_txt):
@@ -212,7 +208,7 @@ class QwenImageTransformer(nnx.Module):
         img_angles, txt_angles = rope_angles(layout, n_txt, cfg.axes_dims_rope)
         ctx = BlockContext(temb, temb_ref, ref_mask, jnp.asarray(img_angles), jnp.asarray(txt_angles), txt_mask)
         img, _ = self._run_blocks(img, txt, ctx)
-        return constrain(self.proj_out(self.norm_out(img, temb)), TOKENS)
+        return constrain_tokens(self.proj_out(self.norm_out(img, temb)))
 
 
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))

@@ -1,0 +1,191 @@
+"""`train/cache_dataset.py`: exit codes and one-line errors, nothing written on bad input, --skip-bad with a
+report file, and kill-and-resume: the command is SIGKILLed during start-up and after its first shard, then
+rerun; the finished cache equals an uninterrupted run's, sample for sample and shard for shard (the kept
+shards byte for byte; recomputed tensors up to XLA:CPU's run-to-run float rounding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
+from qwen_edit_jax.caching.writer import partial_path
+from qwen_edit_jax.training.data import CachedDataset
+from test_caching import (EXPECTED_BAD, assert_same_cache, bad_dataset, folder_dataset, rand_image, rel,
+                          shard_hashes)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "train", "cache_dataset.py")
+sys.path.insert(0, os.path.join(ROOT, "train"))
+import cache_dataset as cli  # noqa: E402
+
+FAST = ["--resolution", "96", "--control-resolution", "target", "--dtype", "float32", "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return str(write_tiny_edit_repo(tmp_path_factory.mktemp("repo") / "edit", "edit"))
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    rc = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, repo, capsys):
+    data = bad_dataset(tmp_path / "d")
+    out = tmp_path / "cache"
+    rc, _, err = run_main(capsys, "--dataset", data, "--model", repo, "--output", str(out), "--no-progress",
+                          "--report", str(tmp_path / "report.json"), *FAST)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert lines[0] == "error: 10 of 13 samples have bad input:"
+    assert lines[-1] == "nothing was written; fix these files, or pass --skip-bad to cache the 3 good samples"
+    body = "\n".join(lines[1:-1])
+    for sid, reason in EXPECTED_BAD.items():
+        assert f"{reason}" in body, sid
+    assert not os.path.exists(out) and not os.path.exists(partial_path(str(out)))
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["bad_samples"] == 10 and {b["sample"] for b in report["bad"]} == set(EXPECTED_BAD)
+
+
+def _option_cases(tmp_path, repo):
+    data = folder_dataset(tmp_path / "ok", [("a", (64, 64), "x")])
+    nocontrol = tmp_path / "nocontrol"
+    rand_image(nocontrol / "a.png", 64, 64)
+    (nocontrol / "a.txt").write_text("x")
+    t2i = tmp_path / "t2i"
+    shutil.copytree(repo, t2i)
+    (t2i / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    base = ["--dataset", data, "--model", repo, "--output", str(tmp_path / "out")]
+    return [
+        (base + ["--resolution", "8"], "--resolution 8: must be an integer >= 32"),
+        (base + ["--control-resolution", "big"], "--control-resolution 'big'"),
+        (base + ["--batch-size", "0"], "--batch-size 0: must be >= 1"),
+        (base + ["--mesh", "1,2"], "--mesh must be DATA,FSDP,TENSOR"),
+        (base + ["--alpha-background", "notacolour"], "--alpha-background 'notacolour': not a colour"),
+        (base + ["--dtype", "int3"], "int3"),
+        (["--dataset", str(tmp_path / "missing"), *base[2:]], f"--dataset {tmp_path / 'missing'}: no such file"),
+        (base[:2] + ["--model", str(tmp_path / "nomodel"), *base[4:]], "--model"),
+        (base[:2] + ["--model", str(t2i), *base[4:]], "is text-to-image"),
+        (base[:4] + ["--output", str(afile / "sub")], "--output"),
+        (["--dataset", str(nocontrol), *base[2:]], "no control/ folder"),
+    ]
+
+
+def test_option_errors_are_one_line_exit_2(tmp_path, repo, capsys):
+    for argv, expected in _option_cases(tmp_path, repo):
+        rc, _, err = run_main(capsys, *argv, "--no-progress")
+        assert rc == 2, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, (argv, err)
+        assert not os.path.exists(tmp_path / "out") and not os.path.exists(partial_path(str(tmp_path / "out")))
+
+
+def _wait_for(path: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    t0 = time.monotonic()
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"the command ended (rc {proc.returncode}) before {path} appeared: "
+                                 f"{proc.stderr.read()}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def _start(args) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, repo):
+    """Six samples of three layouts plus one bad, and their cache made in-process without interruption
+    (--skip-bad, --report); returns (args, cache path, report path)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    specs = [(f"s{i}", size, f"instruction {i}") for i, size in enumerate([(64, 64), (96, 64), (64, 96)] * 2)]
+    data = folder_dataset(tmp / "d", specs)
+    rand_image(tmp / "d" / "lonely.png", 64, 64)  # no caption, no reference: bad
+    args = ["--dataset", data, "--model", repo, *FAST, "--shard-mb", "0.0001", "--skip-bad"]
+    rc = cli.main([*args, "--output", str(tmp / "reference"), "--no-progress", "--report", str(tmp / "report.json")])
+    assert rc == 0
+    return args, str(tmp / "reference"), str(tmp / "report.json")
+
+
+@pytest.mark.slow
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, reference):
+    """SIGKILL while the encoders load, SIGKILL after the first shard, rerun: the same cache as an
+    uninterrupted run. Also --skip-bad with --report, and the progress bar's samples/s."""
+    args, ref, report = reference
+    assert {b["sample"] for b in json.loads(open(report).read())["bad"]} == {"lonely"}
+    cache = tmp_path / "cache"
+    partial = partial_path(str(cache))
+    proc = _start([*args, "--output", str(cache)])
+    _wait_for(os.path.join(partial, "job.json"), proc)  # validated; loading the encoders
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    proc = _start([*args, "--output", str(cache)])
+    _wait_for(os.path.join(partial, "shard-00000.json"), proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not os.path.exists(cache) and os.path.exists(os.path.join(partial, "shard-00000.safetensors"))
+    done = sum(len(json.load(open(os.path.join(partial, f)))["entries"]) for f in os.listdir(partial)
+               if f.startswith("shard-") and f.endswith(".json"))
+    assert 0 < done < 6
+    kept = shard_hashes(partial)
+    proc = _start([*args, "--output", str(cache)])
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert f"resuming {partial}: {done} of 6 samples already cached" in stderr
+    assert re.search(r"\d+\.\d+sample/s\]", stderr) and f"{done} resumed" in stdout and "1 skipped" in stdout
+    assert "warning: skipping 1 of 7 samples (--skip-bad):" in stderr
+    assert not os.path.exists(partial)
+    assert_same_cache(CachedDataset(ref, verify=True), CachedDataset(cache, verify=True), kept)
+    rerun = _start([*args, "--output", str(cache), "--no-progress"])
+    stdout, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0 and "already complete (6 samples)" in stdout
+
+
+@pytest.mark.slow
+def test_two_hosts_write_the_same_cache(tmp_path, reference):
+    """2 processes × 2 CPU devices through jax.distributed (the default FSDP mesh over all 4): every batch is
+    split over both hosts, process 0 alone writes, and the cache equals the single-device one."""
+    args, ref, _ = reference
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "cache"
+    procs = []
+    for pid in range(2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen([sys.executable, SCRIPT, *args, "--output", str(out), "--no-progress",
+                                       "--batch-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, env=env, cwd=ROOT))
+    results = [p.communicate(timeout=900) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr[-3000:]
+    assert "done: 6 samples" in results[0][0] and "done" not in results[1][0]
+    assert "skipping" in results[0][1] and "skipping" not in results[1][1]  # one report, from process 0
+    a, b = CachedDataset(ref, verify=True), CachedDataset(out, verify=True)
+    assert sorted(i.sample_id for i in a.infos) == sorted(i.sample_id for i in b.infos)
+    by_id = {b.infos[i].sample_id: b[i] for i in range(len(b))}
+    for i in range(len(a)):
+        x, y = a[i], by_id[a.infos[i].sample_id]
+        for name in ("target", "prompt_embeds", "negative_prompt_embeds"):
+            assert rel(getattr(y, name), getattr(x, name)) <= 1e-5, (x.sample_id, name)
+        for r, t in zip(x.references, y.references):
+            assert rel(t, r) <= 1e-5

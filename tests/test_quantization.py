@@ -1,0 +1,305 @@
+"""Weight-only quantized base (int8 / fp8 e4m3, per-output-channel scales) under fp32 LoRA."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qwen_edit_jax as q
+from qwen_edit_jax.config import LoraConfig, ModelOptions
+from qwen_edit_jax.errors import CheckpointError
+from qwen_edit_jax.loading.dit import model_from_params
+from qwen_edit_jax.models.dit import BASE_PARAMS
+from qwen_edit_jax.models.quant import dequantize, quantize, reduced_axis
+from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
+from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
+
+TINY = q.preset("tiny")
+SHAPES = ((1, 2, 3), (1, 3, 2))
+# Relative output error (‖y_q − y‖ / ‖y‖) of the whole tiny model vs the fp32 model: int8 per-channel
+# rounding error is ≤ scale/2 per weight (~0.4 % of the column max), fp8 e4m3 keeps 3 mantissa bits
+# (~2–3 %); errors stay well inside these bounds (measured: docs/quantization.md).
+TOL = {"int8": 0.02, "fp8": 0.08}
+
+
+def _flat(state):
+    return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
+
+
+def _inputs(seed=0, b=2):
+    rng = np.random.default_rng(seed)
+    n_img = sum(f * h * w for f, h, w in SHAPES)
+    return dict(
+        hidden_states=jnp.asarray(rng.standard_normal((b, n_img, 64)), jnp.float32),
+        encoder_hidden_states=jnp.asarray(rng.standard_normal((b, 5, TINY.joint_attention_dim)), jnp.float32),
+        encoder_hidden_states_mask=jnp.ones((b, 5), bool),
+        timestep=jnp.asarray([0.3, 0.7][:b], jnp.float32),
+        img_shapes=[list(SHAPES)] * b,
+    )
+
+
+def _batch(seed=0, b=2, txt=5):
+    rng = np.random.default_rng(seed)
+    return {
+        "target": rng.standard_normal((1, b, 6, 64)).astype(np.float32),
+        "references": rng.standard_normal((1, b, 6, 64)).astype(np.float32),
+        "prompt_embeds": rng.standard_normal((1, b, txt, TINY.joint_attention_dim)).astype(np.float32),
+        "prompt_mask": np.tile(np.arange(txt) < txt - 1, (1, b, 1)),
+    }
+
+
+def _ref_int8(w, axis):
+    """numpy reference: symmetric per-channel int8."""
+    w = np.asarray(w, np.float32)
+    amax = np.max(np.abs(w), axis=axis, keepdims=True)
+    s = np.where(amax > 0, amax * np.float32(1.0 / 127.0), np.float32(1.0)).astype(np.float32)
+    return np.clip(np.round(w * (np.float32(1.0) / s)), -127, 127).astype(np.int8), s
+
+
+@pytest.mark.parametrize("shape,axis", [((48, 20), 0), ((3, 48, 3, 20), 1), ((1, 48, 20), 1)])
+def test_int8_values_and_scales_are_exact(shape, axis):
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    w[..., 0] = 0.0  # an all-zero output channel: scale 1, values 0
+    qv, s = jax.jit(lambda x: quantize(x, "int8", axis))(w)
+    rq, rs = _ref_int8(w, axis)
+    assert qv.dtype == jnp.int8 and s.dtype == jnp.float32 and s.shape == rs.shape
+    np.testing.assert_array_equal(np.asarray(s), rs)
+    np.testing.assert_array_equal(np.asarray(qv), rq)
+    assert reduced_axis(shape, s.shape) == axis
+    assert np.abs(np.asarray(qv)).max() == 127  # the column max maps to ±127 exactly
+    # dequantization error per weight ≤ half a step
+    err = np.abs(np.asarray(dequantize(qv, s)) - w)
+    assert np.all(err <= rs / 2 + 1e-7)
+    # quantizing the dequantized weights again reproduces the same int8 values (idempotent)
+    q2, s2 = quantize(dequantize(qv, s), "int8", axis)
+    np.testing.assert_array_equal(np.asarray(q2), rq)
+
+
+def test_fp8_uses_e4m3_range_and_bounded_error():
+    w = np.random.default_rng(1).standard_normal((64, 3, 16)).astype(np.float32)
+    qv, s = quantize(w, "fp8", 0)
+    assert qv.dtype == jnp.float8_e4m3fn
+    v = np.asarray(qv.astype(jnp.float32))
+    assert np.all(np.isfinite(v)) and np.abs(v).max() == 448.0
+    np.testing.assert_array_equal(np.asarray(s)[0], np.abs(w).max(0) * np.float32(1.0 / 448.0))
+    rel = np.abs(np.asarray(dequantize(qv, s)) - w) / np.abs(w).max(0, keepdims=True)
+    assert rel.max() <= 2.0**-4 + 1e-6  # 3 mantissa bits: ≤ 1/16 of the column max
+
+
+def test_options_validate():
+    with pytest.raises(ValueError, match="quantize"):
+        ModelOptions(quantize="int4")
+    with pytest.raises(ValueError, match="fused"):
+        ModelOptions(quantize="int8", fuse_qkv=False)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_model_layout_and_output_error(mode):
+    ref = q.init_transformer(TINY, ModelOptions(), seed=3)
+    params = {k: v.get_value() for k, v in _flat(nnx.state(ref, BASE_PARAMS)).items()}
+    qm = model_from_params(TINY, ModelOptions(quantize=mode), params)
+    flat = _flat(nnx.state(qm, BASE_PARAMS))
+    block_kernels = [k for k in flat if k.startswith("transformer_blocks") and k.endswith(".kernel")]
+    want = jnp.dtype(jnp.int8 if mode == "int8" else jnp.float8_e4m3fn)
+    assert block_kernels and all(flat[k].get_value().dtype == want for k in block_kernels)
+    for k in block_kernels:  # stacked [L, in, *out] kernel, [L, 1, *out] fp32 scale
+        s = flat[k + "_scale"].get_value()
+        assert s.dtype == jnp.float32 and s.shape[1] == 1 and s.shape[0] == TINY.num_layers
+    # the embedders / output projection stay in param_dtype
+    assert flat["img_in.kernel"].get_value().dtype == jnp.float32 and "img_in.kernel_scale" not in flat
+    # loading quantized exactly what `quantize` gives for each stacked leaf
+    k = "transformer_blocks.attn.to_qkv.kernel"
+    if mode == "int8":
+        rq, rs = _ref_int8(params[k], 1)
+        np.testing.assert_array_equal(np.asarray(flat[k].get_value()), rq)
+        np.testing.assert_array_equal(np.asarray(flat[k + "_scale"].get_value()), rs)
+    x = _inputs()
+    y, yq = np.asarray(ref(**x)), np.asarray(qm(**x))
+    rel = np.linalg.norm(yq - y) / np.linalg.norm(y)
+    assert 0 < rel < TOL[mode], rel
+    # same as running the fp32 model on the dequantized weights (the scale-after-matmul identity)
+    deq = dict(params)
+    for k in block_kernels:
+        deq[k] = np.asarray(dequantize(flat[k].get_value(), flat[k + "_scale"].get_value()))
+    yd = np.asarray(model_from_params(TINY, ModelOptions(), deq)(**x))
+    np.testing.assert_allclose(yq, yd, rtol=2e-4, atol=2e-5)
+
+
+def test_bf16_activations_on_int8_base():
+    ref = q.init_transformer(TINY, ModelOptions(), seed=3)
+    params = {k: v.get_value() for k, v in _flat(nnx.state(ref, BASE_PARAMS)).items()}
+    opts = dict(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    bf = model_from_params(TINY, ModelOptions(**opts), params)
+    qm = model_from_params(TINY, ModelOptions(quantize="int8", **opts), params)
+    x = _inputs()
+    y = np.asarray(ref(**x), np.float32)
+    yb, yq = np.asarray(bf(**x), np.float32), np.asarray(qm(**x), np.float32)
+    rel_b = np.linalg.norm(yb - y) / np.linalg.norm(y)
+    rel_q = np.linalg.norm(yq - y) / np.linalg.norm(y)
+    # in bf16 the int8 base adds little on top of bf16's own rounding (which is large on a tiny random model)
+    rel_qb = np.linalg.norm(yq - yb) / np.linalg.norm(yb)
+    assert rel_qb < 0.15 and rel_q < rel_b + TOL["int8"], (rel_q, rel_b, rel_qb)
+
+
+@pytest.mark.parametrize("qkv_mode", ["split", "shared"])
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_only_lora_trains_on_quantized_base(mode, qkv_mode):
+    opts = ModelOptions(quantize=mode, lora=LoraConfig(rank=4, alpha=8, qkv_mode=qkv_mode))
+    model = q.init_transformer(TINY, opts, seed=1)
+    graphdef, params, base = split_lora(model)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # adapters stay fp32
+    qleaves = [x for x in jax.tree.leaves(base) if x.dtype in (jnp.int8, jnp.float8_e4m3fn)]
+    assert qleaves  # quantized kernels live in the frozen base
+    tx, _ = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=0), 10)
+    opt_state = tx.init(params)
+    assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim) == 2 * sum(x.size for x in jax.tree.leaves(params))
+    base0 = jax.tree.map(np.array, base)
+    params0 = jax.tree.map(np.array, params)
+    step = make_train_step(graphdef, tx, ObjectiveSection())
+    base_ptrs = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(base)]
+    key = jax.random.key(0)
+    losses = []
+    for i in range(3):
+        params, opt_state, m = step(params, opt_state, base, SHAPES, _batch(seed=i), key, i)
+        losses.append(float(m["loss"]))
+        assert np.isfinite(losses[-1]) and float(m["grad_norm"]) > 0
+    # the base is the same buffers, untouched (never donated, never copied per step)
+    assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(base)] == base_ptrs
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.array, base), base0)
+    moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(jax.tree.map(np.array, params)),
+                                                     jax.tree.leaves(params0))]
+    assert all(moved)
+
+
+def test_gradients_reach_only_the_lora():
+    model = q.init_transformer(TINY, ModelOptions(quantize="int8", lora=LoraConfig(rank=4)), seed=1)
+    graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
+    x = _inputs()
+
+    def loss(lora, base):
+        return jnp.mean(nnx.merge(graphdef, lora, base)(**x) ** 2)
+
+    # differentiating the quantized base is impossible (int8 is not differentiable: float0 tangents);
+    # the LoRA gets real gradients, B's included
+    g = jax.grad(loss)(lora, base)
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(g))
+    gb = [np.abs(np.asarray(v)).max() for k, v in _flat(g).items() if k.endswith("lora_B")]
+    assert gb and max(gb) > 0
+
+
+def test_quantize_on_load_from_safetensors_and_self_roundtrip(tmp_path):
+    ref = q.init_transformer(TINY, ModelOptions(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16), seed=2)
+    q.save_transformer(ref, tmp_path / "t")
+    m = q.load_transformer(tmp_path / "t", options=ModelOptions(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
+                                                                  quantize="int8"))
+    params = {k: v.get_value() for k, v in _flat(nnx.state(ref, BASE_PARAMS)).items()}
+    flat = _flat(nnx.state(m, BASE_PARAMS))
+    k = "transformer_blocks.img_mlp.fc1.kernel"
+    rq, rs = _ref_int8(np.asarray(params[k], np.float32), 1)
+    np.testing.assert_array_equal(np.asarray(flat[k].get_value()), rq)
+    np.testing.assert_array_equal(np.asarray(flat[k + "_scale"].get_value()), rs)
+    # a quantized model's own params (values + scales) load back bit for bit
+    own = {k: v.get_value() for k, v in flat.items()}
+    m2 = model_from_params(TINY, m.options, own)
+    for key, v in _flat(nnx.state(m2, BASE_PARAMS)).items():
+        a, b = np.asarray(v.get_value()), np.asarray(own[key])
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), key
+    with pytest.raises(CheckpointError, match="quantize"):  # quantized leaves need a quantized model
+        model_from_params(TINY, ModelOptions(param_dtype=jnp.bfloat16), own)
+    with pytest.raises(CheckpointError, match="stored as"):  # and the same mode
+        model_from_params(TINY, ModelOptions(param_dtype=jnp.bfloat16, quantize="fp8"), own)
+    with pytest.raises(ValueError, match="quantized"):  # no silent int8 export in a torch layout
+        q.save_transformer(m, tmp_path / "x")
+    with pytest.raises(ValueError, match="quantized base cannot"):  # LoRA files merge into float weights only
+        q.load_transformer(tmp_path / "t", options=m.options, lora=str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantized_merged_checkpoint_roundtrip(tmp_path, mode):
+    from qwen_edit_jax.loading.quantized import QuantizedParams
+    from qwen_edit_jax.weights.checkpoint import MergedParams, save_merged
+    from qwen_edit_jax.weights.lazy import ArrayParams
+
+    ref = q.init_transformer(TINY, ModelOptions(param_dtype=jnp.bfloat16), seed=4)
+    params = {k: np.asarray(v.get_value()) for k, v in _flat(nnx.state(ref, BASE_PARAMS)).items()}
+    opts = ModelOptions(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, quantize=mode)
+    on_load = model_from_params(TINY, opts, params)  # quantize-on-load from the float weights
+    out = save_merged(QuantizedParams(ArrayParams(params, TINY), mode), tmp_path / "m", progress=False)
+    mp = MergedParams(out)
+    assert mp.quantize == mode and mp.dtype("transformer_blocks.attn.to_qkv.kernel") == np.dtype(
+        on_load.transformer_blocks.attn.to_qkv.kernel.get_value().dtype)
+    loaded = q.load_transformer(out, options=opts)
+    a = {k: np.asarray(v.get_value()) for k, v in _flat(nnx.state(loaded, BASE_PARAMS)).items()}
+    b = {k: np.asarray(v.get_value()) for k, v in _flat(nnx.state(on_load, BASE_PARAMS)).items()}
+    assert a.keys() == b.keys()
+    for k in a:  # converter's quantization == on-load quantization, and the file round trip is bit-exact
+        assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
+    # half the bytes: quantized block kernels are 1 byte per weight (scales are ~1/in of that)
+    nbytes = lambda d: sum(v.nbytes for v in d.values())  # noqa: E731
+    assert nbytes(a) < 0.6 * nbytes(params)
+    with pytest.raises(CheckpointError, match="quantize"):
+        q.load_transformer(out, options=ModelOptions(param_dtype=jnp.bfloat16))
+
+
+def test_converter_quantize_cli(tmp_path, capsys):
+    import importlib.util
+    import os
+
+    from qwen_edit_jax.convert import convert
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ref = q.init_transformer(TINY, ModelOptions(param_dtype=jnp.bfloat16), seed=5)
+    q.save_transformer(ref, tmp_path / "src")
+    spec = importlib.util.spec_from_file_location("cc", os.path.join(root, "convert", "convert_checkpoint.py"))
+    cc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cc)
+    assert cc.main(["--input", str(tmp_path / "src"), "--output", str(tmp_path / "q8"), "--direction", "to_merged",
+                    "--quantize", "int8", "--no-progress"]) == 0
+    opts = ModelOptions(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, quantize="int8")
+    a = _flat(nnx.state(q.load_transformer(tmp_path / "q8", options=opts), BASE_PARAMS))
+    b = _flat(nnx.state(q.load_transformer(tmp_path / "src", options=opts), BASE_PARAMS))
+    for k in b:  # bit-identical to quantize-on-load from the same source
+        x, y = np.asarray(a[k].get_value()), np.asarray(b[k].get_value())
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), k
+    with pytest.raises(ValueError, match="to_merged output only"):
+        convert(str(tmp_path / "src"), str(tmp_path / "x"), "to_standard", quantize="int8")
+    with pytest.raises(ValueError, match="quantized"):
+        convert(str(tmp_path / "q8"), str(tmp_path / "y"), "to_standard")
+
+
+def test_sampling_loop_on_quantized_base_stays_close():
+    """The compiled true-CFG sampling loop runs a quantized base unchanged; at a fixed seed its latents
+    stay close to the float base's (fp32 activations isolate the weight error)."""
+    from qwen_edit_jax.sampling import sample
+
+    ref = q.init_transformer(TINY, ModelOptions(), seed=6)
+    params = {k: v.get_value() for k, v in _flat(nnx.state(ref, BASE_PARAMS)).items()}
+    rng = np.random.default_rng(0)
+    noise = jnp.asarray(rng.standard_normal((1, 6, 64)), jnp.float32)
+    kw = dict(noise=noise, image_latents=jnp.asarray(rng.standard_normal((1, 6, 64)), jnp.float32),
+              prompt_embeds=jnp.asarray(rng.standard_normal((1, 5, TINY.joint_attention_dim)), jnp.float32),
+              prompt_embeds_mask=jnp.ones((1, 5), bool),
+              negative_prompt_embeds=jnp.asarray(rng.standard_normal((1, 3, TINY.joint_attention_dim)), jnp.float32),
+              negative_prompt_embeds_mask=jnp.ones((1, 3), bool), true_cfg_scale=4.0, num_inference_steps=3,
+              img_shapes=[(1, 2, 3), (1, 2, 3)])
+    base = np.asarray(sample(ref, **kw))
+    for mode, tol in (("int8", 0.02), ("fp8", 0.08)):
+        lat = np.asarray(sample(model_from_params(TINY, ModelOptions(quantize=mode), params), **kw))
+        rel = np.linalg.norm(lat - base) / np.linalg.norm(base)
+        assert np.isfinite(lat).all() and 0 < rel < tol, (mode, rel)
+
+
+def test_training_config_quantize_key():
+    import os
+
+    from qwen_edit_jax.training.config import ConfigError, load_config
+
+    yaml = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train", "configs",
+                        "qwen-image-edit.yaml")
+    assert load_config(yaml).model_options().quantize is None
+    assert load_config(yaml, ["model.quantize=fp8"]).model_options().quantize == "fp8"
+    with pytest.raises(ConfigError, match="quantize"):
+        load_config(yaml, ["model.quantize=int4"])
