@@ -10,11 +10,12 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
 # pip's output without known noise: "… is ignored" notices and setuptools' "InformationOnly" box
-# ("Editable installation … folders with the same name …"), which -q does not silence.
+# or "BuildBackendWarning: Editable installation" box ("… folders with the same name …"), which -q does
+# not silence.
 drop_noise() {
   awk '
     /^[[:space:]]*!![[:space:]]*$/ {
-      if (!box) { box = 1; quiet = (held && line ~ /InformationOnly/); if (quiet) held = 0 }
+      if (!box) { box = 1; quiet = (held && line ~ /InformationOnly|BuildBackendWarning: Editable installation/); if (quiet) held = 0 }
       else { box = 0; after = quiet }
       if (!quiet) { if (held) print line; held = 0; print }
       next
