@@ -37,6 +37,19 @@ def read_json_config(path: str | os.PathLike, what: str = "config") -> tuple[dic
     return d, path
 
 
+def build_config(cls: type, d: dict[str, Any], *, ignored: set[str], source: str) -> Any:
+    """`cls(**d)` for a config dataclass: `ignored` keys dropped, unknown keys and bad values one error naming `source`."""
+    d = {k: v for k, v in d.items() if k not in ignored}
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown config keys {unknown}; expected a subset of {sorted(names)}")
+    try:
+        return cls(**d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig:
     """Architecture of `QwenImageTransformer2DModel`; field names equal diffusers' config keys."""
@@ -83,18 +96,9 @@ class DiTConfig:
         for key in _UNSUPPORTED_TRUE_KEYS:
             if d.pop(key, False):
                 raise ValueError(f"{source}: `{key}: true` is not supported (Qwen-Image-Layered / guidance models)")
-        for key in _IGNORED_KEYS:
-            d.pop(key, None)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown config keys {unknown}; expected a subset of {sorted(names)}")
         if d.get("out_channels") is None:
             d.pop("out_channels", None)
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+        return build_config(cls, d, ignored=_IGNORED_KEYS, source=source)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "DiTConfig":

@@ -10,7 +10,7 @@ import dataclasses
 import os
 from typing import Any
 
-from ...config import read_json_config
+from ...config import build_config, read_json_config
 
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
                 0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921)
@@ -71,16 +71,7 @@ class VAEConfig:
         name = d.get("_class_name", CLASS_NAME)
         if name != CLASS_NAME:
             raise ValueError(f"{source}: _class_name is {name!r}, expected {CLASS_NAME!r} (a Qwen-Image vae/ folder)")
-        for key in _IGNORED_KEYS:
-            d.pop(key, None)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"{source}: unknown config keys {unknown}; expected a subset of {sorted(names)}")
-        try:
-            return cls(**d)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{source}: {e}") from None
+        return build_config(cls, d, ignored=_IGNORED_KEYS, source=source)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "VAEConfig":
