@@ -77,8 +77,8 @@ class QwenImagePipelineOutput:
 
 
 # ---- repo folder ---------------------------------------------------------------------------------
-def pipeline_variant(repo_dir: str | os.PathLike) -> str:
-    """"edit" or "edit_plus", from the `_class_name` in the repo's `model_index.json`."""
+def model_index_class(repo_dir: str | os.PathLike) -> tuple[str, object]:
+    """(path, `_class_name`) of the repo's `model_index.json`."""
     path = os.path.join(os.fspath(repo_dir), "model_index.json")
     try:
         with open(path) as f:
@@ -88,6 +88,12 @@ def pipeline_variant(repo_dir: str | os.PathLike) -> str:
                               f"or pass variant='edit' / 'edit_plus')") from None
     except (json.JSONDecodeError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a JSON object ({e})") from None
+    return path, name
+
+
+def pipeline_variant(repo_dir: str | os.PathLike) -> str:
+    """"edit" or "edit_plus", from the `_class_name` in the repo's `model_index.json`."""
+    path, name = model_index_class(repo_dir)
     if name not in VARIANT_OF_CLASS:
         raise ValueError(f"{path}: _class_name {name!r} is not an edit pipeline (expected one of "
                          f"{sorted(VARIANT_OF_CLASS)})")

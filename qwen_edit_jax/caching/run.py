@@ -42,17 +42,19 @@ from tqdm.auto import tqdm
 
 from ..config import as_dtype
 from ..encoding import QwenPromptEncoder
+from ..errors import CheckpointError
 from ..loading import load_text_encoder, load_vae
 from ..loading.vae import QwenImageVAE
 from ..parallel import distributed
+from ..pipeline import VARIANT_OF_CLASS, model_index_class
 from ..preprocess import bucket_length
 from ..training.data import DEFAULT_SHARD_BYTES, CachedDataset, CachedSample
 from .buckets import Sizing, vae_pixels
-from .layouts import Listing, LayoutError, read_dataset
+from .layouts import LayoutError, Listing, read_dataset
 from .validate import GoodSample, Report, format_report, load_image, parse_background, validate
 from .writer import JOB_FORMAT, CacheExists, PartialCache, partial_path
 
-VARIANT_BY_CLASS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit_plus"}
+VARIANT_BY_CLASS = VARIANT_OF_CLASS  # the pipeline's table: one mapping of diffusers classes to variants
 EDIT_VARIANTS = ("edit", "edit_plus")
 JOB_VERSION = 1
 
@@ -120,16 +122,14 @@ class CacheResult:
 
 # ---- the model repo ----------------------------------------------------------------------------------
 def read_variant(repo: str) -> str:
-    """'edit' or 'edit_plus' from the repo's `model_index.json` (`_class_name`)."""
-    path = os.path.join(repo, "model_index.json")
-    try:
-        with open(path) as f:
-            name = json.load(f).get("_class_name")
-    except FileNotFoundError:
+    """'edit' or 'edit_plus' from the repo's `model_index.json` (`_class_name`), with the CLI's hints."""
+    if not os.path.exists(os.path.join(repo, "model_index.json")):
         raise FileNotFoundError(f"--model {repo}: no model_index.json (a diffusers Qwen-Image-Edit folder has one); "
-                                f"pass --variant edit or edit_plus to say which pipeline it is") from None
-    except (OSError, ValueError, AttributeError) as e:
-        raise ValueError(f"{path}: not a readable diffusers model_index.json ({e})") from None
+                                f"pass --variant edit or edit_plus to say which pipeline it is")
+    try:
+        path, name = model_index_class(repo)
+    except CheckpointError as e:
+        raise ValueError(f"{e} (not a readable diffusers model_index.json)") from None
     if name not in VARIANT_BY_CLASS:
         what = "text-to-image" if name == "QwenImagePipeline" else "not an edit pipeline"
         raise ValueError(f"{path}: _class_name {name!r} is {what}; this command caches edit datasets for "
