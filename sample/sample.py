@@ -18,7 +18,8 @@ Edit images (a diffusers Qwen-Image-Edit / -2509 / -2511 repo folder; PNGs out):
 
     python sample/sample.py --model checkpoints/Qwen-Image-Edit-2509 --lora my_lora.safetensors:0.8 \
         --image a.png [--image b.png] --prompt "put the cat on the sofa" --out samples/ \
-        [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--height H --width W] [--num-images N]
+        [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--height H --width W] [--resolution 1024] \
+        [--num-images N]
 
 writes OUT/<first image's name>-<seed>[-<k>].png (settings in the PNG text chunks). The text encoder
 and VAE are loaded first, the prompts encoded, the text encoder released, then the transformer loaded.
@@ -75,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, help="output height in pixels (image mode; default ≈ 1 Mpx at the "
                    "(last) image's aspect ratio; floored to a multiple of 16)")
     p.add_argument("--width", type=int, help="output width in pixels (image mode)")
+    p.add_argument("--resolution", type=int, default=1024,
+                   help="image mode: the images go to the VAE at an area of N² (and the default output size), "
+                        "as the pipelines do at 1024; use the resolution the LoRA's cache was made at")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (image mode; different noise)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA file to merge (any supported key style); repeat for several")
@@ -223,7 +227,12 @@ def edit_images(args) -> str:
     transformer, sample, decode, write PNGs."""
     from qwen_edit_jax.config import ModelOptions, as_dtype
     from qwen_edit_jax.pipeline import (
-        QwenImageEditPipeline, images_per_prompt, output_dims, pipeline_variant, plan_sizes, save_png,
+        QwenImageEditPipeline,
+        images_per_prompt,
+        output_dims,
+        pipeline_variant,
+        plan_sizes,
+        save_png,
     )
     from qwen_edit_jax.utils.files import check_output_dir
 
@@ -242,7 +251,10 @@ def edit_images(args) -> str:
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 16:
             raise ValueError(f"{name} {value}: the output must be at least 16 pixels (a multiple of 16)")
-    output_dims(args.height, args.width, plan_sizes(images, variant).output, 16)
+    if args.resolution < 16:
+        raise ValueError(f"--resolution {args.resolution}: must be at least 16 pixels")
+    area = args.resolution * args.resolution
+    output_dims(args.height, args.width, plan_sizes(images, variant, vae_area=area).output, 16)
     stem = os.path.splitext(os.path.basename(args.image[0]))[0] or "edit"
     names = [f"{stem}-{args.seed}.png"] if args.num_images == 1 else [
         f"{stem}-{args.seed}-{k}.png" for k in range(args.num_images)]
@@ -257,6 +269,7 @@ def edit_images(args) -> str:
     mesh = make_mesh(args)
     pipe = QwenImageEditPipeline.from_pretrained(args.model, dtype=dtype, mesh=mesh, variant=variant,
                                                  components=("text_encoder", "vae"))
+    pipe.vae_image_area = area
     cfg = args.cfg > 1
     embeds, mask = pipe.encode_prompt(args.prompt, images)
     neg, neg_mask = pipe.encode_prompt(args.negative_prompt, images) if cfg else (None, None)
@@ -275,6 +288,7 @@ def edit_images(args) -> str:
             "images": ";".join(os.path.abspath(p) for p in args.image), "model": os.path.abspath(args.model),
             "transformer": os.path.abspath(args.transformer) if args.transformer else "",
             "loras": ";".join(f"{os.path.abspath(p)}:{s}" for p, s in loras), "dtype": str(dtype),
+            "resolution": args.resolution,
             "software": "qwen-edit-jax sample/sample.py"}
     for k, (target, image) in enumerate(zip(targets, result.images)):
         save_png(target, image, {**meta, "index": k}, overwrite=args.overwrite)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) and install the project. `bootstrap.sh test` adds the test extra
+# Create .venv (if needed) and install the project (CPU jax). `bootstrap.sh gpu` / `bootstrap.sh tpu` install
+# the jax build for NVIDIA GPUs / TPU VMs instead. `bootstrap.sh test` adds the test extra
 # (PyTorch CPU 2.13.0 + diffusers for parity tests, libtpu for TPU memory plans); torch is installed
 # first and pinned so pip never pulls a multi-GB CUDA build.
 # pip runs quietly; known noise is dropped from its output, and any pip failure stops this script
@@ -41,12 +42,14 @@ pip_quiet() {
 }
 
 pip_quiet install -q --upgrade pip
-if [ "${1:-}" = "test" ]; then
-  pip_quiet install -q "torch==2.13.0"
-  pip_quiet install -q -e ".[test]"
-else
-  pip_quiet install -q -e .
-fi
+case "${1:-}" in
+  test)
+    pip_quiet install -q "torch==2.13.0"
+    pip_quiet install -q -e ".[test]" ;;
+  gpu|tpu) pip_quiet install -q -e ".[$1]" ;;  # the jax build for NVIDIA GPUs / TPU VMs
+  "") pip_quiet install -q -e . ;;
+  *) echo "usage: bash scripts/bootstrap.sh [test|gpu|tpu]" >&2; exit 2 ;;
+esac
 # JAX_PLATFORMS=cpu unless the machine has a TPU or GPU (qwen_edit_jax.utils.accelerators): libtpu from
 # the test extra would otherwise probe for a TPU and print a screen of errors on a CPU-only machine.
 .venv/bin/python -c "

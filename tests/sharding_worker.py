@@ -1,8 +1,11 @@
 """Sharding checks that need several devices; run as a subprocess by tests/test_sharding.py.
 
-`python tests/sharding_worker.py SCENARIO [ARG]` with `XLA_FLAGS=--xla_force_host_platform_device_count=8`
-set by the caller (it must be set before jax is imported, so it cannot run inside the pytest
-process). Prints one JSON line `RESULT {...}` with numbers the test asserts on; never asserts itself.
+`python tests/sharding_worker.py SCENARIO[,SCENARIO...] [ARG]` with
+`XLA_FLAGS=--xla_force_host_platform_device_count=8` set by the caller (it must be set before jax is
+imported, so it cannot run inside the pytest process). Runs the scenarios one after the other in this
+process and prints one JSON line `RESULT {"ok": ..., SCENARIO: {...}, ...}` with the numbers the test
+asserts on; never asserts itself. (ARG: the checkpoint folder of the `load` scenario; by default a
+random tiny diffusers checkpoint written to a temporary folder.)
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -38,10 +42,24 @@ def options(attention="xla", remat="none") -> ModelOptions:
 
 
 def random_lora(model, seed=1):
-    """LoRA B is zero at init; make every adapter active so the checks see it."""
+    """LoRA B is zero at init; make every adapter active so the checks see it (noise drawn on the host:
+    no random-number program to compile)."""
+    rng = np.random.default_rng(seed)
     st = nnx.state(model, nnx.LoRAParam)
-    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(st))))
-    nnx.update(model, jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape), st))
+    nnx.update(model, jax.tree.map(lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape, np.float32), st))
+
+
+_STATE = []
+
+
+def base_state():
+    """The weights every scenario uses, in host memory: the tiny model (seed 0) with random active
+    adapters; made once."""
+    if not _STATE:
+        model = q.init_transformer(CFG, options(), seed=0)
+        random_lora(model)
+        _STATE.append(jax.tree.map(np.asarray, nnx.state(model)))
+    return _STATE[0]
 
 
 def inputs(batch, seed=0):
@@ -55,31 +73,34 @@ def inputs(batch, seed=0):
     return hidden, enc, mask, sigma
 
 
-def fresh(model_state, attention="xla", remat="none"):
-    m = q.init_transformer(CFG, options(attention, remat), seed=0)
-    nnx.update(m, model_state)
+def fresh(host_state, attention="xla", remat="none", mesh=None):
+    """A model holding `host_state`'s values (its own arrays: a training step donates them), built
+    abstractly (no weights initialised), placed on `mesh` by `shard_model` or on the default device.
+    From host memory, placing on a mesh copies each device's slice; resharding arrays already on a
+    device would compile a program per leaf and mesh."""
+    m = q.abstract_model(CFG, options(attention, remat))
+    nnx.update(m, host_state)
+    if mesh is not None:
+        return shd.shard_model(m, mesh)
+    nnx.update(m, jax.device_put(nnx.state(m)))
     return m
 
 
 def scenario_forward(_arg):
     """Sharded forward == single-device forward on several meshes; parameters really split."""
-    ref_model = q.init_transformer(CFG, options(), seed=0)
-    random_lora(ref_model)
-    state = nnx.state(ref_model)
+    state = base_state()
+    ref_model = fresh(state)
+    x8, x3 = inputs(8), inputs(3)  # 3: not divisible by the batch axes → replicated batch
+    ref8, ref3 = np.asarray(ref_model(*x8, IMG_SHAPES)), np.asarray(ref_model(*x3, IMG_SHAPES))
     out = {}
-    for batch in (8, 3):  # 3: not divisible by the batch axes → replicated batch
-        x = inputs(batch)
-        ref = np.asarray(ref_model(*x, IMG_SHAPES))
-        for m in MESHES if batch == 8 else MESHES[:2]:
-            mesh = shd.make_mesh(*m)
-            model = shd.shard_model(fresh(state), mesh)
-            y = shd.sharded_forward(model, mesh, IMG_SHAPES)(*x)
-            key = f"{m}/b{batch}"
-            out[key] = {"rel_err": rel(y, ref), "out_spec": str(y.sharding.spec)}
-    # where the big weights live
     for m in MESHES:
         mesh = shd.make_mesh(*m)
-        model = shd.shard_model(fresh(state), mesh)
+        model = fresh(state, mesh=mesh)
+        fwd = shd.sharded_forward(model, mesh, IMG_SHAPES)
+        for batch, x, ref in ((8, x8, ref8), (3, x3, ref3))[:2 if m in MESHES[:2] else 1]:
+            y = fwd(*x)
+            out[f"{m}/b{batch}"] = {"rel_err": rel(y, ref), "out_spec": str(y.sharding.spec)}
+        # where the big weights live
         flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
         shapes = {k: [list(a.shape), list(a.addressable_shards[0].data.shape)] for k, a in flat.items()}
         total = sum(a.nbytes for a in flat.values())
@@ -92,10 +113,7 @@ def _train_setup(mesh, attention="xla", remat="none"):
     from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
     from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
 
-    model = q.init_transformer(CFG, options(attention, remat), seed=0)
-    random_lora(model)
-    if mesh is not None:
-        shd.shard_model(model, mesh)
+    model = fresh(base_state(), attention, remat, mesh)
     graphdef, params, base = split_lora(model)
     # Adam's eps 1e-3 (not 1e-8): its update g/(|g|+eps) must not turn float noise in near-zero
     # gradients into ±lr steps, or equal programs would differ by reduction order alone.
@@ -152,16 +170,15 @@ def scenario_train(_arg):
 
 def scenario_splash(_arg):
     """'splash' (Pallas, interpret mode on CPU, inside shard_map) == 'xla' in the model and the LoRA step."""
-    ref_model = q.init_transformer(CFG, options("xla"), seed=0)
-    random_lora(ref_model)
-    state = nnx.state(ref_model)
+    state = base_state()
+    ref_model = fresh(state)
     x = inputs(4)
     ref = np.asarray(ref_model(*x, IMG_SHAPES))
     out = {}
     single = fresh(state, "splash")
     out["single_rel_err"] = rel(single(*x, IMG_SHAPES), ref)
     mesh = shd.make_mesh(2, 2, 2)
-    model = shd.shard_model(fresh(state, "splash", "full"), mesh)
+    model = fresh(state, "splash", "full", mesh)
     out["mesh_rel_err"] = rel(shd.sharded_forward(model, mesh, IMG_SHAPES)(*x), ref)
     ref_losses, ref_params, _ = run_steps(None, n=2, batch=4)
     losses, params, _ = run_steps(mesh, n=2, attention="splash", remat="full", batch=4)
@@ -199,6 +216,12 @@ class CountingLazy:
 def scenario_load(path):
     """load_transformer(path, mesh=) from a diffusers folder and from a merged Orbax checkpoint:
     equal weights, every callback reads exactly its device's slice (never a whole tensor)."""
+    if path is None:
+        import tempfile
+
+        from tests.torch_reference import make_torch_model, save_torch_model
+
+        path = save_torch_model(make_torch_model(CFG, seed=5), os.path.join(tempfile.mkdtemp(), "ckpt"), sharded=True)
     from qwen_edit_jax.loading import dit as dit_loading
     from qwen_edit_jax.weights import safetensors_io
     from qwen_edit_jax.weights.checkpoint import save_merged
@@ -265,6 +288,7 @@ def scenario_seq_parallel(_arg):
          rng.standard_normal((1, 16, CFG.joint_attention_dim), dtype=np.float32),
          np.ones((1, 16), bool), np.full((1,), 0.5, np.float32))
     graphdef, state = nnx.split(model)
+    state = jax.tree.map(np.asarray, state)  # host memory: see `fresh`
 
     def fwd(state, hidden, enc, mask, sigma):
         return nnx.merge(graphdef, state)(hidden, enc, mask, sigma, shapes)
@@ -274,9 +298,8 @@ def scenario_seq_parallel(_arg):
     out = {"single_flops": single.cost_analysis()["flops"]}
     for m in [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]:
         mesh = shd.make_mesh(*m)
-        sharded = shd.shard_model(q.init_transformer(CFG, ModelOptions(), seed=0), mesh)
-        st = nnx.state(sharded)
-        st_sh = shd.param_shardings(st, mesh)
+        st_sh = shd.param_shardings(state, mesh)
+        st = jax.device_put(state, st_sh)  # = shard_model(model, mesh)'s state
         rep = shd.batch_sharding(mesh, 1)  # batch 1: replicated inputs; the model splits the tokens
         fn = shd.sharded_jit(fwd, mesh, in_shardings=(st_sh, rep, rep, rep, rep), out_shardings=None)
         compiled = fn.lower(st, *x).compile()
@@ -288,10 +311,10 @@ def scenario_seq_parallel(_arg):
 
 
 def main():
-    name = sys.argv[1]
+    names = sys.argv[1].split(",")
     arg = sys.argv[2] if len(sys.argv) > 2 else None
     try:
-        result = {"ok": True, **globals()[f"scenario_{name}"](arg)}
+        result = {"ok": True, **{name: globals()[f"scenario_{name}"](arg) for name in names}}
     except Exception:
         result = {"ok": False, "error": traceback.format_exc()}
     print("RESULT " + json.dumps(result))

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from tests.background import Job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Run a benchmark as `python benchmarks/X.py …` would, with torch, diffusers and peft made unimportable.
@@ -21,14 +22,17 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+JOBS = {script: Job(f"benchmarks/{script} without torch",
+                    [sys.executable, "-c", WITHOUT_TORCH, os.path.join("benchmarks", script), *args, "--json"],
+                    cwd=ROOT, timeout=600)
+        for script, args in [("train_step.py", ["--preset", "tiny", "--lora-rank", "4", "--iters", "1", "--warmup", "0"]),
+                             ("sample.py", ["--preset", "tiny", "--steps", "1", "--iters", "1"])]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("script,args", [
-    ("train_step.py", ["--preset", "tiny", "--lora-rank", "4", "--iters", "1", "--warmup", "0"]),
-    ("sample.py", ["--preset", "tiny", "--steps", "1", "--iters", "1"]),
-])
-def test_benchmark_without_the_test_extra(script, args):
-    r = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, os.path.join("benchmarks", script), *args, "--json"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.background(j)) for s, j in JOBS.items()])
+def test_benchmark_without_the_test_extra(script):
+    r = JOBS[script].result()
     assert r.returncode == 0, r.stderr[-3000:]
     assert "No module named" not in r.stderr
     assert "needs the test extra (pip install -e '.[test]'); timing the JAX side only" in r.stderr

@@ -81,3 +81,18 @@ def test_noise_is_dropped_and_warnings_kept(tmp_path, header):
     assert header not in r.stdout and "****" not in r.stdout and "!!" not in r.stdout
     assert "with strategy" not in r.stdout
     assert r.stdout.count("WARNING: a real warning that must stay visible") == 2  # pip upgrade + install
+
+
+@pytest.mark.parametrize("target", ["gpu", "tpu"])
+def test_accelerator_installs_pull_their_jax_extra(tmp_path, target):
+    bin_dir = _checkout(tmp_path)
+    r = _run(tmp_path, target)
+    assert r.returncode == 0, r.stderr
+    calls = (bin_dir / "calls.log").read_text().splitlines()
+    assert f"-m pip install -q -e .[{target}]" in calls and "-m pip install -q torch==2.13.0" not in calls
+
+
+def test_an_unknown_argument_is_refused(tmp_path):
+    _checkout(tmp_path)
+    r = _run(tmp_path, "cuda")
+    assert r.returncode == 2 and "usage: bash scripts/bootstrap.sh [test|gpu|tpu]" in r.stderr

@@ -5,14 +5,15 @@ shards byte for byte; recomputed tensors up to XLA:CPU's run-to-run float roundi
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -20,6 +21,7 @@ import pytest
 from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
 from qwen_edit_jax.caching.writer import partial_path
 from qwen_edit_jax.training.data import CachedDataset
+from tests.background import Job
 from test_caching import (EXPECTED_BAD, assert_same_cache, bad_dataset, folder_dataset, rand_image, rel,
                           shard_hashes)
 
@@ -111,15 +113,27 @@ def _start(args) -> subprocess.Popen:
                             text=True, env=env, cwd=ROOT)
 
 
+def reference_args(folder, repo) -> list[str]:
+    """Six samples of three layouts plus one bad, written to `folder`; the command's arguments for them."""
+    specs = [(f"s{i}", size, f"instruction {i}") for i, size in enumerate([(64, 64), (96, 64), (64, 96)] * 2)]
+    data = folder_dataset(folder, specs)
+    rand_image(os.path.join(folder, "lonely.png"), 64, 64)  # no caption, no reference: bad
+    return ["--dataset", data, "--model", repo, *FAST, "--shard-mb", "0.0001", "--skip-bad"]
+
+
+# The two-host run (tests/caching_two_hosts.py) on the same repo and dataset, written again in a folder of its own.
+TWO_HOSTS_DIR = tempfile.mkdtemp(prefix="caching-two-hosts-")
+atexit.register(shutil.rmtree, TWO_HOSTS_DIR, ignore_errors=True)
+TWO_HOSTS = Job("cache_dataset.py on two hosts", [sys.executable, os.path.join(ROOT, "tests", "caching_two_hosts.py"),
+                                                  TWO_HOSTS_DIR], timeout=1200)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, repo):
-    """Six samples of three layouts plus one bad, and their cache made in-process without interruption
-    (--skip-bad, --report); returns (args, cache path, report path)."""
+    """`reference_args`' dataset and its cache made in-process without interruption (--skip-bad, --report);
+    returns (args, cache path, report path)."""
     tmp = tmp_path_factory.mktemp("reference")
-    specs = [(f"s{i}", size, f"instruction {i}") for i, size in enumerate([(64, 64), (96, 64), (64, 96)] * 2)]
-    data = folder_dataset(tmp / "d", specs)
-    rand_image(tmp / "d" / "lonely.png", 64, 64)  # no caption, no reference: bad
-    args = ["--dataset", data, "--model", repo, *FAST, "--shard-mb", "0.0001", "--skip-bad"]
+    args = reference_args(tmp / "d", repo)
     rc = cli.main([*args, "--output", str(tmp / "reference"), "--no-progress", "--report", str(tmp / "report.json")])
     assert rc == 0
     return args, str(tmp / "reference"), str(tmp / "report.json")
@@ -160,24 +174,20 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, reference):
 
 
 @pytest.mark.slow
-def test_two_hosts_write_the_same_cache(tmp_path, reference):
+@pytest.mark.background(TWO_HOSTS)
+def test_two_hosts_write_the_same_cache(reference):
     """2 processes × 2 CPU devices through jax.distributed (the default FSDP mesh over all 4): every batch is
     split over both hosts, process 0 alone writes, and the cache equals the single-device one."""
-    args, ref, _ = reference
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
-    out = tmp_path / "cache"
-    procs = []
-    for pid in range(2):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-                   JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(pid))
-        procs.append(subprocess.Popen([sys.executable, SCRIPT, *args, "--output", str(out), "--no-progress",
-                                       "--batch-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, env=env, cwd=ROOT))
-    results = [p.communicate(timeout=900) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
-        assert p.returncode == 0, stderr[-3000:]
+    _, ref, _ = reference
+    job = TWO_HOSTS.result()
+    lines = [line for line in job.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"tests/caching_two_hosts.py printed no result (rc={job.returncode}):\n{job.stderr[-4000:]}"
+    res = json.loads(lines[-1][len("RESULT "):])
+    assert res["ok"], res.get("error")
+    out = res["cache"]
+    results = [(stdout, stderr) for _, stdout, stderr in res["runs"]]
+    for rc, _, stderr in res["runs"]:
+        assert rc == 0, stderr[-3000:]
     assert "done: 6 samples" in results[0][0] and "done" not in results[1][0]
     assert "skipping" in results[0][1] and "skipping" not in results[1][1]  # one report, from process 0
     a, b = CachedDataset(ref, verify=True), CachedDataset(out, verify=True)

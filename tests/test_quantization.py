@@ -185,7 +185,7 @@ def test_gradients_reach_only_the_lora():
 
     # differentiating the quantized base is impossible (int8 is not differentiable: float0 tangents);
     # the LoRA gets real gradients, B's included
-    g = jax.grad(loss)(lora, base)
+    g = jax.jit(jax.grad(loss))(lora, base)  # one compiled program (eager, every op would compile on its own)
     assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(g))
     gb = [np.abs(np.asarray(v)).max() for k, v in _flat(g).items() if k.endswith("lora_B")]
     assert gb and max(gb) > 0

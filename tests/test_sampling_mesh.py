@@ -2,12 +2,12 @@
 single-device results."""
 
 import json
-import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests.background import Job
 
 SCRIPT = textwrap.dedent(
     """
@@ -82,12 +82,14 @@ SCRIPT = textwrap.dedent(
 )
 
 
+JOB = Job("sampling on a mesh", [sys.executable, "-c", SCRIPT], timeout=600,
+          env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
+
+
 @pytest.mark.slow
+@pytest.mark.background(JOB)
 def test_sample_on_mesh_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600, check=False)
+    proc = JOB.result()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])

@@ -7,8 +7,6 @@ slices, and splash attention equals the XLA kernel."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,21 +20,29 @@ from jax.sharding import PartitionSpec as P
 import qwen_edit_jax as q
 from qwen_edit_jax import sharding as shd
 from qwen_edit_jax.config import LoraConfig, ModelOptions
+from tests.background import Job
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
 TOL = 1e-5
 MESHES = ["(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)", "(2, 4, 1)"]
 
 
-def run_worker(scenario: str, arg: str | None = None) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, str(WORKER), scenario] + ([arg] if arg else [])
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+# The worker's scenarios in two processes of about equal work (tests/background.py starts them early).
+WORKERS = {group: Job(f"sharding_worker.py {group}", [sys.executable, str(WORKER), group], timeout=1500,
+                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+           for group in ("forward,load,splash", "train,seq_parallel")}
+FORWARD, TRAIN = WORKERS.values()
+
+
+def scenario(name: str) -> dict:
+    """The result of one scenario of tests/sharding_worker.py (waits for its worker)."""
+    group = next(g for g in WORKERS if name in g.split(","))
+    p = WORKERS[group].result()
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"worker {scenario} printed no result (rc={p.returncode}):\n{p.stderr[-4000:]}"
+    assert lines, f"worker {group} printed no result (rc={p.returncode}):\n{p.stderr[-4000:]}"
     r = json.loads(lines[-1][len("RESULT "):])
     assert r["ok"], r.get("error")
-    return r
+    return r[name]
 
 
 def abstract_mesh(data, fsdp, tensor):
@@ -123,10 +129,11 @@ def test_constrain_is_noop_without_mesh():
 # ---- 8 simulated devices (subprocess) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def forward():
-    return run_worker("forward")
+    return scenario("forward")
 
 
 @pytest.mark.slow
+@pytest.mark.background(FORWARD)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_forward_equals_single_device(forward, mesh):
     assert forward[f"{mesh}/b8"]["rel_err"] <= TOL, forward[f"{mesh}/b8"]
@@ -136,6 +143,7 @@ def test_sharded_forward_equals_single_device(forward, mesh):
 
 
 @pytest.mark.slow
+@pytest.mark.background(FORWARD)
 def test_parameters_really_split(forward):
     d = q.preset("tiny").inner_dim
     expect = {"(1, 8, 1)": (d // 8, d), "(2, 2, 2)": (d // 2, d // 2), "(1, 2, 4)": (d // 2, d // 4),
@@ -152,10 +160,11 @@ def test_parameters_really_split(forward):
 
 @pytest.fixture(scope="module")
 def train():
-    return run_worker("train")
+    return scenario("train")
 
 
 @pytest.mark.slow
+@pytest.mark.background(TRAIN)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_lora_step_equals_single_device(train, mesh):
     r = train[mesh]
@@ -169,19 +178,18 @@ def test_sharded_lora_step_equals_single_device(train, mesh):
 
 
 @pytest.mark.slow
+@pytest.mark.background(FORWARD)
 def test_splash_attention_equals_xla():
-    r = run_worker("splash")
+    r = scenario("splash")
     assert r["single_rel_err"] <= TOL
     assert r["mesh_rel_err"] <= TOL
     assert r["train_loss_rel_err"] <= TOL and r["train_params_rel_err"] <= TOL
 
 
 @pytest.mark.slow
-def test_sharded_loading_reads_only_device_slices(tmp_path):
-    from tests.torch_reference import make_torch_model, save_torch_model
-
-    ckpt = save_torch_model(make_torch_model(q.preset("tiny"), seed=5), tmp_path / "ckpt", sharded=True)
-    r = run_worker("load", str(ckpt))
+@pytest.mark.background(FORWARD)
+def test_sharded_loading_reads_only_device_slices():
+    r = scenario("load")
     for mesh in ("(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)"):
         m = r[mesh]
         assert m["max_weight_diff"] == 0.0 and m["rel_err"] <= TOL
@@ -232,10 +240,11 @@ def test_local_batch_rows_and_global_batch():
 
 
 @pytest.mark.slow
+@pytest.mark.background(TRAIN)
 def test_batch_one_splits_tokens_not_work():
     """A batch smaller than data × fsdp shards the token axis: per-device FLOPs fall to about 1/devices
     (the cost analysis of the partitioned program) and the output equals the single-device one."""
-    r = run_worker("seq_parallel")
+    r = scenario("seq_parallel")
     for m, n_split in (("(1, 8, 1)", 8), ("(2, 4, 1)", 8), ("(1, 4, 2)", 8)):
         assert r[m]["rel_err"] <= TOL, (m, r[m])
         ratio = r[m]["flops"] / r["single_flops"]

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from tests.background import Job
+
 ROOT = Path(__file__).resolve().parents[1]
 PLAN = ROOT / "benchmarks" / "memory_plan.py"
 
@@ -88,13 +90,18 @@ def tiny_lora_step_flops(*, batch, img_tokens, txt_tokens, rank, devices, batch_
             "attention": c.num_layers * (2 + 2 + 5) * unit}
 
 
+AOT_JOB = Job("AOT plan for v5e:2x4", [sys.executable, str(PLAN), "--preset", "tiny", "--topology", "v5e:2x4",
+                                        "--height", "128", "--width", "128", "--text-len", "32", "--batch", "8",
+                                        "--lora-rank", "8", "--mesh", "1,4,2", "--json"],
+              env={"JAX_PLATFORMS": "cpu"}, cwd=str(ROOT), timeout=900)
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="AOT compiles for TPU need the tpu-plan extra (libtpu)")
+@pytest.mark.background(AOT_JOB)
 def test_aot_plan_for_v5e_topology():
-    pytest.importorskip("libtpu", reason="AOT compiles for TPU need the tpu-plan extra (libtpu)")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    cmd = [sys.executable, str(PLAN), "--preset", "tiny", "--topology", "v5e:2x4", "--height", "128", "--width", "128",
-           "--text-len", "32", "--batch", "8", "--lora-rank", "8", "--mesh", "1,4,2", "--json"]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    p = AOT_JOB.result()
     assert p.returncode == 0, p.stderr[-4000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["devices"] == 8 and r["device_kind"] == "TPU v5 lite"

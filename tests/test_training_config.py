@@ -12,7 +12,8 @@ import pytest
 from qwen_edit_jax.training.config import ConfigError, TrainConfig, config_from_dict, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "train", "configs", "demo.yaml")
+DEMO = os.path.join(ROOT, "train", "configs", "latent_demo.yaml")
+IMAGE_DEMO = os.path.join(ROOT, "train", "configs", "demo.yaml")
 REAL = os.path.join(ROOT, "train", "configs", "qwen-image-edit.yaml")
 MIN = {"model": {"path": "m"}, "data": {"path": "d"}}
 
@@ -21,6 +22,9 @@ def test_shipped_configs_load():
     demo = load_config(DEMO)
     assert demo.demo.enabled and demo.model.path and demo.data.path
     assert demo.lora_config().qkv_mode == "split"
+    main_job = load_config(IMAGE_DEMO)  # scripts/demo.sh: validation grids of the four held-out edits
+    assert not main_job.demo.enabled and main_job.validation.every > 0 and len(main_job.validation.prompts) == 4
+    assert all(len(p.images) == 1 for p in main_job.validation.prompts)
     real = load_config(REAL)
     assert not real.demo.enabled and real.optim.learning_rate == 1e-4 and real.optim.weight_decay == 0.01
     assert real.objective.timestep_sampling == "diffsynth" and real.model.param_dtype == "bfloat16"

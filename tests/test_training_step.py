@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 
@@ -19,10 +17,10 @@ from qwen_edit_jax.config import LoraConfig, ModelOptions
 from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
 from qwen_edit_jax.training.objective import flow_matching_loss, timestep_table
 from qwen_edit_jax.training.step import make_optimizer, make_schedule, make_train_step, split_lora
+from tests.background import Job
 
 TINY = q.preset("tiny")
 SHAPES = ((1, 2, 3), (1, 3, 2))
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _batch(accum=1, b=2, seed=0, txt=5):
@@ -84,9 +82,10 @@ def test_grad_accumulation_averages_micro_batches():
 
     step_key = jax.random.fold_in(key, 5)
     grads, losses = [], []
+    value_and_grad = jax.jit(jax.value_and_grad(loss))  # one program for the three micro-batches
     for i in range(3):
         micro = jax.tree.map(lambda x: jnp.asarray(x[i]), batch)
-        l, g = jax.value_and_grad(loss)(params, micro, jax.random.fold_in(step_key, i))
+        l, g = value_and_grad(params, micro, jax.random.fold_in(step_key, i))
         grads.append(g)
         losses.append(float(l))
     mean_g = jax.tree.map(lambda *g: sum(g) / 3, *grads)
@@ -109,8 +108,8 @@ def test_remat_and_bf16_base():
     for remat in ("none", "full", "save_matmuls"):
         graphdef, params, base = split_lora(_model(remat=remat))
         p0 = _host(params)
-        out, _, m = make_train_step(graphdef, sgd)(params, sgd.init(params), base, SHAPES, _batch(),
-                                                   jax.random.key(0), 0)
+        out, _, m = make_train_step(graphdef, sgd, donate=False)(params, sgd.init(params), base, SHAPES, _batch(),
+                                                                 jax.random.key(0), 0)
         results[remat] = (jax.tree.map(lambda new, old: old - new, _host(out), p0), float(m["loss"]))
     for remat in ("full", "save_matmuls"):
         assert results[remat][1] == pytest.approx(results["none"][1], rel=1e-6)  # measured: equal
@@ -125,10 +124,12 @@ def test_remat_and_bf16_base():
     # Reference: the fp32 model holding the same bf16-rounded weights as fp32 values. A bf16 base with fp32
     # activations must compute exactly that (weights upcast, fp32 math): measured rel 4.8e-7; 1e-5 leaves
     # room for summation order, far below the 1.1e-4 that the rounding of the weights itself moves the loss.
-    graphdef32, params32, _ = split_lora(_model(remat="full"))
+    # (The step's loss is that of the params before the update, so the fp32 step above, with the rounded
+    # base, gives it: the same program, the remat policy gives the same loss as asserted above.)
+    graphdef32, params32, _ = split_lora(_model(remat="none"))
     rounded = jax.tree.map(lambda x: x.astype(jnp.float32), base)
-    _, _, m32 = make_train_step(graphdef32, tx)(params32, tx.init(params32), rounded, SHAPES, _batch(),
-                                                jax.random.key(0), 0)
+    _, _, m32 = make_train_step(graphdef32, sgd, donate=False)(params32, sgd.init(params32), rounded, SHAPES,
+                                                               _batch(), jax.random.key(0), 0)
     assert float(m["loss"]) == pytest.approx(float(m32["loss"]), rel=1e-5)
     # and against the unrounded fp32 base: weight rounding (2^-9 relative per weight) moved it by 1.1e-4
     assert float(m["loss"]) == pytest.approx(results["none"][1], rel=2**-9)
@@ -137,7 +138,7 @@ def test_remat_and_bf16_base():
 def test_step_accepts_img_shapes_per_sample_or_once():
     """The model's two `img_shapes` conventions: one list for the batch, or one list per sample (all equal)."""
     graphdef, params, base = split_lora(_model())
-    tx = optax.sgd(1e-2)
+    tx = optax.sgd(1.0)  # the step of test_remat_and_bf16_base (remat none): the same compiled program
     step = make_train_step(graphdef, tx, donate=False)
     opt = tx.init(params)
     flat, _, m1 = step(params, opt, base, SHAPES, _batch(), jax.random.key(0), 0)
@@ -209,8 +210,12 @@ MESH_SCRIPT = textwrap.dedent("""
 """)
 
 
+MESH_JOB = Job("LoRA step on a mesh", [sys.executable, "-c", MESH_SCRIPT], timeout=600)
+
+
 @pytest.mark.slow
+@pytest.mark.background(MESH_JOB)
 def test_mesh_step_matches_single_device():
     """On 4 simulated CPU devices (data 2 × fsdp 2) the sharded step equals the single-device one."""
-    r = subprocess.run([sys.executable, "-c", MESH_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    r = MESH_JOB.result()
     assert r.returncode == 0 and "MESH_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

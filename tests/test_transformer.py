@@ -36,6 +36,13 @@ def _with(model, **opts):
     return q.model_from_params(model.config, dataclasses.replace(model.options, **opts), _flat(model))
 
 
+def _jit_forward(model, x):
+    """`model(**x)` as one compiled program (eager, every op would compile on its own)."""
+    graphdef, state = nnx.split(model)
+    arrays = {k: v for k, v in x.items() if k != "img_shapes"}
+    return jax.jit(lambda st, a: nnx.merge(graphdef, st)(**a, img_shapes=x["img_shapes"]))(state, arrays)
+
+
 @pytest.fixture(scope="module")
 def model():
     return q.init_transformer(dataclasses.replace(TINY, num_layers=3), seed=3)
@@ -43,8 +50,8 @@ def model():
 
 def test_scan_equals_unrolled(model):
     x = _inputs()
-    a = model(**x)
-    b = _with(model, scan_layers=False)(**x)
+    a = _jit_forward(model, x)
+    b = _jit_forward(_with(model, scan_layers=False), x)
     assert rel_err(a, b) <= 1e-6
 
 
@@ -53,10 +60,13 @@ def test_remat_policies_same_values_and_grads(model, remat):
     x = _inputs()
     other = _with(model, remat=remat)
 
-    def loss_and_grad(m):
-        def f(mm):
-            return jnp.mean(mm(**x) ** 2)
-        return nnx.value_and_grad(f)(m)
+    def loss_and_grad(m):  # one compiled program (eager, every op would compile on its own)
+        graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+        arrays = {k: v for k, v in x.items() if k != "img_shapes"}
+
+        def f(params, a):
+            return jnp.mean(nnx.merge(graphdef, params, rest)(**a, img_shapes=x["img_shapes"]) ** 2)
+        return jax.jit(jax.value_and_grad(f))(params, arrays)
 
     (l0, g0), (l1, g1) = loss_and_grad(model), loss_and_grad(other)
     assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))

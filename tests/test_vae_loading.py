@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from safetensors.numpy import save_file
 from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.loading.vae import check_image_shape, init_vae, load_vae
 from qwen_edit_jax.models.vae import VAEConfig
+from tests.background import Job
 from tests.vae_reference import TINY_CONFIGS, numpy_state, rel_err, to_bf16, torch_decode, torch_encode, torch_vae
 
 CFG = TINY_CONFIGS["two_levels_rgba"]  # has the unused time_conv tensors (3D resample modes)
@@ -209,10 +209,14 @@ def test_init_vae_and_lower():
 
 
 # ---- 8 simulated devices ----------------------------------------------------------------------------------
+SHARDED_JOB = Job("VAE on 8 devices", [sys.executable, str(WORKER)], timeout=900,
+                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+
+
 @pytest.mark.slow
+@pytest.mark.background(SHARDED_JOB)
 def test_sharded_batches_on_8_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, str(WORKER)], env=env, capture_output=True, text=True, timeout=900)
+    p = SHARDED_JOB.result()
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"worker printed no result (rc={p.returncode}):\n{p.stderr[-4000:]}"
     r = json.loads(lines[-1][len("RESULT "):])

@@ -4,7 +4,7 @@
     python train/check_gpu_training.py [--out /tmp/gpu_check] [--steps 150]
     python train/check_gpu_training.py --dtype float32 --quick --steps 40     # CPU smoke test of the script
 
-1. The demo (train/configs/demo.yaml) with a bf16 base, bf16 activations and full remat: the loss
+1. The demo (train/configs/latent_demo.yaml) with a bf16 base, bf16 activations and full remat: the loss
    must fall (mean of the last 20 steps < 0.8 × the first 20), and the LoRA file must be written.
 2. One full LoRA step of two real-width blocks (24 heads × 128 = 3072, rank 32, bf16, remat full),
    1024 target + 1024 reference + 256 text tokens, with `xla` and `cudnn` attention: step_s.
@@ -29,7 +29,7 @@ def demo_bf16(out: str, steps: int, dtype: str) -> dict:
     from qwen_edit_jax.training.loop import train
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cfg = load_config(os.path.join(root, "train", "configs", "demo.yaml"), [
+    cfg = load_config(os.path.join(root, "train", "configs", "latent_demo.yaml"), [
         f"model.path={out}/model", f"data.path={out}/data", f"model.param_dtype={dtype}", f"model.dtype={dtype}",
         "model.remat=full", f"train.max_steps={steps}", f"train.save_every={steps}", "train.progress=false"])
     t0 = time.perf_counter()

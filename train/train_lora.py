@@ -7,7 +7,8 @@ r"""Train a LoRA on the merged-QKV Qwen-Image-Edit DiT.
 `section.key=value` overrides may stand anywhere on the line, before or after the options.
 Re-running the same command on the same output directory resumes from its newest complete
 checkpoint; the learning-rate schedule keeps its length unless optim.schedule_steps says otherwise.
-Writes DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/, DIR/lora_diffusers.safetensors; a run that
+Writes DIR/run.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/validation/ (before/after grids of
+validation.prompts), DIR/checkpoints/, DIR/lora_diffusers.safetensors; a run that
 fails before its first checkpoint leaves no DIR behind (unless DIR existed before).
 Exit codes: 0 done, 2 bad config/data/checkpoint/paths, 3 non-finite loss.
 """

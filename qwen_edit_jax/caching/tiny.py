@@ -5,7 +5,8 @@
 `text_encoder/` (Qwen2.5-VL, transformers-5 layout: 2 text layers of width 64, a 2-block vision tower),
 `tokenizer/` (the tiny Qwen2 BPE of `preprocess.tiny`) and `processor/` (that tokenizer plus a
 `preprocessor_config.json` whose small `max_pixels` keeps images to a few windows). No transformer:
-caching never reads one.
+caching never reads one. The parts have their own writers (`write_tiny_text_parts`, `write_tiny_vae`,
+`write_model_index`) so that `demo/` builds its complete repo from the same pieces.
 """
 
 from __future__ import annotations
@@ -81,11 +82,9 @@ def write_tiny_text_encoder(folder: str | Path, token_ids: dict[str, int], vocab
     return folder
 
 
-def write_tiny_edit_repo(path: str | os.PathLike, variant: str = "edit_plus", seed: int = 0) -> Path:
-    """Write the tiny repo (see the module docstring); returns its folder."""
-    if variant not in PIPELINE_CLASS:
-        raise ValueError(f"variant must be one of {sorted(PIPELINE_CLASS)}, got {variant!r}")
-    root = Path(path)
+def write_tiny_text_parts(root: str | os.PathLike, seed: int = 0) -> Path:
+    """`tokenizer/`, `processor/` and `text_encoder/` of the tiny repo into `root`; returns `root`."""
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     write_tiny_tokenizer(root / "tokenizer")
     if (root / "processor").exists():
@@ -97,15 +96,37 @@ def write_tiny_edit_repo(path: str | os.PathLike, variant: str = "edit_plus", se
                                                ("vision_start_token_id", "<|vision_start|>"),
                                                ("vision_end_token_id", "<|vision_end|>"))}
     write_tiny_text_encoder(root / "text_encoder", ids, -(-len(tok) // 64) * 64, seed)
-    write_tiny_vae(root / "vae", seed)
-    index = {"_class_name": PIPELINE_CLASS[variant], "_diffusers_version": "0.42.1",
-             "processor": ["transformers", "Qwen2VLProcessor"], "scheduler": [None, None],
-             "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-             "tokenizer": ["transformers", "Qwen2Tokenizer"], "transformer": [None, None],
-             "vae": ["diffusers", "AutoencoderKLQwenImage"]}
-    (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root
 
 
-__all__ = ["PIPELINE_CLASS", "TINY_IMAGE_PROCESSOR", "tiny_text_encoder_config", "write_tiny_edit_repo",
-           "write_tiny_text_encoder", "write_tiny_vae"]
+def write_model_index(root: str | os.PathLike, variant: str, *, transformer: bool = False,
+                      scheduler: bool = False) -> Path:
+    """`model_index.json` of an edit repo (`variant` "edit" / "edit_plus"); `transformer` / `scheduler`
+    say whether those folders exist (else they are listed as [null, null], as diffusers writes a
+    missing component)."""
+    if variant not in PIPELINE_CLASS:
+        raise ValueError(f"variant must be one of {sorted(PIPELINE_CLASS)}, got {variant!r}")
+    index = {"_class_name": PIPELINE_CLASS[variant], "_diffusers_version": "0.42.1",
+             "processor": ["transformers", "Qwen2VLProcessor"],
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"] if scheduler else [None, None],
+             "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+             "tokenizer": ["transformers", "Qwen2Tokenizer"],
+             "transformer": ["diffusers", "QwenImageTransformer2DModel"] if transformer else [None, None],
+             "vae": ["diffusers", "AutoencoderKLQwenImage"]}
+    path = Path(root) / "model_index.json"
+    path.write_text(json.dumps(index, indent=2))
+    return path
+
+
+def write_tiny_edit_repo(path: str | os.PathLike, variant: str = "edit_plus", seed: int = 0) -> Path:
+    """Write the tiny repo (see the module docstring); returns its folder."""
+    if variant not in PIPELINE_CLASS:
+        raise ValueError(f"variant must be one of {sorted(PIPELINE_CLASS)}, got {variant!r}")
+    root = write_tiny_text_parts(path, seed)
+    write_tiny_vae(root / "vae", seed)
+    write_model_index(root, variant)
+    return root
+
+
+__all__ = ["PIPELINE_CLASS", "TINY_IMAGE_PROCESSOR", "TINY_VAE", "tiny_text_encoder_config", "write_model_index",
+           "write_tiny_edit_repo", "write_tiny_text_encoder", "write_tiny_text_parts", "write_tiny_vae"]

@@ -11,12 +11,17 @@ assumed unless `config=` says otherwise.
 
 With a mesh, weights are replicated (127M parameters, 45M of them used for images) and every batch
 is split over the mesh's batch axes (`data` × `fsdp`, as far as they divide the batch size).
+
+`save_vae(vae, folder)` writes the other way: a diffusers `vae/` folder (config.json + one
+safetensors file in diffusers names and torch layout) that diffusers' `AutoencoderKLQwenImage`
+and `load_vae` both read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from typing import Any, Literal, Mapping
 
@@ -30,8 +35,10 @@ from ..config import as_dtype
 from ..errors import CheckpointError
 from ..models.vae import DEFAULT_ATTENTION, AutoencoderKLQwenImage, VAEConfig, decode_latents, encode_images
 from ..parallel import batch_sharding, replicated
-from ..weights.safetensors_io import TensorSource
-from ..weights.vae_keys import detect_layout, match_keys, to_flax, vae_keys
+from ..utils.files import atomic_path
+from ..weights.safetensors_io import SINGLE_NAME, TensorSource
+from ..weights.vae_keys import detect_layout, from_flax, match_keys, to_flax, vae_keys
+from ..weights.writer import write_safetensors_file
 
 
 class QwenImageVAE:
@@ -199,6 +206,46 @@ def _model_from_params(params: dict[str, np.ndarray], config: VAEConfig, dtype: 
         assert value.shape == var.shape, (path, value.shape, var.shape)  # the key map and the model agree
         flat.append((path, var.replace(place(value))))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+# ---- saving ----------------------------------------------------------------------------------------
+def vae_params(vae: QwenImageVAE | AutoencoderKLQwenImage) -> dict[str, np.ndarray]:
+    """{dotted Flax path: host array} of a VAE's parameters (the names `_model_from_params` takes)."""
+    model = vae.model if isinstance(vae, QwenImageVAE) else vae
+    return {".".join(map(str, path)): np.asarray(jax.device_get(var[...]))
+            for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+def save_vae(vae: QwenImageVAE | AutoencoderKLQwenImage | Mapping[str, np.ndarray], folder: str | os.PathLike, *,
+             config: VAEConfig | None = None, dtype: Any = None, overwrite: bool = False) -> str:
+    """Write a diffusers `vae/` folder: `config.json` + `diffusion_pytorch_model.safetensors` (diffusers
+    names, torch layout, unused `time_conv`s as zeros), atomically; returns the folder.
+
+    `vae`: a loaded VAE, its nnx model, or {dotted Flax path: array} (then `config` is required).
+    `dtype`: the stored dtype (default: the parameters' own). An existing folder is replaced only with
+    `overwrite`.
+    """
+    if isinstance(vae, (QwenImageVAE, AutoencoderKLQwenImage)):
+        config = config or vae.config
+        params = vae_params(vae)
+    else:
+        if config is None:
+            raise ValueError("save_vae: pass config= with a dict of parameters")
+        params = dict(vae)
+    keys = vae_keys(config)
+    unknown = sorted(set(params) - {k.flax for k in keys if k.flax is not None})
+    missing = [k.flax for k in keys if k.flax is not None and k.flax not in params]
+    if unknown or missing:
+        raise ValueError(f"save_vae: parameters do not match the config: missing {missing[:3]}, unexpected "
+                         f"{unknown[:3]}")
+    cast = np.dtype(as_dtype(dtype)) if dtype is not None else np.asarray(next(iter(params.values()))).dtype
+    tensors = {k.name: from_flax(k, None if k.flax is None else params[k.flax]).astype(cast) for k in keys}
+    out = os.fspath(folder)
+    with atomic_path(out, overwrite=overwrite, is_dir=True) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+        write_safetensors_file(os.path.join(tmp, SINGLE_NAME), tensors, metadata={"format": "pt"})
+    return out
 
 
 class _DictTensors:

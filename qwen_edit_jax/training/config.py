@@ -110,16 +110,35 @@ class TrainSection:
     seed: int = 0  # noise and timestep RNG
     async_checkpointing: bool = True
     progress: bool = True
+    tensorboard: bool = True  # TensorBoard event files in DIR/tensorboard (metrics.jsonl is always written)
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationPrompt:
+    """One validation edit: an instruction and its control image(s), as the pipeline takes them."""
+
+    prompt: str = ""
+    images: tuple[str, ...] = ()  # control image paths (Edit: one; Edit-2509/2511: one or more)
+    negative_prompt: str | None = None  # None: `validation.negative_prompt`
 
 
 @dataclasses.dataclass(frozen=True)
 class ValidationSection:
-    """Periodic validation sampling (`qwen_edit_jax.sampling.validation_distance`); every 0 = off."""
+    """Periodic validation every `every` steps (0 = off), run sharded like training.
+
+    `prompts`: edited images through the JAX pipeline's stages, saved as before/after PNG grids in
+    `DIR/validation/` and TensorBoard (`training/validation.py`). `samples`: dataset indices whose
+    sampled latents' RMS distance to the cached target is logged (`sampling.validation_distance`).
+    """
 
     every: int = 0
-    samples: tuple[int, ...] = (0,)  # dataset indices
+    prompts: tuple[ValidationPrompt, ...] = ()
+    repo: str | None = None  # text encoder, VAE, processor, scheduler; None: model.path's parent folder
+    resolution: int = 1024  # output/VAE area resolution² (the pipelines' 1024²), at the last image's aspect
+    negative_prompt: str = " "  # for prompts without their own, when true_cfg_scale > 1
+    samples: tuple[int, ...] = ()  # dataset indices for the latent distance
     num_inference_steps: int = 20
-    true_cfg_scale: float = 1.0
+    true_cfg_scale: float = 4.0
     seed: int = 0
 
 
@@ -139,8 +158,8 @@ class DemoSection:
     so a mistyped path is never filled with random data."""
 
     enabled: bool = False
-    model_path: str = "demo_data/tiny-qwen-image-edit"  # where the random checkpoint may be made
-    data_path: str = "demo_data/edit-cache"  # where the synthetic cache may be made
+    model_path: str = "demo_data/latent/tiny-dit"  # where the random checkpoint may be made
+    data_path: str = "demo_data/latent/cache"  # where the synthetic cache may be made
     preset: str = "tiny"
     num_layers: int | None = None  # override the preset's depth
     model_seed: int = 0
@@ -226,8 +245,16 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1")
     need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
     need(cfg.validation.every >= 0, "validation.every", cfg.validation.every, "must be >= 0 (0 = off)")
-    need(cfg.validation.num_inference_steps >= 1, "validation.num_inference_steps",
-         cfg.validation.num_inference_steps, "must be >= 1")
+    v = cfg.validation
+    need(v.num_inference_steps >= 1, "validation.num_inference_steps", v.num_inference_steps, "must be >= 1")
+    need(v.every == 0 or v.prompts or v.samples, "validation.every", v.every,
+         "needs validation.prompts (images) or validation.samples (latent distance)")
+    need(v.resolution >= 16, "validation.resolution", v.resolution, "must be >= 16 pixels")
+    need(v.true_cfg_scale >= 1, "validation.true_cfg_scale", v.true_cfg_scale, "must be >= 1 (1 = no CFG)")
+    for i, p in enumerate(v.prompts):
+        need(bool(p.prompt.strip()), f"validation.prompts[{i}].prompt", p.prompt, "must not be empty")
+        need(len(p.images) >= 1, f"validation.prompts[{i}].images", list(p.images),
+             "at least one control image (the edit pipelines need one)")
     for key in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, key)
         need(v == -1 or v >= 1, f"mesh.{key}", v, "must be >= 1 or -1 (all remaining devices)")

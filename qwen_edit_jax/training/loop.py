@@ -1,8 +1,10 @@
 """The training run: load → (resume) → train → checkpoint → export.
 
 Outputs in `output_dir`: `run.json` (the resolved config, readable again with `--config`),
-`metrics.jsonl` (one JSON object per logged step), `checkpoints/<step>/` (Orbax), and at the end
-`lora_<format>.safetensors` (standard separate q/k/v LoRA, via `qwen_edit_jax.lora.adapters`).
+`metrics.jsonl` (one JSON object per logged step), `tensorboard/` (the same scalars and the validation
+grids), `validation/step_NNNNNN.png` (before/after edit grids, `training/validation.py`),
+`checkpoints/<step>/` (Orbax), and at the end `lora_<format>.safetensors` (standard separate q/k/v
+LoRA, via `qwen_edit_jax.lora.adapters`).
 Running the same command again on the same `output_dir` resumes from the newest complete
 checkpoint; the data order, noise and timesteps depend only on (seed, step), so a resumed run
 ends with bit-identical LoRA weights on the same hardware.
@@ -31,20 +33,21 @@ from ..config import DiTConfig
 from ..loading import load_transformer
 from ..lora.adapters import load_lora_into_adapters, lora_tensors, write_lora_tensors
 from ..parallel import batch_sharding, distributed, make_mesh
-from ..sampling import validation_distance
 from ..utils.files import atomic_path, check_output_dir
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
 from .data import BatchLoader, CachedDataset, DataError
 from .demo import ensure_demo_assets, plan_demo_assets
+from .run_log import RunLog
 from .step import init_opt_state, make_optimizer, make_schedule, make_train_step, split_lora
+from .validation import Validation, ValidationImages, check_validation_inputs
 
 CHECKPOINT_DIR = "checkpoints"
-METRICS = "metrics.jsonl"
 RUN_JSON = "run.json"
 # Sections whose change between runs does not affect the trained weights.
 _FREE_KEYS = {"train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.progress",
-              "train.async_checkpointing", "data.prefetch", "data.verify", "export", "validation", "demo"}
+              "train.async_checkpointing", "train.tensorboard", "data.prefetch", "data.verify", "export", "validation",
+              "demo"}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +80,11 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     lora = cfg.lora
     if lora.init_from:
         lora = dataclasses.replace(lora, init_from=os.path.abspath(lora.init_from))
-    return cfg.replace(model=model, data=data, lora=lora, demo=demo)
+    v = cfg.validation
+    validation = dataclasses.replace(
+        v, repo=v.repo and os.path.abspath(v.repo),
+        prompts=tuple(dataclasses.replace(p, images=tuple(os.path.abspath(i) for i in p.images)) for p in v.prompts))
+    return cfg.replace(model=model, data=data, lora=lora, demo=demo, validation=validation)
 
 
 def check_inputs(cfg: TrainConfig) -> list[str]:
@@ -88,6 +95,7 @@ def check_inputs(cfg: TrainConfig) -> list[str]:
     make = plan_demo_assets(cfg)
     if cfg.lora.init_from and not os.path.isfile(cfg.lora.init_from):
         raise ConfigError(f"lora.init_from={cfg.lora.init_from}: no such LoRA file")
+    check_validation_inputs(cfg)
     return make
 
 
@@ -122,37 +130,6 @@ def _write_json(path: str, obj: Any) -> None:
     with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-
-
-class MetricsLog:
-    """Append-only JSONL; on (re)start, lines after the resumed step are dropped (atomic rewrite)."""
-
-    def __init__(self, path: str, keep_until: int, enabled: bool = True):
-        self.path, self.enabled = path, enabled
-        if not enabled:
-            return
-        kept = []
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a kill
-                        continue
-                    if rec.get("step", 0) <= keep_until:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
-            f.writelines(kept)
-        self._f = open(path, "a")
-
-    def write(self, rec: dict[str, Any]) -> None:
-        if self.enabled:
-            self._f.write(json.dumps(rec) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._f.close()
 
 
 def check_data_matches_model(dataset: CachedDataset, dit: DiTConfig) -> None:
@@ -214,6 +191,8 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
 
     dataset = CachedDataset(cfg.data.path, verify=cfg.data.verify)
     mesh = _make_mesh(cfg)
+    # prompts are encoded before the DiT loads, and the text encoder released: never both in memory
+    images = ValidationImages.prepare(cfg, mesh, log) if cfg.validation.every and cfg.validation.prompts else None
     dit_config, graphdef, params, base, local_rows = _load_model(cfg, dataset, mesh)
     # the optimiser state's structure does not depend on the schedule's length (fixed after resuming)
     tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps)
@@ -253,20 +232,30 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
                     "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
                     "jax": jax.__version__}
             _write_json(run_path, {**cfg.to_dict(), RUN_INFO_KEY: info})
-        metrics = MetricsLog(os.path.join(output_dir, METRICS), keep_until=start, enabled=is_main)
-        stack.callback(metrics.close)
+        run_log = RunLog(output_dir, resumed_step=start, enabled=is_main, tensorboard=cfg.train.tensorboard)
+        stack.callback(run_log.close)
         step_fn = make_train_step(graphdef, tx, cfg.objective, mesh=mesh, global_batch=cfg.data.batch_size)
-        validate = _validator(cfg, dataset, graphdef, mesh) if cfg.validation.every else None
         if start < cfg.train.max_steps:
             log("compiling the training step (the first step; can take minutes on the full model) ...")
         bar = None
         if cfg.train.progress and is_main:
             bar = stack.enter_context(tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step",
                                            dynamic_ncols=True))
+        validate = None
+        if cfg.validation.every:
+            validation = Validation(cfg, images, dataset, graphdef, mesh, output_dir, write=is_main)
+
+            def validate(step: int, params: Any) -> None:
+                metrics, grid, path = validation(step, params, base)
+                if metrics:
+                    run_log.scalars(step, metrics)
+                if grid is not None:
+                    run_log.image("validation/grid", step, grid)
+                    (bar.write if bar is not None else log)(f"validation grid: {path}")
         losses: list[float] = []
         global_batch = cfg.data.batch_size * cfg.optim.grad_accum
         if validate is not None and start == 0:
-            metrics.write({"step": 0, **validate(params, base)})
+            validate(0, params)
         window: list[tuple[int, Any]] = []  # (step, on-device metrics) not yet fetched
         t_fetch = time.perf_counter()
         for step in range(start, cfg.train.max_steps):
@@ -292,9 +281,9 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
                 losses.append(float(hm["loss"]))
             m = {k: float(v) for k, v in fetched[-1].items()}
             if log_now:
-                metrics.write({"step": done, "loss": m["loss"], "mse": m["mse"], "lr": float(schedule(step)),
-                               "grad_norm": m["grad_norm"], "sigma": m["sigma"], "step_time": dt,
-                               "samples_per_s": global_batch / dt, "epoch": batch.epoch})
+                run_log.scalars(done, {"loss": m["loss"], "mse": m["mse"], "lr": float(schedule(step)),
+                                       "grad_norm": m["grad_norm"], "sigma": m["sigma"], "step_time": dt,
+                                       "samples_per_s": global_batch / dt, "epoch": batch.epoch})
             if bar is not None:
                 bar.update(ready[-1][0] - bar.n)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", s_step=f"{dt:.3f}", samples_s=f"{global_batch / dt:.1f}")
@@ -305,7 +294,8 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
                 # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
                 ckpt.save(done, _copy(params), _copy(opt_state), meta)
             if validate_now:
-                metrics.write({"step": done, **validate(params, base)})
+                validate(done, params)
+                t_fetch = time.perf_counter()  # the next step's time excludes the validation
         ckpt.wait()
     files = export_lora(nnx.merge(graphdef, params, base), output_dir, cfg)
     for f in files:
@@ -402,20 +392,3 @@ def _copy(tree: Any) -> Any:
 def _bucket_name(key) -> str:
     shapes, text = key
     return "+".join(f"{h}x{w}" for _, h, w in shapes) + f"/text{text}"
-
-
-def _validator(cfg: TrainConfig, dataset: CachedDataset, graphdef, mesh) -> Callable[[Any, Any], dict[str, Any]]:
-    """Periodic validation sampling through `qwen_edit_jax.sampling.validation_distance`."""
-    v = cfg.validation
-    for i in v.samples:
-        if not 0 <= i < len(dataset):
-            raise ConfigError(f"validation.samples: index {i} is outside the dataset's {len(dataset)} samples")
-    samples = [dataset[i] for i in v.samples]
-
-    def run(params, base) -> dict[str, Any]:
-        model = nnx.merge(graphdef, params, base)
-        d = [validation_distance(model, s, num_inference_steps=v.num_inference_steps, seed=v.seed,
-                                 true_cfg_scale=v.true_cfg_scale, mesh=mesh) for s in samples]
-        return {"validation_distance": float(np.mean(d)), "validation_per_sample": d}
-
-    return run

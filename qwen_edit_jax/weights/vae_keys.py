@@ -11,6 +11,8 @@ Tensor layouts (`to_flax`):
 - causal 3D conv weight OIDHW → HWIO of the LAST temporal tap `W[:, :, -1]` (for a single frame the
   causal padding puts two zero frames before the image, so the other taps only ever see zeros);
 - 2D conv weight OIHW → HWIO; RMS-norm `gamma` [C, 1, 1(, 1)] → [C]; biases unchanged.
+`from_flax` is the inverse (for writing checkpoints): the 2D kernel goes into the last temporal tap,
+the other taps are zero, so diffusers' 3D VAE computes the same on single frames.
 
 Unused for images: the temporal resamplers' `time_conv` (weight + bias, in the encoder's
 `downsample3d` and the decoder's `upsample3d` blocks). diffusers skips them on the first chunk, which
@@ -154,6 +156,34 @@ def to_flax(key: VAEKey, value: np.ndarray) -> np.ndarray:
     if value.ndim == 4:
         return np.ascontiguousarray(value.transpose(2, 3, 1, 0))
     return value
+
+
+def from_flax(key: VAEKey, value: np.ndarray | None) -> np.ndarray:
+    """A Flax parameter → the checkpoint tensor (torch layout, `key.shape`); inverse of `to_flax`.
+
+    Causal 3D conv kernels get the 2D kernel in their last temporal tap and zeros in the others;
+    a key unused for images (`key.flax is None`, the `time_conv`s) gets zeros (pass `value=None`).
+    """
+    if key.flax is None:
+        return np.zeros(key.shape, np.asarray(value).dtype if value is not None else np.float32)
+    if value is None:
+        raise ValueError(f"{key.name}: no value for the Flax parameter {key.flax!r}")
+    value = np.asarray(value)
+    if key.name.endswith(".gamma"):
+        out = value.reshape(key.shape)
+    elif value.ndim == 4:  # HWIO → OIHW (+ a temporal axis for causal 3D convs)
+        oihw = value.transpose(3, 2, 0, 1)
+        if len(key.shape) == 5:
+            out = np.zeros(key.shape, value.dtype)
+            out[:, :, -1] = oihw
+        else:
+            out = oihw
+    else:
+        out = value
+    if tuple(out.shape) != key.shape:
+        raise ValueError(f"{key.name}: Flax parameter {key.flax!r} of shape {list(value.shape)} does not give the "
+                         f"checkpoint shape {list(key.shape)}")
+    return np.ascontiguousarray(out)
 
 
 def detect_layout(names: Iterable[str], source: str) -> tuple[Layout, str]:
