@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, help="output height in pixels (image mode; default ≈ 1 Mpx at the "
                    "(last) image's aspect ratio; floored to a multiple of 16)")
     p.add_argument("--width", type=int, help="output width in pixels (image mode)")
-    p.add_argument("--resolution", type=int, default=1024,
-                   help="image mode: the images go to the VAE at an area of N² (and the default output size), "
-                        "as the pipelines do at 1024; use the resolution the LoRA's cache was made at")
+    p.add_argument("--resolution", type=int,
+                   help="image mode: the images go to the VAE at an area of N² (and the default output size); "
+                        "default: the pipelines' 1024. Use the resolution the LoRA's cache was made at")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt (image mode; different noise)")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="LoRA file to merge (any supported key style); repeat for several")
@@ -251,9 +251,9 @@ def edit_images(args) -> str:
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 16:
             raise ValueError(f"{name} {value}: the output must be at least 16 pixels (a multiple of 16)")
-    if args.resolution < 16:
+    if args.resolution is not None and args.resolution < 16:
         raise ValueError(f"--resolution {args.resolution}: must be at least 16 pixels")
-    area = args.resolution * args.resolution
+    area = QwenImageEditPipeline.vae_image_area if args.resolution is None else args.resolution * args.resolution
     output_dims(args.height, args.width, plan_sizes(images, variant, vae_area=area).output, 16)
     stem = os.path.splitext(os.path.basename(args.image[0]))[0] or "edit"
     names = [f"{stem}-{args.seed}.png"] if args.num_images == 1 else [
@@ -288,7 +288,7 @@ def edit_images(args) -> str:
             "images": ";".join(os.path.abspath(p) for p in args.image), "model": os.path.abspath(args.model),
             "transformer": os.path.abspath(args.transformer) if args.transformer else "",
             "loras": ";".join(f"{os.path.abspath(p)}:{s}" for p, s in loras), "dtype": str(dtype),
-            "resolution": args.resolution,
+            "vae_image_area": area,
             "software": "qwen-edit-jax sample/sample.py"}
     for k, (target, image) in enumerate(zip(targets, result.images)):
         save_png(target, image, {**meta, "index": k}, overwrite=args.overwrite)

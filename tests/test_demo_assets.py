@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from qwen_edit_jax.demo import __main__ as cli
 from qwen_edit_jax.demo.assets import demo_vae_config
 from qwen_edit_jax.demo.vae import latent_matrix
 from qwen_edit_jax.loading.vae import init_vae, load_vae, save_vae, vae_params
+from qwen_edit_jax.preprocess import calculate_dimensions
 from qwen_edit_jax.sampling import FlowMatchConfig
 from qwen_edit_jax.weights.vae_keys import from_flax, to_flax, vae_keys
 
@@ -286,3 +288,20 @@ def test_cli(repo, tmp_path, capsys):
     assert capsys.readouterr().out.count("reused") == 3
     assert cli.main(["--out", str(out), "--num-pairs", "5"]) == 2  # the pairs there were made with 4
     assert "remove it or choose another folder" in capsys.readouterr().err
+
+
+def test_sample_cli_resolution_sizes_the_edit_as_the_cache(repo, tmp_path):
+    """`sample/sample.py --resolution N`: inputs go to the VAE at N² (as a cache made at N), the output follows."""
+    spec = importlib.util.spec_from_file_location(
+        "sample_cli", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample", "sample.py"))
+    sample_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_cli)
+    image = tmp_path / "in.png"
+    Image.fromarray(np.zeros((64, 128, 3), np.uint8)).save(image)
+    rc = sample_cli.main(["--model", str(repo), "--image", str(image), "--prompt", "make the square red",
+                          "--resolution", "64", "--cfg", "1", "--steps", "2", "--dtype", "float32",
+                          "--out", str(tmp_path / "out")])
+    assert rc == 0
+    out = Image.open(tmp_path / "out" / "in-0.png")
+    assert out.size == calculate_dimensions(64 * 64, 2.0) == (96, 32)  # ≈ 64² at 2:1, not the default ≈ 1024²
+    assert out.text["vae_image_area"] == str(64 * 64)
