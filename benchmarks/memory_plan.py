@@ -200,9 +200,11 @@ def _splash_flops(eqn) -> float:
     """FLOPs of one splash `pallas_call` from its operand shapes (q, k, v are [..., H, S, d])."""
     phase = next((p for p in SPLASH_BWD_MATMULS if f"_{p}" in str(eqn.params.get("name", ""))), None)
     shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
-    # q, k, v (and do) are the 4-D [B, H, S, d] operands; 3-D ones ([B, S, 128] lane-broadcast residuals)
-    # can be larger when H·d < 128 and must not be taken for q
-    shapes = [sh for sh in shapes if len(sh) >= 4]
+    # q, k, v (and do) are the highest-rank operands: [B, H, S, d], or [H, S, d] when vmap drops a batch
+    # of 1 (one sample per chip); lower-rank ones ([B, S, 128] lane-broadcast residuals) can be larger
+    # when H·d < 128 and must not be taken for q
+    rank = max((len(sh) for sh in shapes), default=0)
+    shapes = [sh for sh in shapes if len(sh) == rank >= 3]
     if phase is None or not shapes:
         return 0.0
     big = max(int(np.prod(sh)) for sh in shapes)

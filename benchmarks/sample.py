@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--attention", default="xla")
+    p.add_argument("--attention", default="auto", help="attention kernel (default: the library default, auto)")
     p.add_argument("--jax-only", action="store_true",
                    help="skip diffusers (GPU runs, big configs; automatic without the test extra)")
     p.add_argument("--torch-threads", type=int, default=0,

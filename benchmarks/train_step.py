@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--remat", default="none", choices=["none", "full", "save_matmuls"])
-    p.add_argument("--attention", default="xla")
+    p.add_argument("--attention", default="auto", help="attention kernel (default: the library default, auto)")
     p.add_argument("--separate-qkv", action="store_true", help="run the six-projection layout instead of merged")
     p.add_argument("--compare-qkv", action="store_true", help="run merged and separate in the same process")
     p.add_argument("--iters", type=int, default=10)

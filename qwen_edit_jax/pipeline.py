@@ -388,7 +388,7 @@ class QwenImageEditPipeline:
         negative_prompt_embeds_mask: Any = None,
         output_type: str = "pil",
         max_sequence_length: int = 512,
-        batch_cfg: bool = True,
+        batch_cfg: bool | None = None,
     ) -> QwenImagePipelineOutput:
         """Edit `image` by `prompt`; arguments and defaults as diffusers' `__call__` (0.42.1).
 
@@ -397,7 +397,8 @@ class QwenImageEditPipeline:
         cards pass `negative_prompt=" "`). `seed` draws JAX noise (not torch's); `latents`: packed noise
         `[B·n, N, 64]` (numpy or JAX), used as is. `prompt_embeds` (+ mask) replace the text encoder
         (e.g. after `pipe.text_encoder = None`); a string `negative_prompt` applies to every prompt.
-        `batch_cfg=False` runs the two CFG passes one after the other (half the activation memory).
+        `batch_cfg=False` runs the two CFG passes one after the other (half the activation memory), `True`
+        as one batch; None picks per platform (`sampling.default_batch_cfg`: separate on CPU).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")

@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="noise seed (JAX noise, not torch's; with --cache it also "
                    "depends on the sample id)")
     p.add_argument("--batch-size", type=int, default=1, help="samples per forward (grouped by image layout)")
-    p.add_argument("--separate-cfg", action="store_true", help="run cond/uncond one after the other (less memory)")
+    cfg_mode = p.add_mutually_exclusive_group()
+    cfg_mode.add_argument("--separate-cfg", dest="batch_cfg", action="store_const", const=False,
+                          help="run cond/uncond one after the other (less memory); default: per platform, "
+                          "separate on CPU, batched on GPU/TPU (measured faster there)")
+    cfg_mode.add_argument("--batched-cfg", dest="batch_cfg", action="store_const", const=True,
+                          help="run cond/uncond as one 2B batch")
     p.add_argument("--dtype", default="bf16", help="weights and activations: bf16 or float32")
     p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
                    help="weight-only 8-bit DiT base (docs/quantization.md); not combinable with --lora")
@@ -178,7 +183,7 @@ def sample_cache(args) -> str:
         raise ValueError(f"--transformer needs --model to be a repo folder (with transformer/ and vae/); "
                          f"{args.model} is not")
     settings = sampling.SampleSettings(num_inference_steps=args.steps, true_cfg_scale=args.cfg, seed=args.seed,
-                                       batch_size=args.batch_size, batch_cfg=not args.separate_cfg)
+                                       batch_size=args.batch_size, batch_cfg=args.batch_cfg)
     dtype = as_dtype(args.dtype)
     options = ModelOptions(param_dtype=dtype, dtype=dtype, attention=args.attention, quantize=args.quantize)
     source = args.model
@@ -282,7 +287,7 @@ def edit_images(args) -> str:
     result = pipe(image=images, prompt_embeds=embeds, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
                   negative_prompt_embeds_mask=neg_mask, true_cfg_scale=args.cfg, height=args.height,
                   width=args.width, num_inference_steps=args.steps, num_images_per_prompt=args.num_images,
-                  seed=args.seed, batch_cfg=not args.separate_cfg)
+                  seed=args.seed, batch_cfg=args.batch_cfg)
     meta = {"prompt": args.prompt, "negative_prompt": args.negative_prompt if cfg else "",
             "true_cfg_scale": args.cfg if cfg else 1.0, "seed": args.seed, "num_inference_steps": args.steps,
             "images": ";".join(os.path.abspath(p) for p in args.image), "model": os.path.abspath(args.model),

@@ -258,3 +258,14 @@ def test_unmasked_equal_length_prompts_match_diffusers(models):
                            negative_prompt_embeds=jnp.asarray(neg[0]), negative_prompt_embeds_mask=None,
                            true_cfg_scale=4.0, num_inference_steps=3, img_shapes=[shapes])
     assert rel_err(ours, ref) <= TOL
+
+
+def test_cfg_mode_default_is_per_platform():
+    """batch_cfg=None: two passes on CPU (measured faster there, README "Measured"), one 2B batch on
+    accelerators, including a TPU mesh being AOT-compiled from a CPU host."""
+    from types import SimpleNamespace
+
+    assert sampling.default_batch_cfg() is False  # this suite runs on CPU
+    tpu_mesh = SimpleNamespace(abstract_device=SimpleNamespace(platform="tpu"))
+    gpu_mesh = SimpleNamespace(abstract_device=SimpleNamespace(platform="gpu"))
+    assert sampling.default_batch_cfg(tpu_mesh) is True and sampling.default_batch_cfg(gpu_mesh) is True

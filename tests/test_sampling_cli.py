@@ -116,7 +116,7 @@ def test_cli_base_plus_lora_matches_diffusers(setup, capsys):
     out = setup["tmp"] / "out_lora"
     rc = cli.main(["--cache", setup["cache"], "--model", setup["base"], "--lora", f"{setup['lora_path']}:0.5",
                    "--out", str(out), "--steps", str(STEPS), "--cfg", str(CFG), "--seed", str(SEED),
-                   "--batch-size", "2", "--dtype", "float32"])
+                   "--batch-size", "2", "--dtype", "float32", "--batched-cfg"])  # the default on CPU: separate
     assert rc == 0, capsys.readouterr().err
     tl = _torch_with_lora(setup["tm"], setup["lora"], 0.5)
     files = sorted(os.listdir(out))

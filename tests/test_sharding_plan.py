@@ -53,6 +53,25 @@ def test_count_flops_splash_kernels():
     assert mp.count_flops(jax.make_jaxpr(lambda q: splash(q, q, q, None).sum())(q).jaxpr)["attention"] == fwd
     grad = jax.make_jaxpr(jax.grad(lambda q: splash(q, q, q, None).sum()))(q).jaxpr
     assert mp.count_flops(grad)["attention"] == 3.5 * fwd  # forward + fused backward (2.5×)
+    # one sample per chip: vmap drops the batch of 1 and the kernel sees [H, S, d]; still counted
+    one = jax.make_jaxpr(lambda q: splash(q, q, q, None).sum())(q[:1]).jaxpr
+    assert mp.count_flops(one)["attention"] == fwd / 2
+
+
+def test_splash_block_table_and_odd_block():
+    """Per-generation splash blocks fitted to the padded length (no extra padding); a 384 block (not a
+    power of two, the default target fitted to 384) equals the xla kernel in Pallas interpret mode."""
+    from qwen_edit_jax.models.kernels import splash, xla_attention
+
+    v5e = splash.block_sizes(8448, "TPU v5 lite")
+    assert (v5e.block_q, v5e.block_kv, v5e.block_kv_dkv, v5e.block_kv_dkv_compute) == (1408,) * 4
+    assert splash.block_sizes(8192, "TPU v6 lite").block_q == 1024  # 1408 does not divide 8192
+    assert splash.block_sizes(256).block_q == 256 and splash.block_sizes(8448).block_q == 384
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 300, 2, 32)) for i in range(3))
+    mask = jnp.arange(300)[None] < 290
+    assert splash.block_sizes(splash.padded_length(300)).block_q == 384
+    ref = xla_attention(q, k, v, mask)
+    assert jnp.max(jnp.abs(splash.splash_attention(q, k, v, mask) - ref)) < 1e-5
 
 
 def tiny_lora_step_flops(*, batch, img_tokens, txt_tokens, rank, devices, batch_shards, head_shards) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -125,3 +126,70 @@ def test_lora_equals_peft_qkv_loras(base, qkv_mode):
     ours, ref = _ours(model), _theirs(t)
     assert rel_err(ours, _theirs(tm)) > 1e-2  # the adapters matter
     assert rel_err(ours, ref) <= TOL
+
+
+def _torch_grad(weight) -> np.ndarray:
+    """A PEFT weight's gradient in our layout (transposed); None (no path to the output) is zero."""
+    g = weight.grad
+    return np.zeros(weight.shape[::-1], np.float32) if g is None else g.numpy().T
+
+
+def _grad_close(ours, ref) -> bool:
+    """Relative error ≤ TOL; a gradient that is exactly zero in PyTorch (the last block's text queries
+    reach no output) must be exactly zero here too."""
+    if not np.any(ref):
+        return not np.any(ours)
+    return rel_err(ours, ref) <= TOL
+
+
+@pytest.mark.parametrize("qkv_mode", ["split", "shared"])
+def test_lora_gradients_equal_peft(base, qkv_mode):
+    """dLoss/dA and dLoss/dB of every adapter equal PEFT's autograd ones (the model's hand-written
+    backward pieces: LoRA matmuls, tanh-GELU, RoPE tables, flash attention with a padded text mask)."""
+    tm, path = base
+    rank, alpha = 3, 5.0
+    t, mods = _peft_model(tm, rank, alpha, seed=6, tie_qkv_A=qkv_mode == "shared")
+    model = q.load_transformer(path, options=ModelOptions(attention="flash", lora=LoraConfig(
+        rank=rank, alpha=alpha, targets=ALL, qkv_mode=qkv_mode)))
+    _copy_into_ours(model, mods)
+    hidden, enc, mask, sigma = _inputs()
+    w = np.random.default_rng(9).standard_normal(_ours(model).shape).astype(np.float32)
+
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+    def loss(lora_state):
+        m = nnx.merge(graphdef, lora_state, rest)
+        out = m(hidden_states=jnp.asarray(hidden), encoder_hidden_states=jnp.asarray(enc),
+                encoder_hidden_states_mask=jnp.asarray(mask), timestep=jnp.asarray(sigma), img_shapes=[SHAPES] * 2)
+        return jnp.sum(out * w)
+
+    grads = {".".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(jax.grad(loss)(lora))}
+    out = t(hidden_states=torch.from_numpy(hidden), encoder_hidden_states=torch.from_numpy(enc),
+            encoder_hidden_states_mask=torch.from_numpy(mask), timestep=torch.from_numpy(sigma),
+            img_shapes=[SHAPES] * 2, return_dict=False)[0]
+    (out * torch.from_numpy(w)).sum().backward()
+    shared = qkv_mode == "shared"
+    checked = 0
+    for name, m in mods.items():
+        entry, layer, j = keymap.find_module(name)
+        ga, gb = grads[f"{entry.flax}.lora_A"][layer], grads[f"{entry.flax}.lora_B"][layer]
+        ta, tb = _torch_grad(m.lora_A["default"].weight), _torch_grad(m.lora_B["default"].weight)
+        if entry.fused:
+            gb = gb[:, j, :] if shared else gb[j]
+            if not shared:
+                ga = ga[j]
+        assert _grad_close(gb, tb), name
+        if not (entry.fused and shared):  # shared A: our gradient is the sum of PEFT's q, k and v ones
+            assert _grad_close(ga, ta), name
+            checked += 1
+    if shared:
+        for name, m in mods.items():
+            entry, layer, _ = keymap.find_module(name)
+            if entry.fused and name.endswith(("to_q", "add_q_proj")):
+                stem = name[: -len("q")] if name.endswith("to_q") else name[: -len("q_proj")]
+                parts = [mods[stem + s] for s in (("q", "k", "v") if name.endswith("to_q")
+                                                  else ("q_proj", "k_proj", "v_proj"))]
+                total = sum(_torch_grad(p.lora_A["default"].weight) for p in parts)
+                assert _grad_close(grads[f"{entry.flax}.lora_A"][layer], total), name
+                checked += 1
+    assert checked >= len(mods) // 2

@@ -14,7 +14,7 @@ from .cached import (
     save_latents,
     validation_distance,
 )
-from .loop import sample
+from .loop import default_batch_cfg, sample
 from .schedule import (
     QWEN_IMAGE_SCHEDULER,
     FlowMatchConfig,
@@ -29,6 +29,7 @@ from .schedule import (
 
 __all__ = [
     "QWEN_IMAGE_SCHEDULER", "FlowMatchConfig", "SampleSettings", "calculate_shift", "cfg_combine", "cfg_scale_used",
+    "default_batch_cfg",
     "euler_step",
     "exponential_shift", "flow_match_sigmas", "latent_img_shape", "model_timesteps", "output_name", "plan_batches",
     "plan_outputs", "sample", "sample_cached", "sample_cached_batch", "sample_dataset", "sample_noise",

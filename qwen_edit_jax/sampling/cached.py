@@ -62,7 +62,7 @@ def sample_cached_batch(
     true_cfg_scale: float = 4.0,
     seed: int = 0,
     latent_dtype: Any = None,
-    batch_cfg: bool = True,
+    batch_cfg: bool | None = None,
     mesh: Any = None,
 ) -> list[np.ndarray]:
     """Sample the target latents of cached examples (`training.data.CachedSample`) → `[C, h, w]` float32 each.
@@ -138,7 +138,7 @@ def validation_distance(
     num_inference_steps: int = 20,
     seed: int = 0,
     true_cfg_scale: float = 4.0,
-    batch_cfg: bool = True,
+    batch_cfg: bool | None = None,
     mesh: Any = None,
 ) -> float:
     """RMS distance between a sampled latent and the cached target of one fixed example.
@@ -178,7 +178,7 @@ class SampleSettings:
     true_cfg_scale: float = 4.0
     seed: int = 0
     batch_size: int = 1
-    batch_cfg: bool = True
+    batch_cfg: bool | None = None  # None: per platform (sampling.loop.default_batch_cfg)
     latent_dtype: Any = None  # None: the model's activation dtype
 
     def __post_init__(self):

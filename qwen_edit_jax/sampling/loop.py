@@ -3,8 +3,9 @@
 Mirrors the denoising loop of diffusers' `QwenImageEditPipeline` / `QwenImageEditPlusPipeline`
 (`FlowMatchEulerDiscreteScheduler` with the Qwen-Image scheduler config) in one compiled program:
 the whole loop is a `jax.lax.fori_loop` inside `jax.jit`, so there is no per-step Python dispatch.
-The conditional and unconditional (negative-prompt) passes run as one batch-2B forward by default;
-`batch_cfg=False` runs them one after the other to halve activation memory.
+The conditional and unconditional (negative-prompt) passes run as one batch-2B forward
+(`batch_cfg=True`) or one after the other (`False`, half the activation memory); the default
+(`None`) picks per platform what measured faster (`default_batch_cfg`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from ..models.dit import QwenImageTransformer, normalize_img_shapes
+from ..models.kernels.platform import platform_of
 from ..parallel import batch_sharding, replicated
 from .schedule import (
     QWEN_IMAGE_SCHEDULER,
@@ -85,6 +87,12 @@ def _check(cond: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def default_batch_cfg(mesh: Any = None) -> bool:
+    """Whether CFG runs batched by default: yes on accelerators (one 2B forward fills the chip), no on
+    CPU, where the two B passes measured faster (benchmarks/sample.py; README "Measured")."""
+    return platform_of(mesh) != "cpu"
+
+
 def sample(
     model: QwenImageTransformer,
     *,
@@ -97,7 +105,7 @@ def sample(
     true_cfg_scale: float = 4.0,
     num_inference_steps: int = 50,
     img_shapes: Sequence[Any],
-    batch_cfg: bool = True,
+    batch_cfg: bool | None = None,
     scheduler: FlowMatchConfig = QWEN_IMAGE_SCHEDULER,
     mesh: Any = None,
 ) -> jax.Array:
@@ -110,10 +118,10 @@ def sample(
     CFG runs when `true_cfg_scale > 1` and a negative prompt is given (as in diffusers). Positive and
     negative prompts may differ in length: for the batched pass both are zero-padded to the longer
     one with key masks, which leaves the result unchanged. `batch_cfg=False` runs the two passes
-    separately (half the activation memory). With `mesh`, the batch is split over the mesh's batch
-    axes (`sharding.batch_sharding`; the doubled CFG batch too, so with B = 1 on a data axis of 2 the
-    cond and uncond passes run on different devices); place the model first with
-    `sharding.shard_model` or `load_transformer(mesh=)`.
+    separately (half the activation memory); None: `default_batch_cfg(mesh)`. With `mesh`, the batch
+    is split over the mesh's batch axes (`sharding.batch_sharding`; the doubled CFG batch too, so
+    with B = 1 on a data axis of 2 the cond and uncond passes run on different devices); place the
+    model first with `sharding.shard_model` or `load_transformer(mesh=)`.
     """
     _check(noise.ndim == 3, f"noise must be packed latents [B, N_target, C], got shape {tuple(noise.shape)}")
     b, n_target, c = noise.shape
@@ -157,6 +165,8 @@ def sample(
     if do_cfg:
         neg = jnp.asarray(negative_prompt_embeds)
         neg_mask = None if negative_prompt_embeds_mask is None else jnp.asarray(negative_prompt_embeds_mask)
+        if batch_cfg is None:
+            batch_cfg = default_batch_cfg(mesh)
         mode = "batched" if batch_cfg else "separate"
         if batch_cfg and not (pos_mask is None and neg_mask is None and pos.shape[1] == neg.shape[1]):
             length = max(pos.shape[1], neg.shape[1])

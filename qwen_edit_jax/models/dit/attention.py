@@ -51,14 +51,14 @@ class Attention(nnx.Module):
         self,
         img: jax.Array,
         txt: jax.Array,
-        img_angles: jax.Array,
-        txt_angles: jax.Array,
+        img_rope: tuple[jax.Array, jax.Array],
+        txt_rope: tuple[jax.Array, jax.Array],
         txt_mask: jax.Array | None,
     ) -> tuple[jax.Array, jax.Array]:
         iq, ik, iv = self._project(img, "img")
         tq, tk, tv = self._project(txt, "txt")
-        iq, ik = apply_rope(self.norm_q(iq), img_angles), apply_rope(self.norm_k(ik), img_angles)
-        tq, tk = apply_rope(self.norm_added_q(tq), txt_angles), apply_rope(self.norm_added_k(tk), txt_angles)
+        iq, ik = apply_rope(self.norm_q(iq), *img_rope), apply_rope(self.norm_k(ik), *img_rope)
+        tq, tk = apply_rope(self.norm_added_q(tq), *txt_rope), apply_rope(self.norm_added_k(tk), *txt_rope)
         # Joint sequence in diffusers' order [text, image]; only text keys can be masked.
         q = jnp.concatenate([tq, iq], axis=1)
         k = jnp.concatenate([tk, ik], axis=1)

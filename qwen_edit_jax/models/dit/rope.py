@@ -1,7 +1,7 @@
 """3-axis RoPE of Qwen-Image (diffusers `QwenEmbedRope`, `scale_rope=True`, theta 10000).
 
-Positions depend only on the static `img_shapes` and the text length, so angles are built with
-numpy at trace time (fp32, like diffusers' tables) and enter the program as constants.
+Positions depend only on the static `img_shapes` and the text length, so angles (and their cos/sin)
+are built with numpy at trace time (fp32, like diffusers' tables) and enter the program as constants.
 """
 
 from __future__ import annotations
@@ -60,11 +60,17 @@ def rope_angles(
     return img, _angles(txt_pos, freqs)
 
 
-def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """Rotate interleaved pairs (x[2k], x[2k+1]) by angle k in fp32. x: [B, S, H, d], angles [S, d/2]."""
+def rotations(angles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cos, sin) of the angles in fp32, at trace time: the blocks then only multiply (no sin/cos
+    inside the scan, where XLA would evaluate them for every head of every block)."""
+    a = np.asarray(angles, np.float32)
+    return np.cos(a), np.sin(a)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate interleaved pairs (x[2k], x[2k+1]) by angle k in fp32. x: [B, S, H, d], cos/sin [S, d/2]."""
     xf = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
     re, im = xf[..., 0], xf[..., 1]
-    cos = jnp.cos(angles)[None, :, None, :]
-    sin = jnp.sin(angles)[None, :, None, :]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     out = jnp.stack([re * cos - im * sin, re * sin + im * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)

@@ -18,7 +18,7 @@ from ...config import DiTConfig, ModelOptions
 from ...parallel import constrain_tokens
 from .attention import Attention
 from .layers import MATMUL_CHECKPOINT_NAME, FeedForward, Linear, RMSNorm, TimeTextEmbed, layer_norm, modulate
-from .rope import ImgShape, rope_angles
+from .rope import ImgShape, rope_angles, rotations
 
 
 @dataclasses.dataclass
@@ -28,8 +28,8 @@ class BlockContext:
     temb: jax.Array  # [B, D]
     temb_ref: jax.Array | None  # [B, D], temb(σ=0) for reference tokens (zero_cond_t)
     ref_mask: jax.Array | None  # [N] bool, True for reference-image tokens (zero_cond_t)
-    img_angles: jax.Array  # [N, d/2]
-    txt_angles: jax.Array  # [L, d/2]
+    img_rope: tuple[jax.Array, jax.Array]  # (cos, sin) of the RoPE angles, [N, d/2] each
+    txt_rope: tuple[jax.Array, jax.Array]  # [L, d/2] each
     txt_mask: jax.Array | None  # [B, L] bool
 
 
@@ -76,8 +76,8 @@ class Block(nnx.Module):
         a_img, a_txt = self.attn(
             modulate(layer_norm(img), im.shift_msa, im.scale_msa),
             modulate(layer_norm(txt), tm.shift_msa, tm.scale_msa),
-            c.img_angles,
-            c.txt_angles,
+            c.img_rope,
+            c.txt_rope,
             c.txt_mask,
         )
         img = img + im.gate_msa * a_img
@@ -206,7 +206,9 @@ class QwenImageTransformer(nnx.Module):
                                  f"must be (B, L) = ({b}, {n_txt})")
             txt_mask = encoder_hidden_states_mask.astype(bool)
         img_angles, txt_angles = rope_angles(layout, n_txt, cfg.axes_dims_rope)
-        ctx = BlockContext(temb, temb_ref, ref_mask, jnp.asarray(img_angles), jnp.asarray(txt_angles), txt_mask)
+        img_rope = tuple(jnp.asarray(t) for t in rotations(img_angles))
+        txt_rope = tuple(jnp.asarray(t) for t in rotations(txt_angles))
+        ctx = BlockContext(temb, temb_ref, ref_mask, img_rope, txt_rope, txt_mask)
         img, _ = self._run_blocks(img, txt, ctx)
         return constrain_tokens(self.proj_out(self.norm_out(img, temb)))
 

@@ -50,9 +50,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
         key_mask = key_mask | ~has_key[:, None]
     if sk % bk and key_mask is None:
         key_mask = jnp.ones((b, sk), bool)
-    ms = None
+    ms = None  # per-key logit bias: 0 to attend, MASKED to mask
     if key_mask is not None:
-        ms = _to_blocks(jnp.broadcast_to(key_mask[:, :, None, None], (b, sk, h, 1)), bk, bh)[..., 0]
+        key_mask = jnp.pad(key_mask, ((0, 0), (0, -sk % bk)))  # padded keys are masked
+        bias = jnp.where(key_mask, 0.0, MASKED).astype(F32)
+        ms = _to_blocks(jnp.broadcast_to(bias[:, :, None, None], (b, bias.shape[1], h, 1)), bk, bh)[..., 0]
     out = _flash(_to_blocks(q, bq, bh), _to_blocks(k, bk, bh), _to_blocks(v, bk, bh), ms, scale)
     return _from_blocks(out, b, h, sq).astype(q.dtype)
 
@@ -71,7 +73,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _to_blocks(x: jax.Array, blk: int, bh: int) -> jax.Array:
-    """`[B, S, H, d]` → `[B·H/bh, S/blk, bh, blk, d]` tiles, zero/False-padded to a multiple of `blk`."""
+    """`[B, S, H, d]` → `[B·H/bh, S/blk, bh, blk, d]` tiles, zero-padded to a multiple of `blk`."""
     b, s, h, d = x.shape
     x = jnp.pad(x, ((0, 0), (0, -s % blk), (0, 0), (0, 0)))
     return x.transpose(0, 2, 1, 3).reshape(b * h // bh, bh, -1, blk, d).swapaxes(1, 2)
@@ -100,11 +102,13 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=F32)
 
 
-def _masked(s: jax.Array, mask: jax.Array | None, key_axis: int) -> jax.Array:
-    """Logits of masked keys (`mask` `[bh, bk]`, keys on `key_axis` of the tile `s`) set to `MASKED`."""
-    if mask is None:
+def _masked(s: jax.Array, bias: jax.Array | None, key_axis: int) -> jax.Array:
+    """Logits plus the key bias (`bias` `[bh, bk]`: 0, or `MASKED` for a masked key; keys on
+    `key_axis` of the tile `s`). `s + MASKED` rounds to `MASKED` for any finite logit below 1e31 in
+    size, so this equals `xla_attention`'s fill; an add, unlike a select, fuses into the matmul on XLA:CPU."""
+    if bias is None:
         return s
-    return jnp.where(mask[:, None, :] if key_axis == 2 else mask[:, :, None], s, MASKED)
+    return s + (bias[:, None, :] if key_axis == 2 else bias[:, :, None])
 
 
 def _fwd_rows(q: Array, ks: Array, vs: Array, ms: Array | None, scale: float) -> tuple[Array, Array]:

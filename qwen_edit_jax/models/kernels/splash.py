@@ -39,21 +39,40 @@ def padded_length(s: int) -> int:
     return -(-s // LANE) * LANE
 
 
-def block_size(sp: int) -> int:
-    """Largest of 512/256/128 dividing the padded length (bigger blocks: fewer grid steps)."""
-    return next(b for b in (512, 256, LANE) if sp % b == 0)
+# Block-size targets per TPU generation (device_kind): (block_q, block_kv, block_kv_compute, block_q_dkv,
+# block_kv_dkv, block_kv_dkv_compute), each fitted down to a divisor of the padded length. Chosen by
+# benchmarks/splash_blocks.py: AOT compiles (libtpu) of the 1024² edit's splash forward + fused backward
+# (24 heads × 8448 × 128 per chip) ranked by a roofline + grid-step model (XLA's cost analysis gives the
+# Mosaic kernels no time). 1408 = 8448 / 6 wins on v5e and v6e: 30× fewer grid steps than 256, a fifth of
+# the kernels' HBM traffic, attention temporaries 549 vs 1886 MiB; 2048² blocks overflow v5e's VMEM.
+# Unlisted kinds (and CPU) use DEFAULT_TARGETS.
+BLOCK_TARGETS: dict[str, tuple[int, ...]] = {
+    "TPU v5 lite": (1408,) * 6,
+    "TPU v6 lite": (1408,) * 6,
+}
+DEFAULT_TARGETS: tuple[int, ...] = (512,) * 6
 
 
-def _kernel(sp: int, heads: int, interpret: bool):
+def fit_block(target: int, n: int) -> int:
+    """Largest multiple of 128 that is ≤ `target` and divides `n` (a multiple of 128): no extra padding."""
+    return next(b for b in range(max(LANE, target // LANE * LANE), 0, -LANE) if n % b == 0)
+
+
+def block_sizes(sp: int, device_kind: str | None = None) -> sa.BlockSizes:
+    """Splash block sizes for padded length `sp` on `device_kind`: the table's targets fitted to `sp`."""
+    bq, bkv, bkvc, bqd, bkvd, bkvdc = BLOCK_TARGETS.get(device_kind or "", DEFAULT_TARGETS)
+    bkv, bkvd = fit_block(bkv, sp), fit_block(bkvd, sp)
+    return sa.BlockSizes(block_q=fit_block(bq, sp), block_kv=bkv, block_kv_compute=fit_block(bkvc, bkv),
+                         block_q_dkv=fit_block(bqd, sp), block_kv_dkv=bkvd,
+                         block_kv_dkv_compute=fit_block(bkvdc, bkvd), use_fused_bwd_kernel=True)
+
+
+def _kernel(sp: int, heads: int, interpret: bool, sizes: sa.BlockSizes):
     """A splash MHA kernel for `heads` heads over a padded length `sp`, full (unmasked) attention.
 
     Built inside the trace that uses it (its block-mask tables become constants of that program),
     so nothing traced is cached across jits; the mask processing itself is cached by splash.
     """
-    b = block_size(sp)
-    sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b,
-                          block_q_dkv=b, block_kv_dkv=b, block_kv_dkv_compute=b,
-                          use_fused_bwd_kernel=True)
     mask = sa.MultiHeadMask([sa.FullMask((sp, sp))] * heads)
     return sa.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
@@ -77,8 +96,10 @@ def _mesh_specs(mesh, batch: int, heads: int) -> tuple[P, P, int]:
     return P(b, h, None, None), P(b, None), heads // (t if h else 1)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None) -> jax.Array:
-    """Splash attention with the standard kernel signature (`[B, S, H, d]`, key mask `[B, S]`)."""
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array | None, *,
+                     sizes: sa.BlockSizes | None = None) -> jax.Array:
+    """Splash attention with the standard kernel signature (`[B, S, H, d]`, key mask `[B, S]`);
+    `sizes` overrides the per-generation block sizes (benchmarks/splash_blocks.py)."""
     bsz, s, heads, d = q.shape
     sp = padded_length(s)
     scale = 1.0 / math.sqrt(d)
@@ -92,9 +113,11 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arr
     if platform in ("gpu", "cuda", "rocm"):
         raise ValueError("attention='splash' is the TPU (Pallas Mosaic) kernel; on NVIDIA GPUs use attention='cudnn'")
     interpret = platform != "tpu"  # CPU: Pallas interpret mode (tests)
+    kind = getattr(getattr(mesh, "abstract_device", None), "device_kind", None) if mesh is not None else None
+    sizes = sizes or block_sizes(sp, kind or jax.devices()[0].device_kind)
 
     def local(qh, kh, vh, q_ids, kv_ids):
-        kernel = _kernel(sp, qh.shape[1], interpret)
+        kernel = _kernel(sp, qh.shape[1], interpret, sizes)
         one = lambda q1, k1, v1, qi, ki: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(q=qi, kv=ki))  # noqa: E731
         return jax.vmap(one)(qh, kh, vh, q_ids, kv_ids)
 
