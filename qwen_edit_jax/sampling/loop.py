@@ -72,8 +72,9 @@ def _denoise(graphdef, state, latents, refs, pos, pos_mask, neg, neg_mask, sigma
                     for p in ((inp, inp), (pos, neg), (pos_mask, neg_mask), (tb, tb))]
             out = forward(*both)
             cond, uncond = out[:b], out[b:]
-        else:
-            cond, uncond = forward(inp, pos, pos_mask, tb), forward(inp, neg, neg_mask, tb)
+        else:  # one forward, traced once and run twice in sequence: half the activations, one compile
+            cond, uncond = jax.lax.map(lambda e: forward(inp, e[0], e[1], tb), (jnp.stack((pos, neg)),
+                                       None if pos_mask is None else jnp.stack((pos_mask, neg_mask))))
         return cfg_combine(cond, uncond, cfg_scale)
 
     def body(i, x):
@@ -117,8 +118,8 @@ def sample(
     None for text-to-image); `img_shapes` lists (1, h, w) for the target, then each reference.
     CFG runs when `true_cfg_scale > 1` and a negative prompt is given (as in diffusers). Positive and
     negative prompts may differ in length: for the batched pass both are zero-padded to the longer
-    one with key masks, which leaves the result unchanged. `batch_cfg=False` runs the two passes
-    separately (half the activation memory); None: `default_batch_cfg(mesh)`. With `mesh`, the batch
+    one with key masks, which leaves the result unchanged (both modes do this). `batch_cfg=False` runs
+    the two passes one after the other (half the activation memory); None: `default_batch_cfg(mesh)`. With `mesh`, the batch
     is split over the mesh's batch axes (`sharding.batch_sharding`; the doubled CFG batch too, so
     with B = 1 on a data axis of 2 the cond and uncond passes run on different devices); place the
     model first with `sharding.shard_model` or `load_transformer(mesh=)`.
@@ -168,7 +169,7 @@ def sample(
         if batch_cfg is None:
             batch_cfg = default_batch_cfg(mesh)
         mode = "batched" if batch_cfg else "separate"
-        if batch_cfg and not (pos_mask is None and neg_mask is None and pos.shape[1] == neg.shape[1]):
+        if not (pos_mask is None and neg_mask is None and pos.shape[1] == neg.shape[1]):  # both modes stack them
             length = max(pos.shape[1], neg.shape[1])
             pos, pos_mask = _pad_text(pos, pos_mask, length)
             neg, neg_mask = _pad_text(neg, neg_mask, length)
