@@ -105,7 +105,7 @@ def _dot(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def _masked(s: jax.Array, bias: jax.Array | None, key_axis: int) -> jax.Array:
     """Logits plus the key bias (`bias` `[bh, bk]`: 0, or `MASKED` for a masked key; keys on
     `key_axis` of the tile `s`). `s + MASKED` rounds to `MASKED` for any finite logit below 1e31 in
-    size, so this equals `xla_attention`'s fill; an add, unlike a select, fuses into the matmul on XLA:CPU."""
+    size, so this equals `xla_attention`'s fill (a select before; XLA:CPU runs either as its own pass)."""
     if bias is None:
         return s
     return s + (bias[:, None, :] if key_axis == 2 else bias[:, :, None])
