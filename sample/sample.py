@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg_mode = p.add_mutually_exclusive_group()
     cfg_mode.add_argument("--separate-cfg", dest="batch_cfg", action="store_const", const=False,
                           help="run cond/uncond one after the other (less memory); default: per platform, "
-                          "separate on CPU, batched on GPU/TPU (measured faster there)")
+                          "separate on CPU (measured faster there), batched on GPU/TPU")
     cfg_mode.add_argument("--batched-cfg", dest="batch_cfg", action="store_const", const=True,
                           help="run cond/uncond as one 2B batch")
     p.add_argument("--dtype", default="bf16", help="weights and activations: bf16 or float32")

@@ -119,10 +119,10 @@ def sample(
     CFG runs when `true_cfg_scale > 1` and a negative prompt is given (as in diffusers). Positive and
     negative prompts may differ in length: for the batched pass both are zero-padded to the longer
     one with key masks, which leaves the result unchanged (both modes do this). `batch_cfg=False` runs
-    the two passes one after the other (half the activation memory); None: `default_batch_cfg(mesh)`. With `mesh`, the batch
-    is split over the mesh's batch axes (`sharding.batch_sharding`; the doubled CFG batch too, so
-    with B = 1 on a data axis of 2 the cond and uncond passes run on different devices); place the
-    model first with `sharding.shard_model` or `load_transformer(mesh=)`.
+    the two passes one after the other (half the activation memory); None: `default_batch_cfg(mesh)`.
+    With `mesh`, the batch is split over the mesh's batch axes (`sharding.batch_sharding`; the doubled
+    CFG batch too, so with B = 1 on a data axis of 2 the cond and uncond passes run on different
+    devices); place the model first with `sharding.shard_model` or `load_transformer(mesh=)`.
     """
     _check(noise.ndim == 3, f"noise must be packed latents [B, N_target, C], got shape {tuple(noise.shape)}")
     b, n_target, c = noise.shape
