@@ -129,7 +129,7 @@ def convert(
     if direction == "to_merged" and format is not None:
         raise ValueError(f"--format {format} does not apply to a base model's to_merged output (a merged Orbax "
                          f"checkpoint has no key style); drop --format, or use it with --direction to_standard")
-    lazy = open_lazy_params(input, config)
+    lazy = open_lazy_params(input, config, stream=True)
     detected = getattr(lazy, "detected", detected)
     if log:
         c = lazy.config
@@ -146,7 +146,7 @@ def convert(
         what = "merged Orbax checkpoint (config.json + params/)"
     else:
         save_standard(lazy, output, format=format or "diffusers", dtype=dtype, overwrite=overwrite, progress=progress,
-                      max_shard_size=max_shard_size)
+                      max_shard_size=max_shard_size, read_ahead=True)
         what = ("single safetensors file (ComfyUI)" if format == "comfyui"
                 else "diffusers folder (config.json + safetensors)")
     nbytes = _tree_size(output)

@@ -137,6 +137,27 @@ def test_roundtrip_bf16_bit_exact(bf16_sharded, tmp_path):
     assert q.DiTConfig.from_json(std) == q.DiTConfig.from_json(bf16_sharded)
 
 
+def test_roundtrip_bit_exact_with_every_buffer_reused(bf16_sharded, tmp_path, monkeypatch):
+    """The converter reuses scratch buffers (reads, transposes, the writer thread) and drops written pages
+    from the page cache: with every array pooled and a drop after every tensor, both directions and the
+    ComfyUI single file still give back every tensor bit for bit."""
+    from qwen_edit_jax.weights import buffers, writer
+
+    monkeypatch.setattr(buffers, "POOL_MIN_BYTES", 0)  # tiny tensors are pooled too
+    monkeypatch.setattr(writer.SafetensorsWriter, "DROP_EVERY", 1)
+    taken = []
+    real_take = buffers.ScratchBuffers.take
+    monkeypatch.setattr(buffers.ScratchBuffers, "take", lambda self, *a, **k: taken.append(1) or real_take(self, *a, **k))
+    merged, std, comfy = str(tmp_path / "merged"), str(tmp_path / "std"), str(tmp_path / "comfy.safetensors")
+    convert(bf16_sharded, merged, "to_merged", progress=False, max_shard_size="100KB")
+    convert(merged, std, "to_standard", progress=False, max_shard_size="100KB")
+    convert(merged, comfy, "to_standard", format="comfyui", progress=False)
+    assert len(taken) > 100
+    src = tensors_of(bf16_sharded)
+    assert_bit_identical(src, tensors_of(std))
+    assert_bit_identical(src, tensors_of(comfy))
+
+
 def test_roundtrip_mixed_dtypes_and_cast(tmp_path, torch_model):
     """fp32 norms inside a bf16 checkpoint keep their dtype; --dtype casts everything."""
     src = tensors_of(save_torch_model(torch_model, tmp_path / "fp32"))

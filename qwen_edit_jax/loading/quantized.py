@@ -18,7 +18,7 @@ import numpy as np
 
 from ..models.quant import qdtype, quantize
 from ..weights.checkpoint import SCALE_SUFFIX, is_quantized_kernel
-from ..weights.lazy import Index, LazyParams, norm_index
+from ..weights.lazy import Index, LazyParams, into_out, norm_index
 
 
 @functools.lru_cache(maxsize=8)
@@ -70,20 +70,21 @@ class QuantizedParams:
             self._scales[key] = s
         return np.asarray(q), s
 
-    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
+    def read(self, path: str, index: Index | None = None, dtype: Any = None, out: np.ndarray | None = None
+             ) -> np.ndarray:
         if path.endswith(SCALE_SUFFIX):
             idx = norm_index(index, self.shape(path))
             kernel = path[: -len(SCALE_SUFFIX)]
             kidx = (idx[0], slice(None), *idx[2:])
             _, s = self._quantized(kernel, norm_index(kidx, self.lazy.shape(kernel)), False)
-            out = s[:, idx[1]]
+            value = s[:, idx[1]]
         elif is_quantized_kernel(path):
             idx = norm_index(index, self.shape(path))
             q, _ = self._quantized(path, idx, True)
-            out = q[:, idx[1]]
+            value = q[:, idx[1]]
         else:
-            return self.lazy.read(path, index, dtype=dtype)
-        return out if dtype is None else out.astype(np.dtype(dtype))
+            return self.lazy.read(path, index, dtype=dtype, out=out)
+        return into_out(value if dtype is None else value.astype(np.dtype(dtype)), out, path)
 
 
 __all__ = ["QuantizedParams"]

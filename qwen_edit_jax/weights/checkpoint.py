@@ -24,6 +24,7 @@ view (tensorstore slice reads) used to convert back to the standard layout layer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import threading
@@ -44,7 +45,8 @@ from ..config import DiTConfig, as_dtype
 from ..errors import CheckpointError
 from ..utils.files import atomic_path
 from . import keymap
-from .lazy import Index, LazyParams, check_params, norm_index
+from .buffers import DropBehind, ScratchBuffers
+from .lazy import Index, LazyParams, check_out, check_params, into_out, norm_index
 
 MARKER = "qwen_edit_jax.json"
 PARAMS_DIR = "params"
@@ -139,25 +141,41 @@ class _Progress:
             self.bar.update(nbytes)
 
 
+@dataclasses.dataclass
+class _WriteState:
+    """What every leaf of one `save_merged` shares: byte budget, progress, scratch buffers, drop-behind."""
+
+    budget: _Budget
+    progress: _Progress
+    buffers: ScratchBuffers
+    drop: DropBehind | None = None
+
+
 class LazyLeaf:
-    """One Flax leaf of a `LazyParams` source, read layer by layer when Orbax writes it."""
+    """One Flax leaf of a `LazyParams` source, read layer by layer (into reused buffers) when Orbax writes it."""
 
     def __init__(self, lazy: LazyParams, path: str, dtype: Any, stacked: bool, tensors_per_layer: int,
-                 budget: _Budget, progress: _Progress):
+                 shared: _WriteState):
         self.lazy, self.path = lazy, path
         self.shape = tuple(lazy.shape(path))
         self.dtype = np.dtype(dtype)
         self.stacked = stacked
         self.tensors_per_layer = tensors_per_layer
-        self.budget, self.progress = budget, progress
+        self.shared = shared
 
     @property
     def write_shape(self) -> tuple[int, ...]:
         return (1, *self.shape[1:]) if self.stacked else self.shape
 
     def read(self, layer: int | None) -> np.ndarray:
+        """One layer (or the whole unstacked leaf) in a scratch buffer; `shared.buffers.give` it back after use."""
         index = None if layer is None else (slice(layer, layer + 1),)
-        return np.ascontiguousarray(self.lazy.read(self.path, index, dtype=self.dtype))
+        out = self.shared.buffers.take(self.write_shape, self.dtype)
+        try:
+            return self.lazy.read(self.path, index, dtype=self.dtype, out=out)
+        except BaseException:
+            self.shared.buffers.give(out)
+            raise
 
 
 class LazyLeafHandler(ocp.type_handlers.NumpyHandler):
@@ -168,18 +186,30 @@ class LazyLeafHandler(ocp.type_handlers.NumpyHandler):
         super().__init__(deepcopy_host_arrays=False)
 
     async def _write_leaf(self, leaf: LazyLeaf, tspec: dict[str, Any], ts_context: Any) -> None:
+        base = tspec.get("kvstore", {}).get("base")
+        if leaf.shared.drop is not None and isinstance(base, dict):
+            # no fsync per chunk: the drop-behind sweep syncs each finished file, off the writers' path
+            tspec = {**tspec, "kvstore": {**tspec["kvstore"], "base": {**base, "file_io_sync": False}}}
         t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
         layers = range(leaf.shape[0]) if leaf.stacked else [None]
         per = int(np.prod(leaf.write_shape)) * leaf.dtype.itemsize
+        shared = leaf.shared
         for layer in layers:
-            await leaf.budget.acquire(per)
+            await shared.budget.acquire(per)
             try:
                 value = await asyncio.to_thread(leaf.read, layer)
-                target = t if layer is None else t[layer: layer + 1]
-                await target.write(value, can_reference_source_data_indefinitely=True)
+                try:
+                    target = t if layer is None else t[layer: layer + 1]
+                    # tensorstore copies the value (no `can_reference_source_data_indefinitely`): the buffer is
+                    # reused once this write is done
+                    await target.write(value)
+                finally:
+                    shared.buffers.give(value)
             finally:
-                await leaf.budget.release(per)
-            leaf.progress.update(per, leaf.tensors_per_layer)
+                await shared.budget.release(per)
+            if shared.drop is not None:
+                await asyncio.to_thread(shared.drop.wrote, per)
+            shared.progress.update(per, leaf.tensors_per_layer)
 
     async def _background_serialize(self, values, infos, args=None):
         writes = []
@@ -215,11 +245,14 @@ def save_merged(
     memory_budget: int | None = None,
     source: str | None = None,
     compression: bool = False,
+    drop_behind: bool = True,
 ) -> str:
     """Write `lazy` (any layout) as a merged checkpoint folder; atomic (temp folder + rename).
 
     Each leaf keeps the source dtype (a bf16 checkpoint stays bf16) unless `dtype` is given.
-    Peak host memory ≈ `memory_budget` + one layer per leaf being read.
+    Peak host memory ≈ `memory_budget` + one layer per leaf being read (in reused buffers).
+    `drop_behind`: sync each written file once finished and drop it from the page cache (`buffers.DropBehind`),
+    instead of tensorstore syncing every chunk; all is synced before the folder gets its final name.
     A source with a `quantize` attribute (`loading.quantized.QuantizedParams`) writes a quantized
     checkpoint: its int8 / fp8 kernels and fp32 scales as they are (`dtype` casts the float leaves only).
     """
@@ -240,12 +273,11 @@ def save_merged(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="to_merged")
-    prog = _Progress(bar, n_tensors)
-    budget = _Budget(memory_budget or DEFAULT_BUDGET)
+    shared = _WriteState(_Budget(memory_budget or DEFAULT_BUDGET), _Progress(bar, n_tensors), ScratchBuffers())
     leaves = {}
     for p in lazy.paths():
         stacked, n = stacked_paths[p]
-        leaves[p] = LazyLeaf(lazy, p, dtypes[p], stacked, n, budget, prog)
+        leaves[p] = LazyLeaf(lazy, p, dtypes[p], stacked, n, shared)
     registry = ocp.type_handlers.create_type_handler_registry(
         (LazyLeaf, LazyLeafHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, use_compression=compression,
@@ -253,8 +285,11 @@ def save_merged(
     try:
         with atomic_path(out, overwrite=overwrite, is_dir=True) as tmp:
             lazy.config.to_json(os.path.join(tmp, "config.json"))
+            shared.drop = DropBehind(tmp, sync=True) if drop_behind else None
             with ocp.Checkpointer(handler) as ckptr:
                 ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(_nest(leaves)))
+            if shared.drop is not None:
+                shared.drop.close()
             marker = {"format": FORMAT, "version": VERSION, "fuse_qkv": True, "quantize": quantize,
                       "source": source or getattr(lazy, "description", ""),
                       "dtypes": {p: dtypes[p].name for p in sorted(dtypes)}}
@@ -295,10 +330,16 @@ def read_merged_config(path: str | os.PathLike, config: DiTConfig | None = None)
 
 
 class MergedParams:
-    """`LazyParams` over a merged checkpoint: slice reads straight from the zarr chunks."""
+    """`LazyParams` over a merged checkpoint: slice reads straight from the zarr chunks.
 
-    def __init__(self, path: str | os.PathLike, config: DiTConfig | None = None):
+    `direct_io` (a reader that reads each byte once, the converter): chunks are read with O_DIRECT,
+    around the page cache (see `buffers`); where the file system refuses it, reads fall back to
+    ordinary I/O.
+    """
+
+    def __init__(self, path: str | os.PathLike, config: DiTConfig | None = None, *, direct_io: bool = False):
         self.path = os.fspath(path)
+        self.direct_io = direct_io
         self.marker = _read_marker(self.path)
         self.config = read_merged_config(self.path, config)
         self.description = f"{self.path} (merged checkpoint)"
@@ -317,7 +358,10 @@ class MergedParams:
     def _store(self, p: str):
         t = self._stores.get(p)
         if t is None:
-            spec = {"driver": "zarr", "kvstore": ts_utils.build_kvstore_tspec(self._params_dir, name=p, use_ocdbt=True),
+            kvstore = ts_utils.build_kvstore_tspec(self._params_dir, name=p, use_ocdbt=True)
+            if self.direct_io:
+                kvstore["base"]["file_io_mode"] = {"mode": "direct"}
+            spec = {"driver": "zarr", "kvstore": kvstore,
                     "recheck_cached_data": False, "recheck_cached_metadata": False}
             try:
                 t = ts.open(spec, open=True, context=self._ctx).result()
@@ -338,15 +382,31 @@ class MergedParams:
     def dtype(self, path: str) -> np.dtype:
         return self._dtypes[path]
 
-    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
+    def _read(self, path: str, idx: tuple[slice, ...], out: np.ndarray | None) -> np.ndarray:
+        if out is None:
+            return self._store(path)[idx].read().result()
+        ts.array(out, copy=False).write(self._store(path)[idx]).result()
+        return out
+
+    def read(self, path: str, index: Index | None = None, dtype: Any = None, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """`leaf[index]`; with `out` (and no cast) tensorstore copies the chunk bytes straight into it."""
         idx = norm_index(index, self._shapes[path])
+        shape = tuple(len(range(s.start, s.stop, s.step)) for s in idx)
+        stored = self._dtypes[path]
+        want = stored if dtype is None else np.dtype(as_dtype(dtype))
         try:
-            out = self._store(path)[idx].read().result()
-        except CheckpointError:
-            raise
+            value = self._read(path, idx, None if out is None or want != stored else check_out(out, shape, want, path))
         except Exception as e:
+            if self.direct_io:  # e.g. a FUSE mount without O_DIRECT: from now on, read the usual way
+                self.direct_io, self._stores = False, {}
+                return self.read(path, index, dtype, out)
+            if isinstance(e, CheckpointError):
+                raise
             raise CheckpointError(f"{self._params_dir}: cannot read parameter {path} ({e})") from None
-        return out if dtype is None else out.astype(np.dtype(as_dtype(dtype)))
+        if value is out:
+            return out
+        return into_out(value if want == stored else value.astype(want), out, path)
 
 
 def load_merged_params(path: str | os.PathLike, abstract_state: Any, shardings: Any = None) -> Any:

@@ -146,13 +146,32 @@ def to_flax_leaf(leaf: str, tensors: list[np.ndarray]) -> np.ndarray:
     return tensors[0] if len(tensors) == 1 else np.stack(tensors, axis=0)
 
 
-def from_flax_leaf(leaf: str, value: np.ndarray, n_torch: int) -> list[np.ndarray]:
-    """Inverse of `to_flax_leaf` for one layer: Flax leaf → list of torch tensors (contiguous)."""
+def from_flax_leaf(leaf: str, value: np.ndarray, n_torch: int,
+                   outs: list[np.ndarray] | None = None) -> list[np.ndarray]:
+    """Inverse of `to_flax_leaf` for one layer: Flax leaf → list of torch tensors (contiguous).
+
+    `outs`: one array per torch tensor to write into (cast to its dtype), e.g. reused buffers.
+    """
     if leaf == "kernel":
         parts = [value] if n_torch == 1 else [value[:, j] for j in range(n_torch)]
-        return [transpose_2d(p) for p in parts]
-    parts = [value] if n_torch == 1 else [value[j] for j in range(n_torch)]
-    return [np.ascontiguousarray(p) for p in parts]
+    else:
+        parts = [value] if n_torch == 1 else [value[j] for j in range(n_torch)]
+    if outs is None:
+        return [transpose_2d(p) if leaf == "kernel" else np.ascontiguousarray(p) for p in parts]
+    for p, o in zip(parts, outs, strict=True):
+        if leaf == "kernel":
+            transpose_2d(p, o)
+        else:
+            o[...] = p
+    return outs
+
+
+def torch_part_shape(leaf: str, flax_layer_shape: tuple[int, ...], n_torch: int) -> tuple[int, ...]:
+    """Shape of each torch tensor `from_flax_leaf` makes of one layer of a Flax leaf."""
+    if leaf == "kernel":
+        shape = flax_layer_shape if n_torch == 1 else (flax_layer_shape[0], *flax_layer_shape[2:])
+        return tuple(reversed(shape))
+    return tuple(flax_layer_shape if n_torch == 1 else flax_layer_shape[1:])
 
 
 def iter_leaves(cfg: DiTConfig, fuse_qkv: bool = True) -> Iterator[tuple[str, ModuleEntry, str, str]]:

@@ -3,6 +3,7 @@
 `read(path, index)` returns just the requested slice of one Flax parameter (stacked over layers,
 q|k|v fused, transposed), reading only the bytes that slice touches. Loading places each leaf on
 its devices through it (one device's slice per callback), the converter streams layer by layer.
+`out` lets a streaming caller reuse its buffers (`buffers.ScratchBuffers`).
 `check_params` is the one place that compares what a source holds with what a config expects.
 """
 
@@ -31,7 +32,8 @@ class LazyParams(Protocol):
 
     def dtype(self, path: str) -> np.dtype: ...
 
-    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray: ...
+    def read(self, path: str, index: Index | None = None, dtype: Any = None, out: np.ndarray | None = None
+             ) -> np.ndarray: ...
 
 
 def norm_index(index: Index | None, shape: tuple[int, ...]) -> tuple[slice, ...]:
@@ -39,6 +41,24 @@ def norm_index(index: Index | None, shape: tuple[int, ...]) -> tuple[slice, ...]
     index = tuple(index or ())
     index = index + (slice(None),) * (len(shape) - len(index))
     return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+
+
+def check_out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype, path: str) -> np.ndarray:
+    """`out` if it can hold the read (C-contiguous, exact shape and dtype), else a new array when None."""
+    if out is None:
+        return np.empty(shape, dtype)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"{path}: out is {out.dtype}{list(out.shape)}, the read gives {np.dtype(dtype)}{list(shape)} "
+                         f"(C-contiguous)")
+    return out
+
+
+def into_out(value: np.ndarray, out: np.ndarray | None, path: str) -> np.ndarray:
+    """`value`, or when `out` is given a copy of it there (checked as `check_out`), returned."""
+    if out is None:
+        return value
+    check_out(out, value.shape, value.dtype, path)[...] = value
+    return out
 
 
 def _some(names: list[str]) -> str:
@@ -82,7 +102,8 @@ class ArrayParams:
     def dtype(self, path: str) -> np.dtype:
         return np.dtype(self.params[path].dtype)
 
-    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
+    def read(self, path: str, index: Index | None = None, dtype: Any = None, out: np.ndarray | None = None
+             ) -> np.ndarray:
         """The slice as numpy; a jax array spread over several hosts is gathered (all processes call this)."""
-        out = to_host(self.params[path][norm_index(index, self.shape(path))])
-        return out if dtype is None else out.astype(np.dtype(as_dtype(dtype)))
+        value = to_host(self.params[path][norm_index(index, self.shape(path))])
+        return into_out(value if dtype is None else value.astype(np.dtype(as_dtype(dtype))), out, path)

@@ -12,7 +12,7 @@ from ..config import DiTConfig, as_dtype
 from ..errors import CheckpointError
 from . import keymap, layout
 from .checkpoint import MergedParams, is_merged_checkpoint
-from .lazy import Index, LazyParams, check_params, norm_index
+from .lazy import Index, LazyParams, check_out, check_params, norm_index
 from .safetensors_io import TensorSource, np_dtype
 
 
@@ -46,19 +46,21 @@ class TorchLayoutParams:
         names = keymap.torch_names_for(entry, tleaf, 0 if entry.stacked else None)
         return np.result_type(*[np.dtype(np_dtype(self.source.dtype(n))) for n in names])
 
-    def read(self, path: str, index: Index | None = None, dtype: Any = None) -> np.ndarray:
+    def read(self, path: str, index: Index | None = None, dtype: Any = None, out: np.ndarray | None = None
+             ) -> np.ndarray:
         """`leaf[index]` in Flax layout, reading only the torch bytes the slice covers.
 
         Only the layers in the slice are touched, and of each torch weight only the rows and
         columns that land in the slice (safetensors slice reads on the memory map), so a device's
         shard of a 20B checkpoint costs its own bytes, not the leaf's. The result is written into
-        one preallocated array (cast per layer), never stacked from a second copy.
+        one preallocated array (cast per layer; `out` when given), never stacked from a second copy.
         """
         entry, fleaf, tleaf = self._leaves[path]
         idx = norm_index(index, self.shape(path))
         layers, inner = (range(*idx[0].indices(self.config.num_layers)), idx[1:]) if entry.stacked else ([None], idx)
         shape = tuple(len(range(*s.indices(n))) for s, n in zip(idx, self.shape(path)))
-        out = np.empty(shape, np.dtype(as_dtype(dtype)) if dtype is not None else self.dtype(path))
+        dt = np.dtype(as_dtype(dtype)) if dtype is not None else self.dtype(path)
+        out = check_out(out, shape, dt, path)
         for i, layer in enumerate(layers):
             self._read_layer(entry, fleaf, tleaf, layer, inner, out[i] if entry.stacked else out)
         return out
@@ -80,7 +82,7 @@ class TorchLayoutParams:
 
 
 def open_lazy_params(
-    path: str | os.PathLike, config: DiTConfig | str | None = None, *, fuse_qkv: bool = True
+    path: str | os.PathLike, config: DiTConfig | str | None = None, *, fuse_qkv: bool = True, stream: bool = False
 ) -> LazyParams:
     """Open base weights in any supported layout, lazily (see `layout.py`).
 
@@ -88,6 +90,8 @@ def open_lazy_params(
     file — with diffusers/DiffSynth names, ComfyUI prefixes, or the original merged-QKV PyTorch
     layout — or a merged Orbax checkpoint. `config`: a DiTConfig, a config.json path or a preset
     name; required when no config.json lies beside the weights. `.detected` says what was found.
+    `stream`: the caller reads every byte once (the converter), so reads go around the page cache
+    (merged: O_DIRECT; safetensors: read ahead, pages dropped after; see `buffers`).
     """
 
     path = os.fspath(path)
@@ -95,11 +99,12 @@ def open_lazy_params(
         if not fuse_qkv:
             raise CheckpointError(f"{path}: a merged checkpoint holds fused QKV params; use fuse_qkv=True")
         cfg = None if config is None else layout.resolve_config(path, config)[0]
-        lazy = MergedParams(path, cfg)
+        lazy = MergedParams(path, cfg, direct_io=stream)
         lazy.detected = layout.Detected(path, "base", "merged Orbax checkpoint (this project)",
                                         "Flax merged-QKV params", config_source=os.path.join(path, "config.json"))
         return lazy
     source, detected = layout.open_torch_source(path)
+    source.stream = stream
     cfg, detected.config_source = layout.resolve_config(path, config)
     lazy = TorchLayoutParams(source, cfg, fuse_qkv=fuse_qkv)
     lazy.detected = detected

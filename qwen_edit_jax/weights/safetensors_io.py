@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import CheckpointError
 from .arrays import transpose_2d
+from .buffers import drop_cached
 
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 SINGLE_NAME = "diffusion_pytorch_model.safetensors"
@@ -53,10 +54,14 @@ class SafetensorsFile:
     Reads copy only the requested slice out of the mapping and then drop the mapping's pages
     (`madvise(MADV_DONTNEED)`; they stay in the OS page cache), so streaming a 40 GB checkpoint
     never grows this process's resident memory beyond the tensors it actually holds.
+    `stream` (a reader that reads each tensor once, the converter): each tensor is read ahead in one
+    go (`MADV_WILLNEED`) and its pages leave the page cache after the read (`buffers.drop_cached`), so
+    the next read reuses them. (Reading with O_DIRECT into reused buffers measured no faster here.)
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, stream: bool = False):
         self.path = path
+        self.stream = stream
         try:
             f = open(path, "rb")
         except FileNotFoundError:
@@ -105,6 +110,12 @@ class SafetensorsFile:
     def st_dtype(self, key: str) -> str:
         return self._info[key][3]
 
+    def _madvise(self, advice: int, start: int, length: int) -> None:
+        try:
+            self._mm.madvise(advice, start, length)
+        except (AttributeError, OSError, ValueError):  # platform without madvise: only a hint anyway
+            pass
+
     def read(self, key: str, index: tuple = (), *, out: np.ndarray | None = None,
              transpose: bool = False) -> np.ndarray:
         """A copy of `tensor[index]` (basic indexing), touching only the pages the slice covers.
@@ -114,10 +125,14 @@ class SafetensorsFile:
         """
         dt, shape, b, _ = self._info[key]
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        start = self.data_start + b
+        lo = start - start % mmap.PAGESIZE
         if nbytes == 0 or self._mm is None:
             src = np.zeros(shape, dt)[tuple(index)]
         else:
-            src = np.ndarray(shape, dt, buffer=self._mm, offset=self.data_start + b)[tuple(index)]
+            if self.stream:  # the whole tensor is wanted: read it ahead in one go, not fault by fault
+                self._madvise(mmap.MADV_WILLNEED, lo, start + nbytes - lo)
+            src = np.ndarray(shape, dt, buffer=self._mm, offset=start)[tuple(index)]
         if transpose:
             out = transpose_2d(src, out)
         elif out is not None:
@@ -127,12 +142,9 @@ class SafetensorsFile:
         del src
         if nbytes == 0 or self._mm is None:
             return out
-        start = self.data_start + b
-        lo = start - start % mmap.PAGESIZE
-        try:
-            self._mm.madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
-        except (AttributeError, OSError, ValueError):  # platform without madvise: pages just stay mapped
-            pass
+        self._madvise(mmap.MADV_DONTNEED, lo, start + nbytes - lo)
+        if self.stream:
+            drop_cached(self.path, sync=False, offset=lo, length=start + nbytes - lo)
         return out
 
 
@@ -144,6 +156,7 @@ class TensorSource:
         self._handles: dict[str, object] = {}
         self.description = description
         self.strip_prefix = strip_prefix
+        self.stream = False  # see `SafetensorsFile`; set before the first read
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -190,7 +203,7 @@ class TensorSource:
     def _handle(self, fp: str) -> SafetensorsFile:
         h = self._handles.get(fp)
         if h is None:
-            h = self._handles[fp] = SafetensorsFile(fp)
+            h = self._handles[fp] = SafetensorsFile(fp, stream=self.stream)
         return h
 
     def _stored(self, key: str) -> str:

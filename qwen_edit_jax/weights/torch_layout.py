@@ -8,7 +8,8 @@ exporting a model (`loading.save_transformer`) and `iter_torch_params` all go th
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -17,14 +18,16 @@ from tqdm.auto import tqdm
 from ..config import as_dtype
 from ..utils.files import atomic_path
 from . import keymap
+from .buffers import ScratchBuffers
 from .lazy import LazyParams
-from .writer import DEFAULT_MAX_SHARD_SIZE, SafetensorsWriter, TensorSpec, write_sharded
+from .writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_sharded
 
 BASE_FORMATS = ("diffusers", "diffsynth", "comfyui")
 
 
 def standard_specs(lazy: LazyParams, cast: np.dtype | None = None) -> list[TensorSpec]:
-    """Every diffusers tensor (name, torch shape, dtype) the lazy params map to, sorted by name."""
+    """Every diffusers tensor (name, torch shape, dtype) the lazy params map to, in the order
+    `iter_standard_tensors` yields them (so files can be written front to back)."""
     shapes = keymap.torch_shapes(lazy.config)
     specs = []
     for path, entry, _fleaf, tleaf in keymap.iter_leaves(lazy.config, lazy.fuse_qkv):
@@ -32,18 +35,55 @@ def standard_specs(lazy: LazyParams, cast: np.dtype | None = None) -> list[Tenso
         for layer in (range(lazy.config.num_layers) if entry.stacked else [None]):
             for name in keymap.torch_names_for(entry, tleaf, layer):
                 specs.append(TensorSpec(name, shapes[name], np.dtype(dt)))
-    return sorted(specs, key=lambda s: s.name)
+    return specs
 
 
-def iter_standard_tensors(lazy: LazyParams, cast: np.dtype | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(diffusers name, torch-layout array) one layer of one leaf at a time."""
+def _read_ahead(fn: Callable[[Any], Any], items: list[Any], enabled: bool) -> Iterator[Any]:
+    """`map(fn, items)`, with `enabled` computing the next result on a second thread meanwhile."""
+    if not enabled or not items:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = pool.submit(fn, items[0])
+        for nxt in [*items[1:], None]:
+            result = pending.result()
+            pending = pool.submit(fn, nxt) if nxt is not None else None
+            yield result
+
+
+def iter_standard_tensors(lazy: LazyParams, cast: np.dtype | None = None, *, buffers: ScratchBuffers | None = None,
+                          read_ahead: bool = False) -> Iterator[tuple[str, np.ndarray]]:
+    """(diffusers name, torch-layout array) one layer of one leaf at a time.
+
+    With `buffers`, every array is taken from them (give it back once written); without, each is a
+    new array. `read_ahead`: read the next layer on a second thread while this one is transposed and
+    written (a file source, the converter; not for params spread over hosts, whose reads gather).
+    """
     cfg = lazy.config
-    for path, entry, fleaf, tleaf in keymap.iter_leaves(cfg, lazy.fuse_qkv):
-        for layer in (range(cfg.num_layers) if entry.stacked else [None]):
-            value = lazy.read(path) if layer is None else lazy.read(path, (slice(layer, layer + 1),))[0]
-            tensors = keymap.from_flax_leaf(fleaf, value, len(entry.torch))
-            for name, t in zip(keymap.torch_names_for(entry, tleaf, layer), tensors):
-                yield name, (t if cast is None else t.astype(cast))
+    items = [(path, entry, fleaf, tleaf, layer) for path, entry, fleaf, tleaf in keymap.iter_leaves(cfg, lazy.fuse_qkv)
+             for layer in (range(cfg.num_layers) if entry.stacked else [None])]
+
+    def read(item) -> np.ndarray:
+        path, entry, _, _, layer = item
+        index = None if layer is None else (slice(layer, layer + 1),)
+        held = None if buffers is None else buffers.take(_read_shape(lazy, path, entry.stacked), lazy.dtype(path))
+        return lazy.read(path, index, out=held)
+
+    for (path, entry, fleaf, tleaf, layer), value in zip(items, _read_ahead(read, items, read_ahead)):
+        n = len(entry.torch)
+        value = value.reshape(value.shape[1:] if entry.stacked else value.shape)
+        if buffers is None:
+            tensors = [t if cast is None else t.astype(cast) for t in keymap.from_flax_leaf(fleaf, value, n)]
+        else:
+            part = keymap.torch_part_shape(fleaf, value.shape, n)
+            tensors = keymap.from_flax_leaf(fleaf, value, n, [buffers.take(part, cast or value.dtype) for _ in range(n)])
+            buffers.give(value)
+        yield from zip(keymap.torch_names_for(entry, tleaf, layer), tensors)
+
+
+def _read_shape(lazy: LazyParams, path: str, stacked: bool) -> tuple[int, ...]:
+    shape = tuple(lazy.shape(path))
+    return (1, *shape[1:]) if stacked else shape
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -68,8 +108,13 @@ def save_standard(
     overwrite: bool = False,
     progress: bool = True,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    read_ahead: bool = False,
 ) -> str:
-    """Write base weights in the standard PyTorch layout (separate q/k/v, torch `[out, in]`)."""
+    """Write base weights in the standard PyTorch layout (separate q/k/v, torch `[out, in]`).
+
+    Streams: reads into reused buffers, writes on a writer thread with O_DIRECT (`writer`);
+    `read_ahead` as `iter_standard_tensors`.
+    """
     if format not in BASE_FORMATS:
         raise ValueError(f"--format {format!r} is a LoRA key style; base models are written as "
                          f"{', '.join(BASE_FORMATS)} (diffsynth reads the diffusers folder)")
@@ -77,24 +122,18 @@ def save_standard(
     cast = None if dtype is None else np.dtype(as_dtype(dtype))
     specs = standard_specs(lazy, cast)
     bar = _bar(sum(s.nbytes for s in specs), "to_standard", progress)
-    stream = _counting(iter_standard_tensors(lazy, cast), bar, len(specs))
+    buffers = ScratchBuffers()
+    stream = _counting(iter_standard_tensors(lazy, cast, buffers=buffers, read_ahead=read_ahead), bar, len(specs))
     try:
         if format == "comfyui":  # one file, bare diffusers names (as ComfyUI's repacks)
             with atomic_path(out, overwrite=overwrite) as tmp:
-                w = SafetensorsWriter(tmp, specs, {"format": "pt"})
-                try:
-                    for name, t in stream:
-                        w.write(name, t)
-                        if bar is not None:
-                            bar.update(w.specs[name].nbytes)
-                except BaseException:
-                    w.abort()
-                    raise
-                w.close()
+                write_sharded(os.path.dirname(tmp), specs, stream, max_shard_size=sum(s.nbytes for s in specs) + 1,
+                              single_name=os.path.basename(tmp), progress=bar, release=buffers.give, direct=True)
         else:
             with atomic_path(out, overwrite=overwrite, is_dir=True) as tmp:
                 lazy.config.to_json(os.path.join(tmp, "config.json"))
-                write_sharded(tmp, specs, stream, max_shard_size=max_shard_size, progress=bar)
+                write_sharded(tmp, specs, stream, max_shard_size=max_shard_size, progress=bar, release=buffers.give,
+                              direct=True)
     finally:
         if bar is not None:
             bar.close()
