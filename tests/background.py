@@ -8,6 +8,9 @@ then takes `JOB.result()` (waiting if the job is still running, starting it at o
 started) and asserts on it exactly as it would on `subprocess.run`'s result. Nothing a test checks
 changes, only when the subprocess runs. A job's command, environment and working folder are fixed
 when it is made (at collection), so no test's monkeypatching can reach it.
+
+Under pytest-xdist (the suite's default, pyproject.toml) both cores run test workers and no job starts
+ahead: the test's `JOB.result()` runs it when the test gets there (tests/conftest.py).
 """
 
 from __future__ import annotations

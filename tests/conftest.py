@@ -43,9 +43,38 @@ def pytest_configure(config):
                                        "Job) at the start of the session, one job at a time")
 
 
+def _xdist_worker(config) -> bool:
+    """True in a pytest-xdist worker process (the suite runs in two of them, see pyproject.toml)."""
+    return hasattr(config, "workerinput")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist (`--dist loadfile --no-loadscope-reorder`: one module at a time to a worker, in collection
+    order), modules with more slow tests go first, then modules with more tests, so that the long ones start
+    early and short ones fill the end. Tests within a module keep their order; each worker collects the
+    same items and so sorts them the same way. Without xdist the order is pytest's own."""
+    if not _xdist_worker(config):
+        return
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::", 1)[0], []).append(item)
+
+    def weight(path: str) -> tuple:
+        its = modules[path]
+        return -sum(1 for it in its if it.get_closest_marker("slow")), -len(its), path
+
+    items[:] = [it for path in sorted(modules, key=weight) for it in modules[path]]
+
+
 def pytest_collection_finish(session):
     global _scheduler
     if session.config.option.collectonly:
+        return
+    if _xdist_worker(session.config):
+        # Every worker collects every test but runs only the modules it is sent, so no job starts ahead:
+        # a test's `JOB.result()` runs its job when the test gets there, in the worker that runs the test's
+        # module (all tests of a job are in one module, and --dist loadfile keeps a module on one worker),
+        # while the other worker goes on with other modules.
         return
     from tests.background import Scheduler
 
