@@ -46,7 +46,7 @@ from ..errors import CheckpointError
 from ..utils.files import atomic_path
 from . import keymap
 from .buffers import DropBehind, ScratchBuffers
-from .lazy import Index, LazyParams, check_out, check_params, into_out, norm_index
+from .lazy import Index, LazyParams, check_out, check_params, into_out, layer_shape, norm_index
 
 MARKER = "qwen_edit_jax.json"
 PARAMS_DIR = "params"
@@ -165,7 +165,7 @@ class LazyLeaf:
 
     @property
     def write_shape(self) -> tuple[int, ...]:
-        return (1, *self.shape[1:]) if self.stacked else self.shape
+        return layer_shape(self.shape, self.stacked)
 
     def read(self, layer: int | None) -> np.ndarray:
         """One layer (or the whole unstacked leaf) in a scratch buffer; `shared.buffers.give` it back after use."""

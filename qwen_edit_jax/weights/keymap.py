@@ -166,14 +166,6 @@ def from_flax_leaf(leaf: str, value: np.ndarray, n_torch: int,
     return outs
 
 
-def torch_part_shape(leaf: str, flax_layer_shape: tuple[int, ...], n_torch: int) -> tuple[int, ...]:
-    """Shape of each torch tensor `from_flax_leaf` makes of one layer of a Flax leaf."""
-    if leaf == "kernel":
-        shape = flax_layer_shape if n_torch == 1 else (flax_layer_shape[0], *flax_layer_shape[2:])
-        return tuple(reversed(shape))
-    return tuple(flax_layer_shape if n_torch == 1 else flax_layer_shape[1:])
-
-
 def iter_leaves(cfg: DiTConfig, fuse_qkv: bool = True) -> Iterator[tuple[str, ModuleEntry, str, str]]:
     """(flax path, entry, flax leaf, torch leaf) for every Flax parameter."""
     for entry in module_entries(fuse_qkv):

@@ -43,6 +43,11 @@ def norm_index(index: Index | None, shape: tuple[int, ...]) -> tuple[slice, ...]
     return tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
 
 
+def layer_shape(shape: tuple[int, ...], stacked: bool) -> tuple[int, ...]:
+    """Shape of one layer's read of a leaf (`index=(slice(l, l + 1),)` keeps the layer axis, as 1)."""
+    return (1, *shape[1:]) if stacked else tuple(shape)
+
+
 def check_out(out: np.ndarray | None, shape: tuple[int, ...], dtype: np.dtype, path: str) -> np.ndarray:
     """`out` if it can hold the read (C-contiguous, exact shape and dtype), else a new array when None."""
     if out is None:

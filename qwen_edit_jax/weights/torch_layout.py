@@ -19,7 +19,7 @@ from ..config import as_dtype
 from ..utils.files import atomic_path
 from . import keymap
 from .buffers import ScratchBuffers
-from .lazy import LazyParams
+from .lazy import LazyParams, layer_shape
 from .writer import DEFAULT_MAX_SHARD_SIZE, TensorSpec, write_sharded
 
 BASE_FORMATS = ("diffusers", "diffsynth", "comfyui")
@@ -60,30 +60,26 @@ def iter_standard_tensors(lazy: LazyParams, cast: np.dtype | None = None, *, buf
     written (a file source, the converter; not for params spread over hosts, whose reads gather).
     """
     cfg = lazy.config
+    shapes = keymap.torch_shapes(cfg) if buffers is not None else {}
     items = [(path, entry, fleaf, tleaf, layer) for path, entry, fleaf, tleaf in keymap.iter_leaves(cfg, lazy.fuse_qkv)
              for layer in (range(cfg.num_layers) if entry.stacked else [None])]
 
     def read(item) -> np.ndarray:
         path, entry, _, _, layer = item
         index = None if layer is None else (slice(layer, layer + 1),)
-        held = None if buffers is None else buffers.take(_read_shape(lazy, path, entry.stacked), lazy.dtype(path))
+        held = None if buffers is None else buffers.take(layer_shape(lazy.shape(path), entry.stacked), lazy.dtype(path))
         return lazy.read(path, index, out=held)
 
     for (path, entry, fleaf, tleaf, layer), value in zip(items, _read_ahead(read, items, read_ahead)):
-        n = len(entry.torch)
+        names = keymap.torch_names_for(entry, tleaf, layer)
         value = value.reshape(value.shape[1:] if entry.stacked else value.shape)
         if buffers is None:
-            tensors = [t if cast is None else t.astype(cast) for t in keymap.from_flax_leaf(fleaf, value, n)]
+            tensors = [t if cast is None else t.astype(cast) for t in keymap.from_flax_leaf(fleaf, value, len(names))]
         else:
-            part = keymap.torch_part_shape(fleaf, value.shape, n)
-            tensors = keymap.from_flax_leaf(fleaf, value, n, [buffers.take(part, cast or value.dtype) for _ in range(n)])
+            outs = [buffers.take(shapes[name], cast or value.dtype) for name in names]
+            tensors = keymap.from_flax_leaf(fleaf, value, len(names), outs)
             buffers.give(value)
-        yield from zip(keymap.torch_names_for(entry, tleaf, layer), tensors)
-
-
-def _read_shape(lazy: LazyParams, path: str, stacked: bool) -> tuple[int, ...]:
-    shape = tuple(lazy.shape(path))
-    return (1, *shape[1:]) if stacked else shape
+        yield from zip(names, tensors)
 
 
 def _bar(total: int, desc: str, enabled: bool):
