@@ -62,12 +62,17 @@ def parse_args(argv=None):
     p.add_argument("--attention", default="splash", choices=["xla", "chunked", "splash"])
     p.add_argument("--param-dtype", default="bfloat16")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8"],
-                   help="weight-only quantized frozen base (block kernels int8 / fp8 + per-channel scales)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8", "int4"],
+                   help="weight-only quantized frozen base (block kernels int8 / fp8 + per-channel scales, "
+                        "int4 + per-group scales)")
+    p.add_argument("--offload", default="none", choices=["none", "base"],
+                   help="base: the blocks' frozen weights in host memory, fetched one layer at a time")
     p.add_argument("--layers", type=int, default=None, help="cut the stack to this many blocks (planning aid)")
     p.add_argument("--extrapolate", default="4,8",
                    help="when the compiler refuses the full stack: compile these shorter stacks and extrapolate "
                         "their temporaries linearly to the full depth ('' = report the error's lower bound)")
+    p.add_argument("--host-gbps", type=float, default=25.0,
+                   help="host→device GB/s for the offload transfer time (25: PCIe Gen4 x16 in practice)")
     p.add_argument("--mfu", type=float, default=1.0, help="assumed model-FLOPs utilisation for the time estimate")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
@@ -98,17 +103,22 @@ def build_step(cfg, opts, mesh, args):
 
     import qwen_edit_jax as q
     from qwen_edit_jax import sharding as shd
+    from qwen_edit_jax.models.offload import HOST, is_offloaded
     from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
     from qwen_edit_jax.training.step import make_optimizer, make_train_step
 
     graphdef, lora_abs, base_abs = nnx.split(q.abstract_model(cfg, opts), nnx.LoRAParam, ...)
 
-    def placed(state):
+    def placed(state, offload=False):
         sh = nnx.to_pure_dict(shd.param_shardings(state, mesh))
+        if offload:  # the blocks' frozen leaves in host memory (models/offload.py)
+            sh = jax.tree_util.tree_map_with_path(
+                lambda p, s: s.with_memory_kind(HOST)
+                if is_offloaded(jax.tree_util.keystr(p, simple=True, separator=".")) else s, sh)
         vals = nnx.to_pure_dict(state)
         return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), vals, sh)
 
-    params, base = placed(lora_abs), placed(base_abs)
+    params, base = placed(lora_abs), placed(base_abs, opts.offload == "base")
     tx, _ = make_optimizer(OptimSection(), max_steps=1000)
     opt_abs = jax.eval_shape(tx.init, params)
     opt_sh = shd.like_params(opt_abs, params, jax.tree.map(lambda x: x.sharding, params), mesh)
@@ -135,15 +145,18 @@ def build_step(cfg, opts, mesh, args):
             return jax.make_jaxpr(fn)(params, opt_state, base, arrays, rng, step_no).jaxpr
 
     accum = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *shd.batch_sharding(mesh, b).spec))
-    arg_bytes = sum(_shard_bytes(x) for t in (params, opt_state, base) for x in jax.tree.leaves(t))
+    arg_bytes = sum(_shard_bytes(x) for t in (params, opt_state, base) for x in jax.tree.leaves(t)
+                    if x.sharding.memory_kind != HOST)
     arg_bytes += sum(_shard_bytes(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=accum)) for x in arrays.values())
     return (lambda: step.lower(params, opt_state, base, img_shapes, arrays, rng, step_no)), jaxpr, base, arg_bytes
 
 
 def _shard_bytes(x) -> int:
     """Bytes of one device's shard of an abstract array."""
+    import jax
+
     shape = x.shape if x.sharding is None else x.sharding.shard_shape(x.shape)
-    return int(np.prod(shape)) * x.dtype.itemsize
+    return int(np.prod(shape)) * jax.dtypes.itemsize_bits(x.dtype) // 8  # int4: half a byte
 
 
 def _hbm_oom(err: Exception) -> int | None:
@@ -165,10 +178,11 @@ def _compile(lowered, arg_bytes: int):
         if oom is None:
             raise
         # lower bound: the arguments plus the temporaries XLA reported needing
-        return dict(argument=arg_bytes, output=0, alias=0, temp=oom), arg_bytes + oom, 0.0, oom
+        return dict(argument=arg_bytes, output=0, alias=0, temp=oom, host=0, host_temp=0), arg_bytes + oom, 0.0, oom
     mem = compiled.memory_analysis()
     sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-                 alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes)
+                 alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+                 host=mem.host_argument_size_in_bytes, host_temp=mem.host_temp_size_in_bytes)
     peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + mem.generated_code_size_in_bytes
     cost = compiled.cost_analysis()
     return sizes, peak, float((cost[0] if isinstance(cost, (list, tuple)) else cost).get("flops", 0.0)), None
@@ -269,6 +283,7 @@ def plan(args) -> dict:
     import qwen_edit_jax as q
     from qwen_edit_jax import sharding as shd
     from qwen_edit_jax.config import LoraConfig, ModelOptions
+    from qwen_edit_jax.models.offload import HOST
 
     cfg = q.preset(args.preset)
     if args.layers:
@@ -279,7 +294,7 @@ def plan(args) -> dict:
     mesh = shd.make_mesh(data, fsdp, tensor, devices=devices)
     opts = ModelOptions(param_dtype=args.param_dtype, dtype=args.dtype, remat=args.remat, attention=args.attention,
                         lora=LoraConfig(rank=args.lora_rank),
-                        quantize=None if args.quantize == "none" else args.quantize)
+                        quantize=None if args.quantize == "none" else args.quantize, offload=args.offload)
     model_abs = q.abstract_model(cfg, opts)
     n_params = q.count_params(model_abs)
     n_lora = q.count_params(model_abs, nnx.LoRAParam)
@@ -305,12 +320,16 @@ def plan(args) -> dict:
             slope, icept = np.polyfit(ns, temps, 1)
             last = fitted[max(fitted)]
             sizes = dict(argument=arg_bytes, output=last["output"], alias=last["alias"],
-                         temp=int(round(icept + slope * cfg.num_layers)))
+                         temp=int(round(icept + slope * cfg.num_layers)), host=last["host"],
+                         host_temp=last["host_temp"])
             peak = arg_bytes + sizes["output"] - sizes["alias"] + sizes["temp"]
             source = "extrapolated"
     flops = flops_per_device(jaxpr(), cfg, mesh, args)
-    weights_per_dev = sum(int(np.prod(x.sharding.shard_shape(x.shape))) * x.dtype.itemsize
-                          for x in jax.tree.leaves(base))
+    weights_per_dev = sum(_shard_bytes(x) for x in jax.tree.leaves(base))
+    # offload: every block's frozen leaves cross the host link twice a step (forward, recomputing backward),
+    # plus one repeated prefetch per direction (models/offload.py), for each micro-batch
+    host_weights = sum(_shard_bytes(x) for x in jax.tree.leaves(base) if x.sharding.memory_kind == HOST)
+    moved = host_weights * 2 * (cfg.num_layers + 1) // cfg.num_layers * args.grad_accum
     h, w = token_grid(cfg, args)
     return {
         "preset": args.preset,
@@ -339,6 +358,12 @@ def plan(args) -> dict:
         "peak_gib_per_device": peak / GiB,
         "num_layers": cfg.num_layers,
         "quantize": None if args.quantize == "none" else args.quantize,
+        "offload": args.offload,
+        "host_bytes_per_device": sizes["host"],  # offloaded weights in host memory (XLA's argument figure)
+        "host_temp_bytes": sizes["host_temp"],  # host-memory temporaries XLA allocates
+        "transfer_bytes_per_step": moved,
+        "host_link_gbps": args.host_gbps,
+        "transfer_s": moved / (args.host_gbps * 1e9),
         "compile_oom": oom is not None,  # XLA refused the full stack
         # "compiled": XLA's memory analysis; "extrapolated": full-depth arguments + temporaries fitted on the
         # shorter stacks in `extrapolated_from`; "oom_lower_bound": arguments + the error's temporaries
@@ -367,7 +392,11 @@ def table(r: dict) -> str:
                      f"{r['text_tokens']} text tokens, batch {r['batch']} × accum {r['grad_accum']}"),
         ("model", f"{r['params']:,} params ({r['num_layers']} blocks, base {r['quantize'] or 'float'}), "
                   f"LoRA r{r['lora_rank']} {r['lora_params']:,} (fp32), remat {r['remat']}, attention {r['attention']}"),
-        ("weights / chip", f"{r['weights_bytes_per_device'] / GiB:.2f} GiB"),
+        ("weights / chip", f"{r['weights_bytes_per_device'] / GiB:.2f} GiB"
+                           + (f" ({r['host_bytes_per_device'] / GiB:.2f} GiB in host memory, "
+                              f"{r['transfer_bytes_per_step'] / GiB:.1f} GiB moved a step: "
+                              f"{r['transfer_s']:.2f} s at {r['host_link_gbps']:.0f} GB/s)"
+                              if r["offload"] != "none" else "")),
         ("args / temp / out", f"{r['argument_bytes'] / GiB:.2f} / {r['temp_bytes'] / GiB:.2f} / "
                               f"{r['output_bytes'] / GiB:.2f} GiB (aliased {r['alias_bytes'] / GiB:.2f})"),
         ("peak / chip", f"{'≥ ' if r['peak_source'] == 'oom_lower_bound' else ''}"

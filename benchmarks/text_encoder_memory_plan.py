@@ -9,6 +9,7 @@ bucket (`encoding.bucket_key`), AOT-compiles the same program `encode_prompt` ru
 (`encoding.make_encode_fn`) and reports XLA's memory analysis for one chip:
 
     python benchmarks/text_encoder_memory_plan.py --topology v5e:2x4 --batch 8 --vision-attention splash
+    python benchmarks/text_encoder_memory_plan.py --topology v5e:1x1 --mesh 1,1,1 --batch 1 --quantize int8
 
 Peak = arguments + outputs − aliases + temporaries + code, as XLA allocates them (as
 `memory_plan.py`). Matmul FLOPs are counted on the jaxpr (scan × length; the vision blocks'
@@ -44,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-tokens", type=int, default=40, help="tokens of the user instruction")
     p.add_argument("--vision-attention", default="splash", choices=["xla", "chunked", "splash"])
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
+                   help="plan the weight-only 8-bit encoder (EncoderOptions.quantize: large linear kernels 8-bit "
+                        "with fp32 per-channel scales; the rest in --dtype). Default: none")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
@@ -88,11 +92,11 @@ def plan(args) -> dict:
     mesh = make_mesh(data, fsdp, tensor, devices=devices)
     config = Qwen25VLConfig()
     dt = as_dtype(args.dtype)
-    options = EncoderOptions(dtype=dt, param_dtype=dt, attention=args.vision_attention)
+    options = EncoderOptions(dtype=dt, param_dtype=dt, attention=args.vision_attention, quantize=args.quantize)
     graphdef, state = nnx.split(abstract_text_encoder(config, options))
     sh = param_shardings(state, mesh)
     state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, sh)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+    n_params = sum(int(np.prod(v.shape)) for p, v in nnx.to_flat_state(state) if p[-1] != "kernel_scale")
 
     inputs = edit_batch(config, args.batch, args.prompt_tokens)
     key = bucket_key(config, inputs)
@@ -141,7 +145,8 @@ def plan(args) -> dict:
                    "num_windows": key.vision.num_windows, "num_frames": key.vision.num_frames,
                    "frame_len": key.vision.frame_len},
         "image_patches": int(np.prod(inputs.image_grid_thw, axis=1).sum()),
-        "vision_attention": args.vision_attention, "dtype": args.dtype, "params": n_params,
+        "vision_attention": args.vision_attention, "dtype": args.dtype, "quantize": args.quantize,
+        "params": n_params,
         "weights_bytes_per_device": weights, "argument_bytes": sizes["argument"], "output_bytes": sizes["output"],
         "alias_bytes": sizes["alias"], "temp_bytes": sizes["temp"], "peak_bytes_per_device": int(peak),
         "peak_gib_per_device": peak / GiB, "compile_oom": oom is not None, "hbm_gib": chip["hbm_gib"],
@@ -160,8 +165,8 @@ def table(r: dict) -> str:
                      f"{r['seq_len']} tokens per row"),
         ("bucket", f"{b['batch']} × {b['length']} tokens; vision {b['num_patches']} patches, {b['num_windows']} "
                    f"windows, {b['num_frames']} images × {b['frame_len']}"),
-        ("model", f"{r['params']:,} params ({r['dtype']}), vision attention {r['vision_attention']}, "
-                  f"LM causal attention plain XLA"),
+        ("model", f"{r['params']:,} params ({r['dtype']}{', ' + r['quantize'] + ' kernels' if r['quantize'] else ''}"
+                  f"), vision attention {r['vision_attention']}, LM causal attention plain XLA"),
         ("weights / chip", f"{r['weights_bytes_per_device'] / GiB:.2f} GiB"),
         ("args / temp / out", f"{r['argument_bytes'] / GiB:.2f} / {r['temp_bytes'] / GiB:.2f} / "
                               f"{r['output_bytes'] / GiB:.2f} GiB"),

@@ -34,9 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="key style of the output: base to_standard diffusers (default) / diffsynth folder or comfyui "
                         "file; LoRAs any style (default: diffusers for to_standard, the input's for to_merged)")
     p.add_argument("--dtype", help="cast every tensor (bf16, fp32, fp16); default: keep each tensor's dtype")
-    p.add_argument("--quantize", choices=["int8", "fp8"],
+    p.add_argument("--quantize", choices=["int8", "fp8", "int4"],
                    help="base to_merged only: write a quantized merged checkpoint (block kernels 8-bit + per-channel "
-                        "scales, about half the bytes); load it with quantize= set to the same mode")
+                        "scales, about half the bytes, or int4 + per-group scales, about a quarter); load it with "
+                        "quantize= set to the same mode")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT (only once the new one is complete)")
     p.add_argument("--max-shard-size", default="5GB", help="shard size of a diffusers folder (default 5GB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -146,7 +146,29 @@ RematPolicy = Literal["none", "full", "save_matmuls"]
 AttentionImpl = Literal["auto", "xla", "chunked", "flash", "cudnn", "splash"]
 ATTENTION_KERNELS: tuple[str, ...] = AttentionImpl.__args__  # the built-in names in models.kernels
 QKVMode = Literal["split", "shared"]
-QuantizeMode = Literal["int8", "fp8"]
+QuantizeMode = Literal["int8", "fp8", "int4"]
+QUANTIZE_MODES: tuple[str, ...] = QuantizeMode.__args__
+OffloadMode = Literal["none", "base"]
+# int4 scales are per group of this many input rows (one per output column and group); int8 / fp8 use one
+# scale per output column. 64 and 128 measured (docs/quantization.md); 128 halves the scales' bytes.
+INT4_GROUP_SIZE = 128
+
+
+def quant_group_size(mode: str, in_features: int) -> int:
+    """Input rows sharing one scale: all of them for int8 / fp8, `INT4_GROUP_SIZE` for int4.
+
+    An input width that the group size does not divide (only tiny test models) falls back to one group.
+    """
+    if mode not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)} or None, got {mode!r}")
+    if mode == "int4" and in_features % INT4_GROUP_SIZE == 0:
+        return INT4_GROUP_SIZE
+    return in_features
+
+
+def quant_scale_rows(mode: str, in_features: int) -> int:
+    """Rows of a kernel's scale along its input axis: the number of groups."""
+    return in_features // quant_group_size(mode, in_features)
 
 DEFAULT_LORA_TARGETS = ("to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp")
 
@@ -212,14 +234,25 @@ class ModelOptions:
     attention: AttentionImpl = "auto"  # per platform: splash (TPU), cudnn (GPU, bf16/fp16), else flash
     fuse_qkv: bool = True  # False: six separate q/k/v projections (benchmark baseline only)
     lora: LoraConfig | None = None
-    # weight-only quantized frozen base: the block linears' kernels stored as int8 / fp8 (e4m3) values
-    # with per-output-channel fp32 scales (models/quant.py); other leaves stay in `param_dtype`
+    # weight-only quantized frozen base: the block linears' kernels stored as int8 / fp8 (e4m3) values with
+    # per-output-channel fp32 scales, or int4 with per-group scales (models/quant.py); other leaves stay in
+    # `param_dtype`
     quantize: QuantizeMode | None = None
+    # "base": the blocks' frozen weights live in host memory and stream to the device one layer at a time
+    # inside the scan (models/offload.py); the backward recomputes each layer (full remat of the blocks)
+    offload: OffloadMode = "none"
 
     def __post_init__(self):
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
-        if self.quantize is not None and self.quantize not in ("int8", "fp8"):
-            raise ValueError(f"quantize must be None, 'int8' or 'fp8', got {self.quantize!r}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be None or one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")
+        if self.offload not in OffloadMode.__args__:
+            raise ValueError(f"offload must be one of {list(OffloadMode.__args__)}, got {self.offload!r}")
+        if self.offload == "base" and not self.scan_layers:
+            raise ValueError("offload='base' streams the stacked blocks inside the layer scan: needs scan_layers=True")
+        if self.offload == "base" and self.remat == "save_matmuls":
+            raise ValueError("offload='base' recomputes each block in the backward (full remat); "
+                             "remat='save_matmuls' would keep every layer's activations: use remat='full'")
         if self.quantize is not None and not self.fuse_qkv:
             raise ValueError("quantize is implemented on the fused-QKV layout only (fuse_qkv=True)")
         object.__setattr__(self, "dtype", as_dtype(self.dtype))

@@ -106,8 +106,9 @@ def convert(
     `format`: the output's key style — base `to_standard`: diffusers (default), diffsynth or comfyui;
     LoRA: any of `lora.formats.WRITE_STYLES` (default: the input's for `to_merged`, diffusers for
     `to_standard`); base `to_merged` writes an Orbax checkpoint, which has none, so it is refused.
-    `quantize` ("int8" / "fp8", base `to_merged` only): write a quantized merged checkpoint (block kernels
-    as 8-bit values + fp32 per-output-channel scales, `loading.quantized`); load it with the same mode.
+    `quantize` ("int8" / "fp8" / "int4", base `to_merged` only): write a quantized merged checkpoint (block kernels
+    as 8-bit values + fp32 per-output-channel scales or int4 + per-group scales, `loading.quantized`); load it
+    with the same mode.
     """
     input, output = os.fspath(input), os.fspath(output)
     if direction not in DIRECTIONS:

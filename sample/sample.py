@@ -96,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg_mode.add_argument("--batched-cfg", dest="batch_cfg", action="store_const", const=True,
                           help="run cond/uncond as one 2B batch")
     p.add_argument("--dtype", default="bf16", help="weights and activations: bf16 or float32")
-    p.add_argument("--quantize", choices=["int8", "fp8"], default=None,
-                   help="weight-only 8-bit DiT base (docs/quantization.md); not combinable with --lora")
+    p.add_argument("--quantize", choices=["int8", "fp8", "int4"], default=None,
+                   help="weight-only quantized DiT base (docs/quantization.md); not combinable with --lora")
+    p.add_argument("--offload", choices=["none", "base"], default="none",
+                   help="base: keep the DiT blocks' weights in host memory, streamed one layer at a time")
     p.add_argument("--attention", default="xla", help="attention kernel: xla, chunked, cudnn, splash")
     p.add_argument("--ids", nargs="+", help="only these sample ids")
     p.add_argument("--limit", type=int, help="only the first N selected samples")
@@ -185,7 +187,8 @@ def sample_cache(args) -> str:
     settings = sampling.SampleSettings(num_inference_steps=args.steps, true_cfg_scale=args.cfg, seed=args.seed,
                                        batch_size=args.batch_size, batch_cfg=args.batch_cfg)
     dtype = as_dtype(args.dtype)
-    options = ModelOptions(param_dtype=dtype, dtype=dtype, attention=args.attention, quantize=args.quantize)
+    options = ModelOptions(param_dtype=dtype, dtype=dtype, attention=args.attention, quantize=args.quantize,
+                           offload=args.offload)
     source = args.model
     config = DiTConfig.from_json(args.config) if args.config else None
     if repo:
@@ -280,7 +283,8 @@ def edit_images(args) -> str:
     neg, neg_mask = pipe.encode_prompt(args.negative_prompt, images) if cfg else (None, None)
     pipe.text_encoder = None  # freed before the transformer loads: the two are never in memory together
     gc.collect()
-    options = ModelOptions(param_dtype=dtype, dtype=dtype, attention=args.attention, quantize=args.quantize)
+    options = ModelOptions(param_dtype=dtype, dtype=dtype, attention=args.attention, quantize=args.quantize,
+                           offload=args.offload)
     pipe.transformer = QwenImageEditPipeline.from_pretrained(
         args.model, mesh=mesh, transformer=args.transformer, lora=loras or None, options=options, variant=variant,
         components=("transformer",)).transformer

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import qwen_edit_jax as q
-from qwen_edit_jax.config import LoraConfig, ModelOptions
+from qwen_edit_jax.config import LoraConfig, ModelOptions, quant_group_size
 from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.loading.dit import model_from_params
 from qwen_edit_jax.models.dit import BASE_PARAMS
@@ -22,7 +22,8 @@ SHAPES = ((1, 2, 3), (1, 3, 2))
 # Relative output error (‖y_q − y‖ / ‖y‖) of the whole tiny model vs the fp32 model: int8 per-channel
 # rounding error is ≤ scale/2 per weight (~0.4 % of the column max), fp8 e4m3 keeps 3 mantissa bits
 # (~2–3 %); errors stay well inside these bounds (measured: docs/quantization.md).
-TOL = {"int8": 0.02, "fp8": 0.08}
+TOL = {"int8": 0.02, "fp8": 0.08, "int4": 0.25}
+QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "int4": jnp.int4}
 
 
 def _flat(state):
@@ -89,25 +90,75 @@ def test_fp8_uses_e4m3_range_and_bounded_error():
     assert rel.max() <= 2.0**-4 + 1e-6  # 3 mantissa bits: ≤ 1/16 of the column max
 
 
+def _ref_int4(w, axis, group):
+    """numpy reference: symmetric int4 (±7) with one scale per `group` rows of `axis`."""
+    w = np.moveaxis(np.asarray(w, np.float32), axis, 0)
+    g = w.reshape(w.shape[0] // group, group, *w.shape[1:])
+    amax = np.max(np.abs(g), axis=1, keepdims=True)
+    s = np.where(amax > 0, amax * np.float32(1.0 / 7.0), np.float32(1.0)).astype(np.float32)
+    v = np.clip(np.round(g * (np.float32(1.0) / s)), -7, 7).reshape(w.shape)
+    return np.moveaxis(v, 0, axis).astype(np.int8), np.moveaxis(s[:, 0], 0, axis)
+
+
+@pytest.mark.parametrize("shape,axis", [((256, 20), 0), ((3, 384, 3, 20), 1), ((2, 40, 4), 1)])
+def test_int4_values_and_group_scales_are_exact(shape, axis):
+    from qwen_edit_jax.config import INT4_GROUP_SIZE, quant_group_size
+
+    w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    w[..., 0] = 0.0  # an all-zero output channel: scale 1, values 0
+    qv, s = jax.jit(lambda x: quantize(x, "int4", axis))(w)
+    group = quant_group_size("int4", shape[axis])
+    assert group == (INT4_GROUP_SIZE if shape[axis] % INT4_GROUP_SIZE == 0 else shape[axis])  # 40: one group
+    rq, rs = _ref_int4(w, axis, group)
+    assert qv.dtype == jnp.int4 and s.dtype == jnp.float32 and s.shape == rs.shape
+    assert s.shape[axis] == shape[axis] // group and reduced_axis(shape, s.shape) == axis
+    np.testing.assert_array_equal(np.asarray(s), rs)
+    np.testing.assert_array_equal(np.asarray(qv).astype(np.int8), rq)
+    assert np.abs(np.asarray(qv).astype(np.int8)).max() == 7
+    err = np.abs(np.asarray(dequantize(qv, s)) - w)  # ≤ half a step of each weight's own group
+    assert np.all(err <= np.repeat(rs, group, axis=axis) / 2 + 1e-6)
+    q2, _ = quantize(dequantize(qv, s), "int4", axis)  # idempotent
+    np.testing.assert_array_equal(np.asarray(q2).astype(np.int8), rq)
+
+
+def test_int4_kernels_take_half_the_device_bytes_of_int8():
+    """Compiled for a TPU (libtpu AOT), an int4 kernel argument is stored packed: half of int8's bytes."""
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    dev = topologies.get_topology_desc(platform="tpu", topology_name="v5e:1x1").devices
+    sh = NamedSharding(jax.sharding.Mesh(np.array(dev), ("x",)), PartitionSpec())
+    sizes = {}
+    for dt in (jnp.int8, jnp.int4):
+        w = jax.ShapeDtypeStruct((4, 1024, 2048), dt, sharding=sh)
+        x = jax.ShapeDtypeStruct((8, 1024), jnp.bfloat16, sharding=sh)
+        c = jax.jit(lambda x, w: [x @ w[i].astype(jnp.bfloat16) for i in range(4)]).lower(x, w).compile()
+        sizes[dt] = c.memory_analysis().argument_size_in_bytes - 8 * 1024 * 2
+    assert sizes[jnp.int8] == 4 * 1024 * 2048 and sizes[jnp.int4] == sizes[jnp.int8] // 2, sizes
+
+
 def test_options_validate():
     with pytest.raises(ValueError, match="quantize"):
-        ModelOptions(quantize="int4")
+        ModelOptions(quantize="int3")
     with pytest.raises(ValueError, match="fused"):
         ModelOptions(quantize="int8", fuse_qkv=False)
 
 
-@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
 def test_quantized_model_layout_and_output_error(mode):
     ref = q.init_transformer(TINY, ModelOptions(), seed=3)
     params = {k: v.get_value() for k, v in _flat(nnx.state(ref, BASE_PARAMS)).items()}
     qm = model_from_params(TINY, ModelOptions(quantize=mode), params)
     flat = _flat(nnx.state(qm, BASE_PARAMS))
     block_kernels = [k for k in flat if k.startswith("transformer_blocks") and k.endswith(".kernel")]
-    want = jnp.dtype(jnp.int8 if mode == "int8" else jnp.float8_e4m3fn)
+    want = jnp.dtype(QDTYPE[mode])
     assert block_kernels and all(flat[k].get_value().dtype == want for k in block_kernels)
-    for k in block_kernels:  # stacked [L, in, *out] kernel, [L, 1, *out] fp32 scale
-        s = flat[k + "_scale"].get_value()
-        assert s.dtype == jnp.float32 and s.shape[1] == 1 and s.shape[0] == TINY.num_layers
+    for k in block_kernels:  # stacked [L, in, *out] kernel, [L, groups, *out] fp32 scale
+        s, kernel = flat[k + "_scale"].get_value(), flat[k].get_value()
+        groups = kernel.shape[1] // quant_group_size(mode, kernel.shape[1])
+        assert s.dtype == jnp.float32 and s.shape == (TINY.num_layers, groups, *kernel.shape[2:])
+    if mode == "int4":  # fc2 (input 4·128) has 4 groups of 128: the grouped path runs
+        assert flat["transformer_blocks.img_mlp.fc2.kernel_scale"].get_value().shape[1] == 4
     # the embedders / output projection stay in param_dtype
     assert flat["img_in.kernel"].get_value().dtype == jnp.float32 and "img_in.kernel_scale" not in flat
     # loading quantized exactly what `quantize` gives for each stacked leaf
@@ -115,6 +166,11 @@ def test_quantized_model_layout_and_output_error(mode):
     if mode == "int8":
         rq, rs = _ref_int8(params[k], 1)
         np.testing.assert_array_equal(np.asarray(flat[k].get_value()), rq)
+        np.testing.assert_array_equal(np.asarray(flat[k + "_scale"].get_value()), rs)
+    if mode == "int4":
+        k = "transformer_blocks.img_mlp.fc2.kernel"
+        rq, rs = _ref_int4(params[k], 1, 128)
+        np.testing.assert_array_equal(np.asarray(flat[k].get_value()).astype(np.int8), rq)
         np.testing.assert_array_equal(np.asarray(flat[k + "_scale"].get_value()), rs)
     x = _inputs()
     y, yq = np.asarray(ref(**x)), np.asarray(qm(**x))
@@ -146,13 +202,13 @@ def test_bf16_activations_on_int8_base():
 
 # each storage format and each adapter mode once (the four combinations add no path: the kernel
 # dequantization and the adapters do not interact)
-@pytest.mark.parametrize("mode,qkv_mode", [("int8", "split"), ("fp8", "shared")])
+@pytest.mark.parametrize("mode,qkv_mode", [("int8", "split"), ("fp8", "shared"), ("int4", "split")])
 def test_only_lora_trains_on_quantized_base(mode, qkv_mode):
     opts = ModelOptions(quantize=mode, lora=LoraConfig(rank=4, alpha=8, qkv_mode=qkv_mode))
     model = q.init_transformer(TINY, opts, seed=1)
     graphdef, params, base = split_lora(model)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # adapters stay fp32
-    qleaves = [x for x in jax.tree.leaves(base) if x.dtype in (jnp.int8, jnp.float8_e4m3fn)]
+    qleaves = [x for x in jax.tree.leaves(base) if x.dtype == QDTYPE[mode]]
     assert qleaves  # quantized kernels live in the frozen base
     tx, _ = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=0), 10)
     opt_state = tx.init(params)
@@ -218,7 +274,7 @@ def test_quantize_on_load_from_safetensors_and_self_roundtrip(tmp_path):
         q.load_transformer(tmp_path / "t", options=m.options, lora=str(tmp_path / "missing.safetensors"))
 
 
-@pytest.mark.parametrize("mode", ["int8", "fp8"])
+@pytest.mark.parametrize("mode", ["int8", "fp8", "int4"])
 def test_quantized_merged_checkpoint_roundtrip(tmp_path, mode):
     from qwen_edit_jax.loading.quantized import QuantizedParams
     from qwen_edit_jax.weights.checkpoint import MergedParams, save_merged
@@ -238,9 +294,10 @@ def test_quantized_merged_checkpoint_roundtrip(tmp_path, mode):
     assert a.keys() == b.keys()
     for k in a:  # converter's quantization == on-load quantization, and the file round trip is bit-exact
         assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes(), k
-    # half the bytes: quantized block kernels are 1 byte per weight (scales are ~1/in of that)
-    nbytes = lambda d: sum(v.nbytes for v in d.values())  # noqa: E731
-    assert nbytes(a) < 0.6 * nbytes(params)
+    # half the bytes: quantized block kernels are 1 byte per weight (scales are ~1/in of that); int4 values
+    # are half a byte on a device (numpy holds them in a byte each)
+    nbytes = lambda d: sum(v.size * jax.dtypes.itemsize_bits(v.dtype) // 8 for v in d.values())  # noqa: E731
+    assert nbytes(a) < (0.35 if mode == "int4" else 0.6) * nbytes(params)
     with pytest.raises(CheckpointError, match="quantize"):
         q.load_transformer(out, options=ModelOptions(param_dtype=jnp.bfloat16))
 
@@ -287,7 +344,7 @@ def test_sampling_loop_on_quantized_base_stays_close():
               negative_prompt_embeds_mask=jnp.ones((1, 3), bool), true_cfg_scale=4.0, num_inference_steps=3,
               img_shapes=[(1, 2, 3), (1, 2, 3)])
     base = np.asarray(sample(ref, **kw))
-    for mode, tol in (("int8", 0.02), ("fp8", 0.08)):
+    for mode, tol in (("int8", 0.02), ("fp8", 0.08), ("int4", 0.25)):
         lat = np.asarray(sample(model_from_params(TINY, ModelOptions(quantize=mode), params), **kw))
         rel = np.linalg.norm(lat - base) / np.linalg.norm(base)
         assert np.isfinite(lat).all() and 0 < rel < tol, (mode, rel)
@@ -302,5 +359,8 @@ def test_training_config_quantize_key():
                         "qwen-image-edit.yaml")
     assert load_config(yaml).model_options().quantize is None
     assert load_config(yaml, ["model.quantize=fp8"]).model_options().quantize == "fp8"
+    assert load_config(yaml, ["model.quantize=int4", "model.offload=base"]).model_options().offload == "base"
     with pytest.raises(ConfigError, match="quantize"):
-        load_config(yaml, ["model.quantize=int4"])
+        load_config(yaml, ["model.quantize=int2"])
+    with pytest.raises(ConfigError, match="offload"):
+        load_config(yaml, ["model.offload=all"])

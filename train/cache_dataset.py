@@ -2,7 +2,7 @@
 r"""Encode a folder of edit pairs (or a metadata file) into the training cache that train_lora.py reads.
 
     python train/cache_dataset.py --dataset my_pairs/ --model Qwen-Image-Edit-2509 --output cache/ \
-        [--resolution 1024] [--batch-size 4] [--mesh 1,-1,1] [--skip-bad] [--negative-prompt " "]
+        [--resolution 1024] [--batch-size 4] [--mesh 1,-1,1] [--skip-bad] [--negative-prompt " "] [--quantize int8]
 
 Layouts: a folder of target images with .txt captions and control/ (or control_0/, control_1/, …) holding
 the reference images by file stem (musubi-tuner, ai-toolkit); or metadata.jsonl / .csv / .json with
@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="negative prompt cached per sample with its images, for true CFG (default ' ')")
     neg.add_argument("--no-negative-prompt", action="store_true", help="cache no negative prompt")
     p.add_argument("--dtype", default="bf16", help="encoders' weights and activations: bf16 or float32")
+    p.add_argument("--quantize", metavar="MODE",
+                   help="int8 (or fp8): load the text encoder's large linear kernels as 8-bit values with per-channel "
+                        "scales, quantized on load (Qwen2.5-VL-7B weights 8.3 GB instead of 15.5: fits a 16 GB "
+                        "chip with room for the batch; the cached prompt embeddings differ slightly, see "
+                        "docs/text_encoder.md); the VAE stays in --dtype. Default: none (float weights)")
     p.add_argument("--alpha-background", metavar="COLOR",
                    help="composite transparent images over COLOR (white, black, #rrggbb); default: reject them")
     p.add_argument("--allow-empty-prompt", action="store_true", help="accept empty captions / prompts")
@@ -119,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             alpha_background=args.alpha_background, allow_empty_prompt=args.allow_empty_prompt,
             skip_bad=args.skip_bad, caption_ext=args.caption_ext, layout=args.layout,
             control_dirs=tuple(args.control_dir), variant=args.variant, shard_bytes=int(args.shard_mb * 1024**2),
-            attention=args.attention, overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers)
+            attention=args.attention, overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers,
+            quantize=args.quantize)
         mesh = None
         if args.mesh or jax.device_count() > 1:
             mesh = make_mesh(*parse_mesh(args.mesh or "1,-1,1"))

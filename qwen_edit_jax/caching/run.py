@@ -45,6 +45,7 @@ from ..encoding import QwenPromptEncoder
 from ..errors import CheckpointError
 from ..loading import load_text_encoder, load_vae
 from ..loading.vae import QwenImageVAE
+from ..models.text_encoder import ENCODER_QUANT_MODES
 from ..parallel import distributed
 from ..pipeline import VARIANT_OF_CLASS, model_index_class
 from ..preprocess import bucket_length
@@ -89,6 +90,7 @@ class CacheOptions:
     overwrite: bool = False
     progress: bool = True
     workers: int | None = None  # image-decoding threads
+    quantize: str | None = None  # the text encoder's large kernels as int8 / fp8 (EncoderOptions.quantize)
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -102,6 +104,8 @@ class CacheOptions:
         self.sizing  # noqa: B018 (validates resolution / control_resolution)
         as_dtype(self.dtype)
         parse_background(self.alpha_background)
+        if self.quantize is not None and self.quantize not in ENCODER_QUANT_MODES:
+            raise ValueError(f"--quantize {self.quantize!r}: expected one of {', '.join(ENCODER_QUANT_MODES)}")
 
     @property
     def sizing(self) -> Sizing:
@@ -194,6 +198,8 @@ def make_job(ordered: Sequence[GoodSample], listing: Listing, repo: str, variant
             "resolution": options.resolution, "upscale": options.upscale,
             "control_resolution": options.control_resolution, "negative_prompt": options.negative_prompt,
             "alpha_background": options.alpha_background, "latent_dtype": "float32"}
+    if options.quantize:  # only when set: caches made before the option keep their fingerprint
+        opts["text_encoder_quantize"] = options.quantize
     captions = {s.sample_id: s.caption_file for s in listing.samples}
     samples = []
     for g in ordered:
@@ -229,7 +235,7 @@ class Encoders:
         dtype = as_dtype(options.dtype)
         vae = load_vae(os.path.join(repo, "vae"), dtype=dtype, mesh=mesh)
         kw = {"attention": options.attention} if options.attention else {}
-        encoder = load_text_encoder(repo, dtype=dtype, mesh=mesh, **kw)
+        encoder = load_text_encoder(repo, dtype=dtype, mesh=mesh, quantize=options.quantize, **kw)
         return cls(vae, encoder, variant, workers=options.workers)
 
     def close(self) -> None:
@@ -379,7 +385,8 @@ def cache_dataset(dataset: str | os.PathLike, output: str | os.PathLike, model: 
     pool = concurrent.futures.ThreadPoolExecutor(1, "cache-prefetch")
     try:
         if own:
-            log(f"loading the VAE and the text encoder of {model} ({variant}, {options.dtype})")
+            quant = f", text encoder {options.quantize}" if options.quantize else ""
+            log(f"loading the VAE and the text encoder of {model} ({variant}, {options.dtype}{quant})")
             encoders = Encoders.load(model, variant, options, mesh)
         done = start
         if on_batch is not None:

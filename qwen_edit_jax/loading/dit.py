@@ -10,7 +10,6 @@ streams too: peak host memory is the placed weights plus one leaf, never the che
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -25,12 +24,13 @@ from ..config import DiTConfig, ModelOptions
 from ..errors import CheckpointError
 from ..lora.merge import apply_lora
 from ..models.dit import BASE_PARAMS, QwenImageTransformer, abstract_model, fresh_lora_state
-from ..models.quant import quantize, reduced_axis
+from ..models.offload import HOST, is_offloaded
 from ..parallel import param_shardings
 from ..weights.checkpoint import SCALE_SUFFIX  # a quantized `….kernel` has its scales at `….kernel_scale`
 from ..weights.lazy import ArrayParams, LazyParams, check_params
 from ..weights.loader import open_lazy_params
 from ..weights.torch_layout import iter_standard_tensors, save_standard
+from .quantized import QuantizedParams
 
 LoraSpec = str | os.PathLike | Sequence[Any] | None
 
@@ -73,59 +73,46 @@ def init_lora(model: QwenImageTransformer, mesh: Mesh | None, seed: int = 0) -> 
         nnx.update(model, make())
 
 
-@functools.lru_cache(maxsize=64)
-def _quantizer(mode: str, axis: int, q_sharding: Sharding, s_sharding: Sharding):
-    """One jitted per-leaf quantizer: the float leaf in, (values, scales) out already in their shardings."""
-    return jax.jit(lambda w: quantize(w, mode, axis), out_shardings=(q_sharding, s_sharding))
-
-
-def _read_dtype(lazy: LazyParams, key: str, fallback: Any) -> Any:
-    """Read a kernel to be quantized in its stored float dtype (bf16 stays bf16: no fp32 copy of the leaf)."""
-    dt = np.dtype(lazy.dtype(key))
-    return dt if dt.kind == "f" or dt.name == "bfloat16" else fallback
-
-
 def place_params(lazy: LazyParams, options: ModelOptions, *, mesh: Mesh | None = None, lora_seed: int = 0,
                  progress: bool = True) -> QwenImageTransformer:
     """Build the model from `lazy`, every base weight streamed to its devices; fresh LoRA if `options.lora`.
 
-    With `options.quantize`, each block kernel is read (in its stored dtype), quantized on its devices by
-    a jitted per-leaf quantizer and the float copy dropped before the next leaf: peak memory is the
-    quantized model plus one float leaf. A source that already holds `….kernel_scale` (a quantized
-    merged checkpoint) is read as stored, bit for bit; its mode must equal `options.quantize`.
+    With `options.quantize`, a float source is read through `loading.quantized.QuantizedParams`: each block
+    kernel is quantized one layer at a time on the device and placed as int8 / fp8 / int4 values + scales,
+    so peak device memory is the quantized model plus one float layer. A source that already holds
+    `….kernel_scale` (a quantized merged checkpoint) is read as stored, bit for bit; its mode must equal
+    `options.quantize`. With `options.offload="base"` the blocks' frozen leaves are placed in host memory
+    (`models.offload.is_offloaded`).
     """
     model = abstract_model(lazy.config, options)
     graphdef, state = nnx.split(model)
     base = {k: v for k, v in _flat(state).items() if not isinstance(v, nnx.LoRAParam)}
     scales = {k for k in base if k.endswith(".kernel" + SCALE_SUFFIX)}
-    have = {p: lazy.shape(p) for p in lazy.paths()}
-    pre_quantized = any(p.endswith(".kernel" + SCALE_SUFFIX) for p in have)
+    pre_quantized = any(p.endswith(".kernel" + SCALE_SUFFIX) for p in lazy.paths())
     if pre_quantized and not scales:
         raise CheckpointError(f"{lazy.description}: holds quantized kernels; load it with quantize= "
                               f"(ModelOptions.quantize) set to the checkpoint's mode")
-    expected = {k: v.shape for k, v in base.items() if pre_quantized or k not in scales}
-    check_params(lazy.description, have, expected)
+    if scales and not pre_quantized:
+        check_params(lazy.description, {p: lazy.shape(p) for p in lazy.paths()},
+                     {k: v.shape for k, v in base.items() if k not in scales})
+        lazy = QuantizedParams(lazy, options.quantize)
+    check_params(lazy.description, {p: lazy.shape(p) for p in lazy.paths()}, {k: v.shape for k, v in base.items()})
     shardings = _shardings(state, mesh)
+    if options.offload == "base":
+        shardings = {k: s.with_memory_kind(HOST) if k in base and is_offloaded(k) else s
+                     for k, s in shardings.items()}
     show = progress and jax.process_index() == 0 and len(base) > 50
     for key, var in tqdm(base.items(), desc="load", unit="leaf", disable=not show):
-        skey = key + SCALE_SUFFIX
         if key in scales:
-            continue  # placed with its kernel
-        if skey not in scales:
-            var.set_value(array_from_lazy(lazy, key, shardings[key], options.param_dtype))
-        elif pre_quantized:
+            dtype = np.float32
+        elif key + SCALE_SUFFIX in scales:
             if np.dtype(lazy.dtype(key)) != np.dtype(var.dtype):
                 raise CheckpointError(f"{lazy.description}: {key} is stored as {np.dtype(lazy.dtype(key))}, "
                                       f"quantize={options.quantize!r} needs {np.dtype(var.dtype)}")
-            var.set_value(array_from_lazy(lazy, key, shardings[key], None))
-            base[skey].set_value(array_from_lazy(lazy, skey, shardings[skey], np.float32))
+            dtype = None
         else:
-            w = array_from_lazy(lazy, key, shardings[key], _read_dtype(lazy, key, options.param_dtype))
-            axis = reduced_axis(tuple(var.shape), tuple(base[skey].shape))
-            q, sc = _quantizer(options.quantize, axis, shardings[key], shardings[skey])(w)
-            del w
-            var.set_value(q)
-            base[skey].set_value(sc)
+            dtype = options.param_dtype
+        var.set_value(array_from_lazy(lazy, key, shardings[key], dtype))
     model = nnx.merge(graphdef, state)
     if options.lora is not None:
         init_lora(model, mesh, lora_seed)

@@ -22,18 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from ..config import as_dtype, read_json_config
 from ..encoding import QwenPromptEncoder, check_tokenizer
 from ..errors import CheckpointError
 from ..models.kernels import get_attention
+from ..models.quant import reduced_axis
 from ..models.text_encoder import EncoderOptions, Qwen25VLConfig, Qwen25VLEncoder
 from ..parallel import param_shardings
 from ..preprocess import QwenImageProcessor, QwenTokenizer, QwenVLProcessor
 from ..weights import text_encoder_keys as keys
+from ..weights.checkpoint import SCALE_SUFFIX  # a quantized `….kernel` has its scales at `….kernel_scale`
 from ..weights.safetensors_io import CheckpointError as SourceError
-from ..weights.safetensors_io import TensorSource
+from ..weights.safetensors_io import TensorSource, np_dtype
+from .quant_leaf import leaf_quantizer, read_dtype
 
 DEFAULT_ATTENTION = "auto"  # vision tower kernel: splash (TPU), cudnn (GPU, half precision), else flash
 INDEX_NAME = "model.safetensors.index.json"
@@ -121,33 +124,52 @@ def load_text_encoder_model(
     dtype: Any = jnp.bfloat16,
     mesh: Mesh | None = None,
     options: EncoderOptions | None = None,
+    quantize: str | None = None,
 ) -> Qwen25VLEncoder:
     """`Qwen25VLEncoder` with the weights of a transformers `text_encoder/` folder.
 
     dtype: weights and activations (ignored when `options` is given). mesh: shard every weight
     over it by its logical axes (`parallel.LOGICAL_RULES`: FSDP on the model width, tensor
-    parallel on heads / MLP width); None places the weights on the default device.
+    parallel on heads / MLP width); None places the weights on the default device. quantize
+    ("int8" / "fp8", ignored when `options` is given; `EncoderOptions.quantize`): each large kernel
+    is read in its stored dtype, quantized on its devices and the float copy dropped before the next
+    leaf, so the float model is never whole on the device.
     """
     config = read_text_encoder_config(path)
-    options = options or EncoderOptions(dtype=as_dtype(dtype), param_dtype=as_dtype(dtype))
+    options = options or EncoderOptions(dtype=as_dtype(dtype), param_dtype=as_dtype(dtype), quantize=quantize)
     try:
         source = open_text_encoder_source(path)
         layout = validate_source(source, config)
         graphdef, state = nnx.split(abstract_text_encoder(config, options))
+        flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
         shardings = None
         if mesh is not None:
             shardings = {".".join(map(str, p)): v.get_value()
                          for p, v in nnx.to_flat_state(param_shardings(state, mesh))}
+        one = SingleDeviceSharding(jax.local_devices()[0])
         by_path = {e.flax: e for e in keys.entries(config)}
-        for p, var in nnx.to_flat_state(state):
-            flax_path = ".".join(map(str, p))
+        for flax_path, var in flat.items():
+            if flax_path.endswith(SCALE_SUFFIX):
+                continue  # placed with its kernel
             entry = by_path[flax_path]
-            shape = keys.flax_shape(entry, source.shape(entry.checkpoint_name(layout, 0 if entry.layers else None)))
+            name = entry.checkpoint_name(layout, 0 if entry.layers else None)
+            shape = keys.flax_shape(entry, source.shape(name))
             if shape != tuple(var.shape):  # config/key-map disagreement: a bug, not a user error
                 raise CheckpointError(f"{source.description}: {flax_path} would be {shape}, the model has "
                                       f"{tuple(var.shape)}")
             sharding = None if shardings is None else shardings[flax_path]
-            var.set_value(_place(source, entry, layout, shape, np.dtype(options.param_dtype), sharding))
+            scale = flat.get(flax_path + SCALE_SUFFIX)
+            if scale is None:
+                var.set_value(_place(source, entry, layout, shape, np.dtype(options.param_dtype), sharding))
+                continue
+            s_sharding = one if shardings is None else shardings[flax_path + SCALE_SUFFIX]
+            w = _place(source, entry, layout, shape, read_dtype(np_dtype(source.dtype(name)), np.float32),
+                       sharding)
+            axis = reduced_axis(tuple(var.shape), tuple(scale.shape))
+            q, sc = leaf_quantizer(options.quantize, axis, sharding or one, s_sharding)(w)
+            del w
+            var.set_value(q)
+            scale.set_value(sc)
     except CheckpointError:
         raise
     except SourceError as e:  # safetensors_io still defines its own CheckpointError class
@@ -178,16 +200,20 @@ def load_text_encoder(
     dtype: Any = jnp.bfloat16,
     mesh: Mesh | None = None,
     attention: str = DEFAULT_ATTENTION,
+    quantize: str | None = None,
 ) -> QwenPromptEncoder:
     """The prompt encoder of a diffusers Qwen-Image / Qwen-Image-Edit(-2509/-2511) repo folder.
 
     Reads `text_encoder/` (weights, streamed and sharded over `mesh` as `load_text_encoder_model`),
     `tokenizer/` (t2i) and `processor/` (edit, edit_plus); at least one of the last two must exist.
     dtype: weights and activations. attention: the vision tower's kernel (`models.kernels`; the
-    language model's causal attention is plain XLA). Raises `CheckpointError` naming the missing or
-    broken path.
+    language model's causal attention is plain XLA). quantize: "int8" / "fp8" weight-only large
+    linear kernels, quantized on load leaf by leaf (`EncoderOptions.quantize`; the 7B encoder fits a
+    16 GB chip). Raises `CheckpointError` naming the missing or broken path.
     """
     get_attention(attention)  # an unknown kernel name fails before any weight is read
+    dt = as_dtype(dtype)
+    options = EncoderOptions(dtype=dt, param_dtype=dt, attention=attention, quantize=quantize)  # validates first
     repo = os.fspath(repo_dir)
     if not os.path.isdir(repo):
         raise CheckpointError(f"{repo}: not a folder (expected a diffusers Qwen-Image(-Edit) repo with text_encoder/, "
@@ -209,7 +235,5 @@ def load_text_encoder(
                 check_tokenizer(proc, config, folder)
             except ValueError as e:
                 raise CheckpointError(str(e)) from None
-    dt = as_dtype(dtype)
-    model = load_text_encoder_model(te, mesh=mesh, options=EncoderOptions(dtype=dt, param_dtype=dt,
-                                                                          attention=attention))
+    model = load_text_encoder_model(te, mesh=mesh, options=options)
     return QwenPromptEncoder(model, processor=processor, t2i_processor=t2i, mesh=mesh)

@@ -32,7 +32,8 @@ class ModelSection:
     remat: Literal["none", "full", "save_matmuls"] = "full"
     attention: Literal["auto", "xla", "chunked", "flash", "cudnn", "splash"] = "auto"  # see ModelOptions
     scan_layers: bool = True
-    quantize: Literal["int8", "fp8"] | None = None  # weight-only 8-bit frozen base (docs/quantization.md)
+    quantize: Literal["int8", "fp8", "int4"] | None = None  # weight-only quantized frozen base (docs/quantization.md)
+    offload: Literal["none", "base"] = "none"  # base: frozen block weights in host memory, streamed per layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +193,8 @@ class TrainConfig:
     def model_options(self) -> ModelOptions:
         m = self.model
         return ModelOptions(param_dtype=m.param_dtype, dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
-                            attention=m.attention, fuse_qkv=True, lora=self.lora_config(), quantize=m.quantize)
+                            attention=m.attention, fuse_qkv=True, lora=self.lora_config(), quantize=m.quantize,
+                            offload=m.offload)
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))

@@ -5,11 +5,12 @@ Layout of a merged checkpoint folder:
     OUT/config.json          diffusers config of the weights (zero_cond_t included)
     OUT/params/              Orbax PyTree checkpoint (OCDBT, zarr); tree = nested dict of the Flax
                              base-parameter paths (`transformer_blocks.attn.to_qkv.kernel` [L, D, 3, D], …)
-    OUT/qwen_edit_jax.json   marker: format, version, source, per-leaf dtypes, quantize (None|int8|fp8)
+    OUT/qwen_edit_jax.json   marker: format, version, source, per-leaf dtypes, quantize (None|int8|fp8|int4)
 
 A quantized checkpoint (`quantize` in the marker) stores every block kernel
-(`transformer_blocks.….kernel`) as int8 / float8_e4m3fn values and its fp32 per-output-channel
-scales next to it as `….kernel_scale` `[L, 1, *out]`; everything else as in a float checkpoint.
+(`transformer_blocks.….kernel`) as int8 / float8_e4m3fn / int4 values and its fp32 scales next to it
+as `….kernel_scale` `[L, groups, *out]` (one group for int8 / fp8, `config.INT4_GROUP_SIZE` input rows a
+group for int4); everything else as in a float checkpoint.
 
 Writing streams: every leaf is a `LazyLeaf` (a view on the source checkpoint) and
 `LazyLeafHandler` (an Orbax `NumpyHandler`) writes stacked leaves one layer at a time into
@@ -41,7 +42,7 @@ from orbax.checkpoint._src.futures import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from ..config import DiTConfig, as_dtype
+from ..config import DiTConfig, as_dtype, quant_scale_rows
 from ..errors import CheckpointError
 from ..utils.files import atomic_path
 from . import keymap
@@ -59,7 +60,7 @@ SCALE_SUFFIX = "_scale"
 
 
 def is_quantized_kernel(path: str) -> bool:
-    """True for the leaves a quantized base stores as int8 / fp8 + scales: the blocks' linear kernels."""
+    """True for the leaves a quantized base stores as int8 / fp8 / int4 + scales: the blocks' linear kernels."""
     return path.startswith("transformer_blocks.") and path.endswith(".kernel")
 
 
@@ -68,12 +69,13 @@ def scale_path(kernel_path: str) -> str:
 
 
 def expected_shapes(config: DiTConfig, quantize: str | None = None) -> dict[str, tuple[int, ...]]:
-    """Every stored leaf's shape: the key map's Flax leaves, plus `….kernel_scale` `[L, 1, *out]` when quantized."""
+    """Every stored leaf's shape: the key map's Flax leaves, plus `….kernel_scale` `[L, groups, *out]` when
+    quantized (`config.quant_scale_rows`: 1 for int8 / fp8)."""
     out = {p: keymap.flax_leaf_shape(e, fl, config) for p, e, fl, _ in keymap.iter_leaves(config)}
     if quantize:
         for p in [p for p in out if is_quantized_kernel(p)]:
             shape = out[p]
-            out[scale_path(p)] = (shape[0], 1, *shape[2:])
+            out[scale_path(p)] = (shape[0], quant_scale_rows(quantize, shape[1]), *shape[2:])
     return out
 
 
@@ -254,7 +256,7 @@ def save_merged(
     `drop_behind`: sync each written file once finished and drop it from the page cache (`buffers.DropBehind`),
     instead of tensorstore syncing every chunk; all is synced before the folder gets its final name.
     A source with a `quantize` attribute (`loading.quantized.QuantizedParams`) writes a quantized
-    checkpoint: its int8 / fp8 kernels and fp32 scales as they are (`dtype` casts the float leaves only).
+    checkpoint: its int8 / fp8 / int4 kernels and fp32 scales as they are (`dtype` casts the float leaves only).
     """
     out = os.fspath(path)
     cast = None if dtype is None else np.dtype(as_dtype(dtype))
@@ -348,7 +350,7 @@ class MergedParams:
         self._dtypes = {p: np.dtype(d) for p, d in self.marker["dtypes"].items()}
         self._stores: dict[str, Any] = {}
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
-        self.quantize = self.marker.get("quantize")  # None, "int8", "fp8"
+        self.quantize = self.marker.get("quantize")  # None, "int8", "fp8", "int4"
         expected = expected_shapes(self.config, self.quantize)
         # names here; each leaf's stored shape is checked when its store is first opened (`_store`)
         check_params(self.path, {p: expected.get(p, ()) for p in self._dtypes}, expected,

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ...config import ModelOptions
-from ..quant import quantize
+from ..quant import dequantize, quantize
 
 EPS = 1e-6
 F32 = jnp.float32
@@ -81,8 +81,9 @@ class Linear(nnx.Module):
     B `[r, 3, inner]`.
 
     Quantized base (`options.quantize`, named linears = the transformer blocks' ones): `kernel` holds
-    int8 / fp8 values and `kernel_scale` `[1, *out]` the fp32 per-output-channel scales (both plain
-    `nnx.Param`, so frozen base); `y = (x @ kernel)·scale + bias` (`models/quant.py`).
+    int8 / fp8 / int4 values and `kernel_scale` `[groups, *out]` the fp32 scales (both plain `nnx.Param`,
+    so frozen base). One group (int8 / fp8): `y = (x @ kernel)·scale + bias`; several (int4): the kernel
+    is dequantized to the activation dtype before the matmul (`models/quant.py`).
     """
 
     def __init__(
@@ -134,9 +135,13 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)
-        y = _dense(x, self.kernel[...].astype(self.dtype))
-        if self.quantized:  # per-output-channel scale commutes with the contraction over `in`
-            y = y * self.kernel_scale[...][0]
+        kernel = self.kernel[...]
+        scale = self.kernel_scale[...] if self.quantized else None
+        if scale is not None and scale.shape[0] > 1:  # per-group scales: dequantize this layer's kernel
+            kernel, scale = dequantize(kernel, scale, self.dtype, axis=0), None
+        y = _dense(x, kernel.astype(self.dtype))
+        if scale is not None:  # a per-output-channel scale commutes with the contraction over `in`
+            y = y * scale[0]
         y = y + self.bias[...].astype(F32)
         if self.has_lora:
             a = self.lora_A[...].astype(self.dtype)

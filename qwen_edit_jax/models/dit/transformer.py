@@ -6,7 +6,6 @@ identical blocks are stored stacked (leading `layers` axis) and run with `jax.la
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -16,14 +15,15 @@ from flax import nnx
 
 from ...config import DiTConfig, ModelOptions
 from ...parallel import constrain_tokens
+from ..offload import offloaded_scan
 from .attention import Attention
 from .layers import MATMUL_CHECKPOINT_NAME, FeedForward, Linear, RMSNorm, TimeTextEmbed, layer_norm, modulate
 from .rope import ImgShape, rope_angles, rotations
 
 
-@dataclasses.dataclass
-class BlockContext:
-    """Per-call inputs shared by every block (closed over by the scan body)."""
+class BlockContext(NamedTuple):
+    """Per-call inputs shared by every block (a pytree: closed over by the scan body, or an argument of
+    the offloaded scan)."""
 
     temb: jax.Array  # [B, D]
     temb_ref: jax.Array | None  # [B, D], temb(σ=0) for reference tokens (zero_cond_t)
@@ -150,8 +150,11 @@ class QwenImageTransformer(nnx.Module):
         self.proj_out = Linear(d, config.out_features, axes=("embed", None), **lin)
 
     def _run_blocks(self, img: jax.Array, txt: jax.Array, ctx: BlockContext) -> tuple[jax.Array, jax.Array]:
-        graphdef, state = nnx.split(self.transformer_blocks)
         opts = self.options
+        if opts.offload == "base":  # frozen base on the host, fetched per layer; LoRA stays on the device
+            graphdef, lora, base = nnx.split(self.transformer_blocks, nnx.LoRAParam, ...)
+            return offloaded_scan(lambda c, x, w, k: nnx.merge(graphdef, x, w)(*c, k), (img, txt), lora, base, ctx)
+        graphdef, state = nnx.split(self.transformer_blocks)
 
         def body(carry, layer_state):
             out = nnx.merge(graphdef, layer_state)(*carry, ctx)

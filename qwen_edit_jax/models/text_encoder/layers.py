@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ..quant import quantize
 from .config import EncoderOptions
 
 F32 = jnp.float32
@@ -27,22 +28,34 @@ class Linear(nnx.Module):
 
     `out` may be a tuple (the vision `qkv` kernel is `[in, 3, D]` so the head axis can be split
     without mixing q, k and v). `axes` are the logical sharding names of the kernel's axes.
+
+    Quantized (`options.quantize` and `quantizable`): `kernel` holds int8 / fp8 values and
+    `kernel_scale` `[1, *out]` the fp32 per-output-channel scales (sharded like the bias);
+    `y = (x @ kernel)·scale + bias`, the scale applied to the fp32 accumulator (`models/quant.py`).
     """
 
     def __init__(self, in_features: int, out_features: int | Sequence[int], *, axes: Sequence[str | None],
-                 options: EncoderOptions, rngs: nnx.Rngs, bias: bool = True):
+                 options: EncoderOptions, rngs: nnx.Rngs, bias: bool = True, quantizable: bool = True):
         out = (out_features,) if isinstance(out_features, int) else tuple(out_features)
         axes = tuple(axes)
         assert len(axes) == 1 + len(out), (axes, out)
         self.dtype = options.dtype
-        self.kernel = nnx.Param(_normal(rngs, (in_features, *out), 1 / math.sqrt(in_features), options.param_dtype),
-                                out_sharding=axes)
+        self.quantized = bool(options.quantize) and quantizable
+        std = 1 / math.sqrt(in_features)
+        if self.quantized:
+            q, s = quantize(_normal(rngs, (in_features, *out), std, F32), options.quantize, axis=0)
+            self.kernel = nnx.Param(q, out_sharding=axes)
+            self.kernel_scale = nnx.Param(s, out_sharding=(None, *axes[1:]))
+        else:
+            self.kernel = nnx.Param(_normal(rngs, (in_features, *out), std, options.param_dtype), out_sharding=axes)
         self.bias = nnx.Param(_normal(rngs, out, 0.02, options.param_dtype), out_sharding=axes[1:]) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, (((x.ndim - 1,), (0,)), ((), ())),
                                 preferred_element_type=F32)
+        if self.quantized:  # per-output-channel scale commutes with the contraction over `in`
+            y = y * self.kernel_scale[...][0]
         if self.bias is not None:
             y = y + self.bias[...].astype(F32)
         return y.astype(self.dtype)
