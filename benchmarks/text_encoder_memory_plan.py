@@ -27,9 +27,16 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other local jax processes may hold the libtpu lock
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memory_plan import GiB, _hbm_oom, _shard_bytes, chip_of, count_flops, topology_devices  # noqa: E402
+from qwen_edit_jax.training.plan import (  # noqa: E402
+    GiB,
+    chip_of,
+    count_flops,
+    hbm_oom_temp,
+    shard_bytes,
+    topology_devices,
+)
 
 # aspect ratios of the batch's source images (all ~1 Mpx after the Edit pipeline's resize)
 RATIOS = (1.0, 4 / 3, 3 / 4, 16 / 9, 9 / 16, 3 / 2, 2 / 3, 1.0)
@@ -114,12 +121,12 @@ def plan(args) -> dict:
         lowered = jax.jit(fn).lower(state, enc, pixels)
         jaxpr = jax.make_jaxpr(fn)(state, enc, pixels).jaxpr
     t1 = time.perf_counter()
-    arg_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves((state, enc, pixels)))
+    arg_bytes = sum(shard_bytes(x) for x in jax.tree.leaves((state, enc, pixels)))
     oom = None
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses programs that cannot fit in HBM
-        oom = _hbm_oom(e)
+        oom = hbm_oom_temp(e)
         if oom is None:
             raise
     t2 = time.perf_counter()
@@ -133,7 +140,7 @@ def plan(args) -> dict:
         peak = arg_bytes + oom
     flops = count_flops(jaxpr)
     n_dev = len(devices)
-    weights = sum(_shard_bytes(x) for x in jax.tree.leaves(state))
+    weights = sum(shard_bytes(x) for x in jax.tree.leaves(state))
     t = config.text_config
     local_rows = max(1, key.batch // n_dev)
     lm_scores = local_rows * t.num_attention_heads * key.length ** 2 * 4  # fp32 [B, H, L, L] of one layer
@@ -149,8 +156,8 @@ def plan(args) -> dict:
         "params": n_params,
         "weights_bytes_per_device": weights, "argument_bytes": sizes["argument"], "output_bytes": sizes["output"],
         "alias_bytes": sizes["alias"], "temp_bytes": sizes["temp"], "peak_bytes_per_device": int(peak),
-        "peak_gib_per_device": peak / GiB, "compile_oom": oom is not None, "hbm_gib": chip["hbm_gib"],
-        "budget_gib": chip["budget_gib"], "fits": oom is None and peak / GiB <= chip["budget_gib"],
+        "peak_gib_per_device": peak / GiB, "compile_oom": oom is not None, "hbm_gib": chip.hbm_gib,
+        "budget_gib": chip.budget_gib, "fits": oom is None and peak / GiB <= chip.budget_gib,
         "lm_attention_scores_gib_per_layer_per_device": lm_scores / GiB,
         "matmul_flops_global": flops["global"], "matmul_flops_local": flops["local"],
         "splash_flops_local": flops["attention"], "lower_s": t1 - t0, "compile_s": t2 - t1,

@@ -1,5 +1,6 @@
-"""benchmarks/memory_plan.py: FLOP counting on jaxprs, and an AOT compile of the sharded LoRA step
-(tiny config, splash attention in shard_map) for a real TPU topology through libtpu, on this CPU."""
+"""Training-step plans (`qwen_edit_jax.training.plan`, `benchmarks/memory_plan.py`): FLOP counting on jaxprs,
+and an AOT compile of the sharded LoRA step (tiny config, splash attention in shard_map) for a real TPU
+topology through libtpu, on this CPU."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def _plan_module():
 
 
 def test_count_flops_scan_remat_and_grad():
-    mp = _plan_module()
+    from qwen_edit_jax.training import plan as mp
+
     w = jnp.ones((3, 64, 64))
     x = jnp.ones((16, 64))
 
@@ -44,7 +46,8 @@ def test_count_flops_scan_remat_and_grad():
 
 
 def test_count_flops_splash_kernels():
-    mp = _plan_module()
+    from qwen_edit_jax.training import plan as mp
+
     from qwen_edit_jax.models.kernels import get_attention
 
     splash = get_attention("splash")
@@ -154,17 +157,20 @@ def test_plan_quantize_field_and_extrapolation_when_the_compiler_refuses(monkeyp
     """`--quantize` reaches the model and the JSON; a refused full-depth compile is replaced by
     temporaries fitted on shorter stacks (marked `extrapolated`), not the error's figure."""
     pytest.importorskip("libtpu", reason="AOT compiles for TPU need the tpu-plan extra (libtpu)")
+    from qwen_edit_jax.training import plan as lib
+
     mod = _plan_module()
     calls = []
 
     def fake_compile(lowered, arg_bytes):
         calls.append(arg_bytes)
         if len(calls) == 1:  # the full stack: "refused", with a huge (untrue) temporaries figure
-            return dict(argument=arg_bytes, output=0, alias=0, temp=50 << 30), arg_bytes + (50 << 30), 0.0, 50 << 30
+            return (dict(argument=arg_bytes, output=0, alias=0, temp=50 << 30, host=0, host_temp=0),
+                    arg_bytes + (50 << 30), 0.0, 50 << 30)
         n = len(calls) - 1  # the shorter stacks in order: 1, 2 blocks → temp = 100 + 10·n bytes
-        return dict(argument=7, output=5, alias=4, temp=100 + 10 * n), 0, 0.0, None
+        return dict(argument=7, output=5, alias=4, temp=100 + 10 * n, host=0, host_temp=0), 0, 0.0, None
 
-    monkeypatch.setattr(mod, "_compile", fake_compile)
+    monkeypatch.setattr(lib, "compile_memory", fake_compile)
     args = mod.parse_args(["--preset", "tiny", "--layers", "4", "--topology", "v5e:2x2", "--height", "64",
                            "--width", "64", "--text-len", "16", "--batch", "4", "--lora-rank", "4",
                            "--mesh", "1,4,1", "--quantize", "int8", "--extrapolate", "1,2", "--attention", "xla"])
@@ -173,4 +179,4 @@ def test_plan_quantize_field_and_extrapolation_when_the_compiler_refuses(monkeyp
     assert r["peak_source"] == "extrapolated" and r["extrapolated_from"] == {"1": 110, "2": 120}
     assert r["temp_bytes"] == 140 and r["oom_reported_temp_bytes"] == 50 << 30
     assert r["peak_bytes_per_device"] == r["argument_bytes"] + 1 + 140 and r["fits"]
-    assert "extrapolated from [" in mod.table(r)
+    assert "extrapolated from [" in lib.format_plan(r)

@@ -11,6 +11,12 @@ Writes DIR/run.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/validation/ (befor
 validation.prompts), DIR/checkpoints/, DIR/lora_diffusers.safetensors; a run that
 fails before its first checkpoint leaves no DIR behind (unless DIR existed before).
 Exit codes: 0 done, 2 bad config/data/checkpoint/paths, 3 non-finite loss.
+
+Pre-flight: `--plan TOPOLOGY` (a TPU topology such as v5e:1x1 or v6e:2x4, compiled ahead of time through
+libtpu on any machine; or `device`, the local GPU/TPU) builds this config's model abstractly (no weights),
+AOT-compiles its exact training step and prints the peak memory per chip, whether it fits and the estimated
+step time; when it does not fit, it compiles the cheapest changes until one fits and prints their
+overrides. It trains nothing; `--json` adds the plan as one JSON line. Exit code 0 whether or not it fits.
 """
 
 from __future__ import annotations
@@ -26,11 +32,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML training config (e.g. train/configs/demo.yaml)")
-    p.add_argument("--output-dir", required=True, help="run directory (created; resumed if it has checkpoints)")
+    p.add_argument("--output-dir", help="run directory (created; resumed if it has checkpoints); required to train")
+    p.add_argument("--plan", metavar="TOPOLOGY", help="pre-flight only: plan the step for a TPU topology "
+                   "(v5e:1x1, v6e:2x4, …) or 'device' (the local accelerators) and suggest what fits")
+    p.add_argument("--json", action="store_true", help="with --plan: print the plan as one JSON line last")
     p.add_argument("--max-steps", type=int, help="override train.max_steps")
     p.add_argument("--save-every", type=int, help="override train.save_every")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides (YAML values)")
     args = p.parse_intermixed_args(argv)  # overrides before, between or after the options
+    if args.plan is None and not args.output_dir:
+        p.error("--output-dir is required (or --plan TOPOLOGY for a pre-flight plan)")
+    if args.json and args.plan is None:
+        p.error("--json goes with --plan")
 
     from qwen_edit_jax.utils.accelerators import cpu_unless_accelerator
 
@@ -48,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.save_every is not None:
         overrides.append(f"train.save_every={args.save_every}")
+    if args.plan is not None:
+        return _plan(args.config, overrides, args.plan, args.json)
     try:
         check_output_dir(args.output_dir, "--output-dir")
         initialize()  # multi-host jobs (TPU pods, SLURM, JAX_* env): before anything touches devices
@@ -69,6 +84,28 @@ def main(argv: list[str] | None = None) -> int:
         what = "step" if k == 1 else f"{k} steps"
         print(f"done: step {result.final_step}, loss {result.first_loss:.4f} (first {what}) -> "
               f"{result.last_loss:.4f} (last {what}), {result.seconds:.1f} s; LoRA: {', '.join(result.lora_files)}")
+    return 0
+
+
+def _plan(config: str, overrides: list[str], where: str, as_json: bool) -> int:
+    import json
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another local jax process may hold libtpu
+    from qwen_edit_jax.errors import CheckpointError
+    from qwen_edit_jax.training.config import ConfigError, load_config
+    from qwen_edit_jax.training.data import DataError
+    from qwen_edit_jax.training.plan import format_plan, format_suggestion, plan_training
+
+    try:
+        cfg = load_config(config, overrides)
+        result = plan_training(cfg, where, log=lambda s: print(s, file=sys.stderr, flush=True))
+    except (ConfigError, DataError, CheckpointError, ValueError, OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(format_plan(result))
+    print(format_suggestion(result))
+    if as_json:
+        print(json.dumps(result))
     return 0
 
 
