@@ -1,4 +1,4 @@
-"""How much a quantized frozen base (int8 / fp8) changes the DiT's output and sampled latents.
+"""How much a quantized frozen base (int8 / fp8 / int4) changes the DiT's output and sampled latents.
 
     python benchmarks/quant_quality.py --layers 2 --json        # full width (3072, 24 heads), 2 blocks, CPU
 
@@ -6,7 +6,8 @@ Builds the real-width architecture with `--layers` blocks and random weights wit
 per-channel-varying statistics (no released weights are downloaded; see `make_weights`), then
 compares against the fp32 model:
   1. one forward pass (edit layout: target + reference tokens + text) — relative L2 error of the
-     output for bf16, int8 and fp8 bases (bf16 activations), and int8 with fp32 activations;
+     output for bf16, int8, fp8 and int4 bases (bf16 activations; int4 at each `--int4-groups` size),
+     and int8 / int4 with fp32 activations;
   2. the compiled true-CFG sampling loop (`sampling.sample`) from the same noise (fixed seed):
      relative L2 distance of the final latents of each variant to bf16 and to fp32.
 Every variant is built from the same float weights through `loading.model_from_params`
@@ -37,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--txt-tokens", type=int, default=16)
     p.add_argument("--steps", type=int, default=4, help="sampling steps (0: skip sampling)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--int4-groups", default="64,128", help="int4 group sizes to compare (input rows per scale)")
     p.add_argument("--json", action="store_true")
     return p.parse_args(argv)
 
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     import qwen_edit_jax as q
+    from qwen_edit_jax import config as qconfig
     from qwen_edit_jax.config import ModelOptions
     from qwen_edit_jax.loading.dit import model_from_params
     from qwen_edit_jax.sampling import sample
@@ -107,9 +110,16 @@ def main(argv=None) -> int:
         "int8": dict(param_dtype="bfloat16", dtype="bfloat16", quantize="int8"),
         "fp8": dict(param_dtype="bfloat16", dtype="bfloat16", quantize="fp8"),
         "int8_fp32_act": dict(param_dtype="float32", dtype="float32", quantize="int8"),
+        "int4_fp32_act": dict(param_dtype="float32", dtype="float32", quantize="int4"),
     }
+    groups = [int(g) for g in args.int4_groups.split(",") if g.strip()]
+    variants.update({f"int4_g{g}": dict(param_dtype="bfloat16", dtype="bfloat16", quantize="int4", group=g)
+                     for g in groups})
+    default_group = qconfig.INT4_GROUP_SIZE
     outs, lats = {}, {}
     for name, kw in variants.items():
+        kw = dict(kw)
+        qconfig.INT4_GROUP_SIZE = kw.pop("group", default_group)  # the group size a benchmark run compares
         model = model_from_params(cfg, ModelOptions(**kw), params)
         dt = model.options.dtype
         outs[name] = np.asarray(model(jnp.asarray(x, dt), jnp.asarray(txt, dt), jnp.asarray(mask),
@@ -123,7 +133,9 @@ def main(argv=None) -> int:
                 true_cfg_scale=4.0, num_inference_steps=args.steps, img_shapes=shapes), np.float32)
         del model
         gc.collect()
+    qconfig.INT4_GROUP_SIZE = default_group
     result = {
+        "int4_group_default": default_group,
         "preset": args.preset, "layers": args.layers, "width": cfg.inner_dim, "tokens": {"image": 2 * n,
                                                                                        "text": args.txt_tokens},
         "weights": "student-t(5) x lognormal(0.5) per-channel gain, 0.05% x8 outliers (synthetic)",

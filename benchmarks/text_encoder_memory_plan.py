@@ -32,8 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qwen_edit_jax.training.plan import (  # noqa: E402
     GiB,
     chip_of,
+    compile_memory,
     count_flops,
-    hbm_oom_temp,
     shard_bytes,
     topology_devices,
 )
@@ -122,22 +122,8 @@ def plan(args) -> dict:
         jaxpr = jax.make_jaxpr(fn)(state, enc, pixels).jaxpr
     t1 = time.perf_counter()
     arg_bytes = sum(shard_bytes(x) for x in jax.tree.leaves((state, enc, pixels)))
-    oom = None
-    try:
-        compiled = lowered.compile()
-    except Exception as e:  # the TPU compiler refuses programs that cannot fit in HBM
-        oom = hbm_oom_temp(e)
-        if oom is None:
-            raise
+    sizes, peak, _, oom = compile_memory(lowered, arg_bytes)
     t2 = time.perf_counter()
-    if oom is None:
-        mem = compiled.memory_analysis()
-        sizes = dict(argument=mem.argument_size_in_bytes, output=mem.output_size_in_bytes,
-                     alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes)
-        peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + mem.generated_code_size_in_bytes
-    else:
-        sizes = dict(argument=arg_bytes, output=0, alias=0, temp=oom)
-        peak = arg_bytes + oom
     flops = count_flops(jaxpr)
     n_dev = len(devices)
     weights = sum(shard_bytes(x) for x in jax.tree.leaves(state))

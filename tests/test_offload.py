@@ -18,6 +18,7 @@ from qwen_edit_jax.loading.dit import model_from_params, model_params
 from qwen_edit_jax.models.offload import HOST, is_offloaded, offloaded_scan
 from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
 from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
+from tests.test_quantization import _batch
 
 TINY = q.preset("tiny")
 SHAPES = ((1, 2, 3), (1, 3, 2))
@@ -57,16 +58,6 @@ def _inputs(b=2):
         timestep=jnp.asarray([0.3, 0.7][:b], jnp.float32),
         img_shapes=[list(SHAPES)] * b,
     )
-
-
-def _batch(seed=0, b=2, txt=5):
-    rng = np.random.default_rng(seed)
-    return {
-        "target": rng.standard_normal((1, b, 6, 64)).astype(np.float32),
-        "references": rng.standard_normal((1, b, 6, 64)).astype(np.float32),
-        "prompt_embeds": rng.standard_normal((1, b, txt, TINY.joint_attention_dim)).astype(np.float32),
-        "prompt_mask": np.tile(np.arange(txt) < txt - 1, (1, b, 1)),
-    }
 
 
 def test_placement_kernels_on_host_the_rest_on_device():

@@ -3,6 +3,7 @@ time for a TPU topology through libtpu on this CPU, whether it fits, and the che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -70,8 +71,8 @@ def test_plan_takes_the_largest_cached_sample(tiny_dit, tmp_path):
 
 
 def test_suggestion_is_the_first_rung_that_fits(tiny_dit, monkeypatch):
-    """The ladder (int8, int4, offload, smaller batch, …) is compiled in order until one fits; with a budget
-    between what int4 and int4 + offload keep on the device, the suggestion is offload on top of int4."""
+    """The ladder (int8, int8 offloaded, int4, int4 offloaded, smaller batch, …) is compiled in order until
+    one fits the chip and its host memory; rungs whose device arguments alone exceed the budget are skipped."""
     cfg = load_config(str(CONFIG), [f"model.path={tiny_dit}", "data.batch_size=2"])
     dit, opts = lib.config_model(cfg), cfg.model_options()
     devices = lib.topology_devices("v5e:1x1")
@@ -79,29 +80,35 @@ def test_suggestion_is_the_first_rung_that_fits(tiny_dit, monkeypatch):
     wl = lib.Workload.square(dit, 256, 1, batch=2)
 
     def args(**o):
-        return lib.build_step(dit, opts.__class__(**{**opts.__dict__, **o}), mesh, wl).device_arg_bytes
+        return lib.build_step(dit, dataclasses.replace(opts, **o), mesh, wl).device_arg_bytes
 
     int4, offloaded = args(quantize="int4"), args(quantize="int4", offload="base")
-    assert offloaded < int4 < args(quantize="int8") < args()
+    assert offloaded == args(quantize="int8", offload="base") < int4 < args(quantize="int8") < args()
     budget = (int4 + offloaded) / 2
-    target = lib.Target("v5e:1x1", devices, lib.Chip("test", 197.0, 1.0, budget / lib.GiB))
+    target = lib.Target("v5e:1x1", devices, lib.Chip("test", 197.0, 1.0, budget / lib.GiB, host_budget_gib=1.0))
+    host = iter([2 * lib.GiB, lib.GiB // 10])  # the int8 base overflows the host memory, the int4 one does not
     compiled = []
 
     def fake_compile(lowered, arg_bytes):  # peak = the device arguments: decided by the rung, not XLA
         compiled.append(arg_bytes)
-        return dict(argument=arg_bytes, output=0, alias=0, temp=0, host=0, host_temp=0), arg_bytes, 0.0, None
+        return dict(argument=arg_bytes, output=0, alias=0, temp=0, host=next(host), host_temp=0), arg_bytes, 0.0, None
 
     monkeypatch.setattr(lib, "compile_memory", fake_compile)
     setting, fit, tried = lib.suggest(dit, opts, target, mesh, wl)
     assert setting.overrides == ("model.quantize=int4", "model.offload=base") and fit["fits"]
     assert setting.opts.quantize == "int4" and setting.opts.offload == "base" and setting.workload == wl
-    assert [s.overrides for s, _ in tried] == [("model.quantize=int8",), ("model.quantize=int4",), setting.overrides]
-    assert compiled == [offloaded]  # int8 and int4 exceed the budget with their arguments alone: not compiled
-    assert [r["peak_source"] for _, r in tried] == ["arguments_lower_bound"] * 2 + ["compiled"]
+    assert [s.overrides for s, _ in tried] == [("model.quantize=int8",), ("model.quantize=int8", "model.offload=base"),
+                                               ("model.quantize=int4",), setting.overrides]
+    assert compiled == [offloaded, offloaded]  # the rungs without offload exceed the budget with their arguments
+    assert [r["peak_source"] for _, r in tried] == ["arguments_lower_bound", "compiled"] * 2
+    assert [r["fits"] for _, r in tried] == [False, False, False, True]  # int8 offloaded: 2 GiB of host memory
     # past offload: half the micro-batch with twice the accumulation, then smaller images
     rungs = lib.ladder(dit, setting.opts, wl)
     assert rungs[0].workload.batch == 1 and rungs[0].workload.grad_accum == 2
     assert [r.workload.pixels(dit) for r in rungs[1:]] == [(192, 192), (128, 128)]
+    assert "suggested: model.quantize=int4 model.offload=base" in lib.format_suggestion(
+        {"fits": False, "suggestion": {"overrides": list(setting.overrides), "recache": False, **{
+            k: fit[k] for k in ("peak_gib_per_device", "est_step_s")}}, "tried": []})
 
 
 def test_plan_errors_are_one_line(tiny_dit):

@@ -91,6 +91,8 @@ def _plan(config: str, overrides: list[str], where: str, as_json: bool) -> int:
     import json
 
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another local jax process may hold libtpu
+    import jax
+
     from qwen_edit_jax.errors import CheckpointError
     from qwen_edit_jax.training.config import ConfigError, load_config
     from qwen_edit_jax.training.data import DataError
@@ -101,6 +103,9 @@ def _plan(config: str, overrides: list[str], where: str, as_json: bool) -> int:
         result = plan_training(cfg, where, log=lambda s: print(s, file=sys.stderr, flush=True))
     except (ConfigError, DataError, CheckpointError, ValueError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except jax.errors.JaxRuntimeError as e:  # not an out-of-memory refusal (those are part of the plan)
+        print(f"error: the compiler refused the step for {where}: {' '.join(str(e).split())[:300]}", file=sys.stderr)
         return 2
     print(format_plan(result))
     print(format_suggestion(result))

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .. import config
 from ..config import quant_scale_rows
 from ..models.quant import qdtype, quantize
 from ..weights.checkpoint import SCALE_SUFFIX, is_quantized_kernel
@@ -26,7 +27,8 @@ from .quant_leaf import read_dtype
 
 
 @functools.lru_cache(maxsize=8)
-def _quantize_fn(mode: str, axis: int):
+def _quantize_fn(mode: str, axis: int, group: int):
+    """Jitted `quantize`; keyed by the int4 group size it is traced with (`config.INT4_GROUP_SIZE`)."""
     return jax.jit(lambda w: quantize(w, mode, axis))
 
 
@@ -72,7 +74,7 @@ class QuantizedParams:
         n_in = self.lazy.shape(kernel)[1]
         q = np.empty((len(layers), n_in, *cols), qdtype(self.quantize)) if want_values else None
         scale = np.empty((len(layers), quant_scale_rows(self.quantize, n_in), *cols), np.float32)
-        fn = _quantize_fn(self.quantize, 1)
+        fn = _quantize_fn(self.quantize, 1, config.INT4_GROUP_SIZE)
         for j, layer in enumerate(layers):  # one float layer on the device at a time
             qj, scale[j:j + 1] = fn(self.lazy.read(kernel, (slice(layer, layer + 1), slice(None), *idx[2:]),
                                                    dtype=read_dt))

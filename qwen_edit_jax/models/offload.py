@@ -1,11 +1,10 @@
 """Host-offloaded stacked weights: a layer scan whose frozen weights live in host memory.
 
 `offloaded_scan(fn, carry, xs, host_xs, consts)` runs `carry = fn(carry, xs[i], host_xs[i], consts)` for
-every layer `i`. `xs` (the LoRA adapters) stay on the device; `host_xs` (the frozen base, placed with
-`memory_kind=HOST`, `is_offloaded`; leaves already on the device pass through) is copied to the device
-one layer at a time, the copy of layer `i+1` issued in the
-iteration that computes layer `i` so that XLA can overlap the transfer with the compute (double
-buffering). The backward is written out (`jax.custom_vjp`): a reverse scan that fetches each layer again
+every layer `i`. `xs` (the LoRA adapters) stay on the device; `host_xs` (the frozen base: its leaves placed
+with `memory_kind=HOST` by the loader, `is_offloaded`; those on the device pass through) is copied to the
+device one layer at a time, the copy of layer `i+1` issued in the iteration that computes layer `i` so that
+XLA can overlap the transfer with the compute (double buffering). The backward is written out (`jax.custom_vjp`): a reverse scan that fetches each layer again
 (next one in flight), recomputes its forward from the saved layer input and applies its VJP — the same
 work as full remat, with only one or two layers of weights on the device at any time. Differentiating
 through `jax.checkpoint` instead would keep every fetched layer as a residual.
@@ -32,6 +31,7 @@ def is_offloaded(path: str) -> bool:
     the device: the TPU compiler cannot slice one layer out of a host-side bf16 `[L, n]` / `[L, 3, n]`
     array whose layout packs the layer axis (measured with libtpu's AOT compiler)."""
     return path.startswith("transformer_blocks.") and path.endswith((".kernel", ".kernel_scale"))
+
 
 LayerFn = Callable[[Any, Any, Any, Any], Any]
 

@@ -2,7 +2,7 @@
 
 A kernel `w[in, *out]` (stacked: `[layers, in, *out]`) is stored as `q` (int8, float8_e4m3fn or int4, the
 same shape) and `scale` (fp32, the kernel's shape with the input axis cut to its number of groups:
-`config.quant_group_size` input rows share a scale — all of them for int8 / fp8, 128 for int4):
+`config.quant_group_size` input rows share a scale — all of them for int8 / fp8, 64 for int4):
 
 - int8: symmetric, `scale = max|w| · f32(1/127)` over the group, `q = clip(round(w · (1/scale)), -127, 127)`.
 - int4: the same with 7 (`q ∈ [-7, 7]`, stored as `jnp.int4`: two values a byte on the device).

@@ -48,22 +48,27 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator: peak dense bf16 TFLOP/s, memory, and the budget a plan must stay under."""
+    """One accelerator: peak dense bf16 TFLOP/s, memory, the budget a plan must stay under, and the host
+    memory per chip that offloaded weights may use (None: unknown, not checked)."""
 
     name: str
     peak_tflops: float | None
     hbm_gib: float
     budget_gib: float
+    host_budget_gib: float | None = None
 
 
 # TPU generations: peak dense bf16 and HBM per chip from Google Cloud's TPU system-architecture pages
-# (cloud.google.com/tpu/docs/v5e, /v5p, /v6e). The budget leaves room for the runtime.
+# (cloud.google.com/tpu/docs/v5e, /v5p, /v6e). The budget leaves room for the runtime. Host memory per chip
+# from the TPU VM machine types (v5e: ct5lp-hightpu-1t/4t/8t, 48 GB a chip; v6e: ct6e-standard-1t, 176 GB;
+# 4t/8t 180 GB a chip), 80 % of it for offloaded weights; v5p / v4 unchecked.
 TPU_CHIPS = {
-    "v5e": Chip("v5e", 197.0, 16.0, 15.0),
+    "v5e": Chip("v5e", 197.0, 16.0, 15.0, 0.8 * 48e9 / GiB),
     "v5p": Chip("v5p", 459.0, 95.0, 90.0),
-    "v6e": Chip("v6e", 918.0, 32.0, 30.0),
+    "v6e": Chip("v6e", 918.0, 32.0, 30.0, 0.8 * 176e9 / GiB),
     "v4": Chip("v4", 275.0, 32.0, 30.0),
 }
+TPU_KINDS = {"TPU v5 lite": "v5e", "TPU v6 lite": "v6e", "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v4": "v4"}
 # NVIDIA GPUs by device-kind substring: peak dense bf16 (fp16 on T4, which has no bf16) TFLOP/s from
 # NVIDIA's datasheets (A100, H100 SXM, H200, L4, T4; RTX 4090 / 3090: Ada / Ampere whitepapers).
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0, "T4": 65.0, "4090": 165.0,
@@ -107,7 +112,9 @@ def tpu_target(topology: str) -> Target:
 
 
 def device_target(devices: Sequence[Any] | None = None) -> Target:
-    """The local devices (a GPU or TPU machine): memory from the runtime, peak FLOP/s from the tables."""
+    """The local devices (a GPU or TPU machine): memory from the runtime (on GPUs what JAX may allocate,
+    `XLA_PYTHON_CLIENT_MEM_FRACTION` of the card), peak FLOP/s from the tables; the budget is 94 % of it, and
+    80 % of the machine's RAM (shared by its chips) for offloaded weights."""
     devices = list(devices or jax.devices())
     d = devices[0]
     stats = d.memory_stats() or {}
@@ -116,10 +123,10 @@ def device_target(devices: Sequence[Any] | None = None) -> Target:
                          f"(--plan v5e:1x1)")
     hbm = stats["bytes_limit"] / GiB
     kind = d.device_kind
-    tpu = next((c for g, c in TPU_CHIPS.items() if d.platform == "tpu" and g[1] in kind and g[2:] in kind.lower()),
-               None)
+    tpu = TPU_CHIPS.get(TPU_KINDS.get(kind, "")) if d.platform == "tpu" else None
     peak = tpu.peak_tflops if tpu else next((v for k, v in GPU_PEAK_TFLOPS.items() if k in kind), None)
-    return Target("device", devices, Chip(kind, peak, hbm, hbm * 0.94))
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB / max(1, jax.local_device_count())
+    return Target("device", devices, Chip(kind, peak, hbm, hbm * 0.94, host * 0.8))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,7 +413,9 @@ def plan_step(cfg: DiTConfig, opts: ModelOptions, target: Target, mesh: Mesh, wo
         "oom_reported_temp_bytes": oom,
         "hbm_gib": chip.hbm_gib,
         "budget_gib": chip.budget_gib,
-        "fits": source in ("compiled", "extrapolated") and peak / GiB <= chip.budget_gib,
+        "host_budget_gib": chip.host_budget_gib,
+        "fits": source in ("compiled", "extrapolated") and peak / GiB <= chip.budget_gib
+        and (chip.host_budget_gib is None or (sizes["host"] + sizes["host_temp"]) / GiB <= chip.host_budget_gib),
         "flops_per_device": flops["total"],
         "matmul_flops_per_device": flops["matmul"],
         "attention_flops_per_device": flops["attention"],
@@ -429,7 +438,8 @@ def format_plan(r: dict) -> str:
         ("model", f"{r['params']:,} params ({r['num_layers']} blocks, base {r['quantize'] or 'float'}), "
                   f"LoRA r{r['lora_rank']} {r['lora_params']:,} (fp32), remat {r['remat']}, attention {r['attention']}"),
         ("weights / chip", f"{r['weights_bytes_per_device'] / GiB:.2f} GiB"
-                           + (f" ({r['host_bytes_per_device'] / GiB:.2f} GiB in host memory, "
+                           + (f" ({r['host_bytes_per_device'] / GiB:.2f} GiB in host memory + "
+                              f"{r['host_temp_bytes'] / GiB:.2f} GiB of host temporaries, "
                               f"{r['transfer_bytes_per_step'] / GiB:.1f} GiB moved a step: "
                               f"{r['transfer_s']:.2f} s at {r['host_link_gbps']:.0f} GB/s)"
                               if r["offload"] != "none" else "")),
@@ -437,7 +447,10 @@ def format_plan(r: dict) -> str:
                               f"{r['output_bytes'] / GiB:.2f} GiB (aliased {r['alias_bytes'] / GiB:.2f})"),
         ("peak / chip", f"{'≥ ' if r['peak_source'].endswith('lower_bound') else ''}"
                         f"{'≈ ' if r['peak_source'] == 'extrapolated' else ''}{r['peak_gib_per_device']:.2f} GiB of {r['hbm_gib']:.0f} "
-                        f"(budget {r['budget_gib']:.0f}: {'fits' if r['fits'] else 'DOES NOT FIT'})"),
+                        f"(budget {r['budget_gib']:.0f}: {'fits' if r['fits'] else 'DOES NOT FIT'}"
+                        + (f"; host memory over its {r['host_budget_gib']:.0f} GiB"
+                           if not r["fits"] and r["peak_gib_per_device"] <= r["budget_gib"]
+                           and r.get("host_budget_gib") is not None and r["peak_source"] == "compiled" else "") + ")"),
         *([("note", f"compiler refused the full stack; temporaries extrapolated from {list(r['extrapolated_from'])} "
                     f"blocks (the error claimed {r['oom_reported_temp_bytes'] / GiB:.1f} GiB)")]
           if r["peak_source"] == "extrapolated" else []),
@@ -465,9 +478,9 @@ class Setting:
 
 def ladder(cfg: DiTConfig, opts: ModelOptions, workload: Workload) -> list[Setting]:
     """Changes that lower the peak, cheapest first, each on top of the ones before it: full remat (compute
-    only), an int8 then int4 base (a little quality), host offload of the base (transfer time), half the
-    micro-batch with twice the accumulation (same effective batch, slower), then 3/4 and 1/2 of the image
-    side (different training data)."""
+    only), an int8 base (a little quality), the int8 base offloaded to host memory (transfer time, host RAM),
+    an int4 base (more quality), the int4 base offloaded, half the micro-batch with twice the accumulation
+    (same effective batch, slower), then 3/4 and 1/2 of the image side (different training data)."""
     steps: list[Setting] = []
     cur, over = opts, []
 
@@ -477,6 +490,12 @@ def ladder(cfg: DiTConfig, opts: ModelOptions, workload: Workload) -> list[Setti
         cur = dataclasses.replace(cur, **changes)
         steps.append(Setting(cur, workload, tuple(over)))
 
+    def offloaded() -> None:
+        """A rung with the base in host memory; the next rungs keep it on the device."""
+        if cur.offload != "base":
+            steps.append(Setting(dataclasses.replace(cur, offload="base"), workload,
+                                 tuple(over + ["model.offload=base"])))
+
     if cur.remat != "full":
         over.append("model.remat=full")
         add(remat="full")
@@ -484,6 +503,7 @@ def ladder(cfg: DiTConfig, opts: ModelOptions, workload: Workload) -> list[Setti
         over.append("model.quantize=int8")
         add(quantize="int8")
     if cur.quantize != "int4":
+        offloaded()
         over[:] = [o for o in over if not o.startswith("model.quantize")] + ["model.quantize=int4"]
         add(quantize="int4")
     if cur.offload != "base":
@@ -558,7 +578,9 @@ def plan_training(cfg: TrainConfig, where: str, *, log: Callable[[str], None] = 
             "height", "width", "batch", "fits", "peak_gib_per_device", "peak_source")}} for s, r in tried]
         if setting is not None:
             result["suggestion"] = {"overrides": list(setting.overrides),
-                                    "recache": setting.workload.img_shapes != workload.img_shapes, **{k: fit[k] for k in (
+                                    "recache": setting.workload.img_shapes != workload.img_shapes,
+                                    "host_gib": (fit["host_bytes_per_device"] + fit["host_temp_bytes"]) / GiB,
+                                    **{k: fit[k] for k in (
                 "peak_bytes_per_device", "peak_gib_per_device", "fits", "est_step_s", "transfer_s", "quantize",
                 "offload", "remat", "batch", "grad_accum", "height", "width")}}
     return result
@@ -580,8 +602,9 @@ def format_suggestion(r: dict) -> str:
     est = "" if s["est_step_s"] is None else f", est. step {s['est_step_s']:.2f} s at 100% MFU"
     recache = (f"; cache the dataset again at {s['height']}x{s['width']} "
                f"(train/cache_dataset.py --resolution {round((s['height'] * s['width']) ** 0.5)})" if s["recache"] else "")
+    host = f", {s['host_gib']:.1f} GiB of host memory per chip" if s.get("host_gib") else ""
     return "\n".join([*lines, f"suggested: {' '.join(s['overrides'])}{recache}  "
-                               f"({s['peak_gib_per_device']:.2f} GiB per chip{est})"])
+                               f"({s['peak_gib_per_device']:.2f} GiB per chip{host}{est})"])
 
 
 __all__ = ["Chip", "GiB", "HOST_GBPS", "Setting", "Target", "TPU_CHIPS", "Workload", "build_step", "chip_of",
