@@ -574,8 +574,10 @@ def plan_training(cfg: TrainConfig, where: str, *, log: Callable[[str], None] = 
     result["suggestion"], result["tried"] = None, []
     if not result["fits"]:
         setting, fit, tried = suggest(dit, opts, target, mesh, workload, log=log, **kw)
-        result["tried"] = [{"overrides": list(s.overrides), **{k: r[k] for k in (
-            "height", "width", "batch", "fits", "peak_gib_per_device", "peak_source")}} for s, r in tried]
+        result["tried"] = [{"overrides": list(s.overrides),
+                            "host_gib": (r["host_bytes_per_device"] + r["host_temp_bytes"]) / GiB, **{k: r[k] for k in (
+                                "height", "width", "batch", "fits", "peak_gib_per_device", "peak_source",
+                                "budget_gib", "host_budget_gib")}} for s, r in tried]
         if setting is not None:
             result["suggestion"] = {"overrides": list(setting.overrides),
                                     "recache": setting.workload.img_shapes != workload.img_shapes,
@@ -592,8 +594,12 @@ def format_suggestion(r: dict) -> str:
         return "fits as configured"
     said = {"arguments_lower_bound": "{:.2f} GiB of arguments alone", "oom_lower_bound": "refused by the compiler",
             "compiled": "{:.2f} GiB", "extrapolated": "≈ {:.2f} GiB"}
+    def host(t: dict) -> str:
+        over = not t["fits"] and t["peak_source"] == "compiled" and t["peak_gib_per_device"] <= t["budget_gib"]
+        return f", but {t['host_gib']:.1f} GiB of host memory (budget {t['host_budget_gib']:.1f})" if over else ""
+
     lines = [f"  tried {' '.join(t['overrides'])} at {t['height']}x{t['width']}, batch {t['batch']}: "
-             + said[t["peak_source"]].format(t["peak_gib_per_device"]) + (", fits" if t["fits"] else "")
+             + said[t["peak_source"]].format(t["peak_gib_per_device"]) + host(t) + (", fits" if t["fits"] else "")
              for t in r["tried"]]
     s = r["suggestion"]
     if s is None:
