@@ -40,9 +40,18 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           timeout=600, cwd=ROOT)
 
 
+def _sample(rng, i, h, w, n_refs, prompt):
+    return CachedSample(f"s{i}", rng.standard_normal((16, h, w)).astype(np.float32),
+                        [rng.standard_normal((16, h, w)).astype(np.float32) for _ in range(n_refs)],
+                        rng.standard_normal((prompt, TINY.joint_attention_dim)).astype(np.float32),
+                        np.ones(prompt, bool))
+
+
 def test_plan_cli_prints_the_fit_and_a_json_line(tiny_dit, tmp_path):
+    rng = np.random.default_rng(0)
+    cache = write_cache(tmp_path / "cache", [_sample(rng, 0, 16, 16, 1, 20)])
     p = _run("--config", str(CONFIG), "--plan", "v5e:1x1", "--json", f"model.path={tiny_dit}",
-             f"data.path={tmp_path / 'no-cache'}", "data.batch_size=1", "model.quantize=int4")
+             f"data.path={cache}", "data.batch_size=1", "model.quantize=int4")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(p.stdout.strip().splitlines()[-1])
     assert r["fits"] is True and r["suggestion"] is None and r["peak_source"] == "compiled"
@@ -50,24 +59,23 @@ def test_plan_cli_prints_the_fit_and_a_json_line(tiny_dit, tmp_path):
     assert r["params"] == q.count_params(q.abstract_model(TINY, q.ModelOptions(quantize="int4")))
     assert r["quantize"] == "int4" and r["offload"] == "none" and r["device_kind"] == "TPU v5 lite"
     assert 0 < r["weights_bytes_per_device"] < r["peak_bytes_per_device"] < r["budget_gib"] * 2**30
-    assert (r["height"], r["width"], r["refs"], r["text_tokens"]) == (1024, 1024, 1, 256)  # no cache: the default
-    assert "fits as configured" in p.stdout and "no cache at data.path" in p.stderr
+    assert (r["height"], r["width"], r["refs"], r["text_tokens"]) == (128, 128, 1, 128)  # the cached sample
+    assert "fits as configured" in p.stdout
 
 
 def test_plan_takes_the_largest_cached_sample(tiny_dit, tmp_path):
     rng = np.random.default_rng(0)
-
-    def sample(i, h, w, n_refs, prompt):
-        return CachedSample(f"s{i}", rng.standard_normal((16, h, w)).astype(np.float32),
-                            [rng.standard_normal((16, h, w)).astype(np.float32) for _ in range(n_refs)],
-                            rng.standard_normal((prompt, TINY.joint_attention_dim)).astype(np.float32),
-                            np.ones(prompt, bool))
-
-    cache = write_cache(tmp_path / "cache", [sample(0, 8, 8, 1, 20), sample(1, 16, 12, 2, 70)])
+    cache = write_cache(tmp_path / "cache", [_sample(rng, 0, 8, 8, 1, 20), _sample(rng, 1, 16, 12, 2, 70)])
     cfg = load_config(str(CONFIG), [f"model.path={tiny_dit}", f"data.path={cache}", "data.batch_size=2",
                                     "optim.grad_accum=3"])
     wl = lib.config_workload(cfg, lib.config_model(cfg))
     assert wl == lib.Workload(((1, 8, 6),) * 3, text_len=128, batch=2, grad_accum=3)
+    # no cache yet: a 1024² edit with one 1024² reference and a 256-token prompt
+    said = []
+    cfg = load_config(str(CONFIG), [f"model.path={tiny_dit}", f"data.path={tmp_path / 'none'}"])
+    wl = lib.config_workload(cfg, lib.config_model(cfg), log=said.append)
+    assert wl == lib.Workload(((1, 64, 64),) * 2, text_len=256, batch=8, grad_accum=1)
+    assert "no cache at data.path" in said[0]
 
 
 def test_suggestion_is_the_first_rung_that_fits(tiny_dit, monkeypatch):
