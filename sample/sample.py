@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", choices=["int8", "fp8", "int4"], default=None,
                    help="weight-only quantized DiT base (docs/quantization.md); not combinable with --lora")
     p.add_argument("--offload", choices=["none", "base"], default="none",
-                   help="base: keep the DiT blocks' weights in host memory, streamed one layer at a time")
+                   help="base: keep the DiT blocks' weights in host memory, streamed one layer at a time; "
+                        "not combinable with --lora")
     p.add_argument("--attention", default="xla", help="attention kernel: xla, chunked, cudnn, splash")
     p.add_argument("--ids", nargs="+", help="only these sample ids")
     p.add_argument("--limit", type=int, help="only the first N selected samples")

@@ -160,6 +160,12 @@ def test_sampling_loop_equals_the_device_model():
     np.testing.assert_array_equal(np.asarray(sample(offloaded, **kw)), np.asarray(sample(on_device, **kw)))
 
 
+def test_lora_files_do_not_merge_into_an_offloaded_base(tmp_path):
+    q.save_transformer(q.init_transformer(TINY), tmp_path / "t")
+    with pytest.raises(ValueError, match="offloaded base"):  # a clear error, not a crash in host memory
+        q.load_transformer(tmp_path / "t", options=ModelOptions(offload="base"), lora=str(tmp_path / "x.safetensors"))
+
+
 def test_options_validate():
     with pytest.raises(ValueError, match="offload"):
         ModelOptions(offload="all")

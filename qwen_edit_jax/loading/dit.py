@@ -144,6 +144,10 @@ def load_transformer(
     if lora is not None and options.quantize:
         raise ValueError("lora= merges files into the base weights, which a quantized base cannot take; "
                          "load the float base with lora=, or train a LoRA on the quantized base")
+    if lora is not None and options.offload == "base":
+        raise ValueError("lora= merges files into the base weights on the device, which an offloaded base "
+                         "(offload='base') keeps in host memory; load the LoRA as adapters instead "
+                         "(options.lora + lora.adapters.load_lora_into_adapters)")
     lazy = open_lazy_params(path, config, fuse_qkv=options.fuse_qkv)
     model = place_params(lazy, options, mesh=mesh, lora_seed=lora_seed, progress=progress)
     if lora is not None:  # LoRA files of any key style, merged into the base weights (exact in fp32)
