@@ -135,6 +135,15 @@ def test_registered_and_auto_picks_flash_on_cpu():
     assert get_attention("flash") is flash_attention
     assert ModelOptions().attention == "auto"
     assert auto_kernel_name(jnp.float32, 128) == "flash"
+    # on GPUs cuDNN's flash kernel needs compute capability ≥ 8.0: a T4 (7.5) runs flash
+    from types import SimpleNamespace
+
+    from qwen_edit_jax.models.kernels import cudnn_flash_capable
+
+    assert cudnn_flash_capable(SimpleNamespace(compute_capability="8.0"))
+    assert cudnn_flash_capable(SimpleNamespace(compute_capability="9.0"))
+    assert not cudnn_flash_capable(SimpleNamespace(compute_capability="7.5"))
+    assert cudnn_flash_capable(jax.devices()[0])  # CPU devices report none (and never reach the GPU branch)
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 40, 3, 16)), jnp.float32) for _ in range(3))
     mask = jnp.asarray(np.arange(40)[None, :] < np.array([[40], [25]]))

@@ -28,14 +28,26 @@ _KERNELS: dict[str, AttentionFn] = {"xla": xla_attention, "chunked": chunked_att
                                     "flash": flash_attention}
 
 
+def cudnn_flash_capable(device: object) -> bool:
+    """cuDNN's flash attention needs an Ampere or newer NVIDIA GPU (compute capability ≥ 8.0): a T4 or V100
+    takes flash instead. A device that reports no capability is taken as capable."""
+    cc = getattr(device, "compute_capability", None)
+    try:
+        return cc is None or float(cc) >= 8.0
+    except (TypeError, ValueError):
+        return True
+
+
 def auto_kernel_name(dtype: object, head_dim: int, mesh: object = None) -> str:
-    """The kernel `auto` runs: splash on TPU, cuDNN on GPUs for half-precision inputs with head_dim ≤ 128
-    (the DiT's 128, the vision tower's 80; not the VAE's single 384-wide head), else flash."""
+    """The kernel `auto` runs: splash on TPU, cuDNN on Ampere-or-newer GPUs for half-precision inputs with
+    head_dim ≤ 128 (the DiT's 128, the vision tower's 80; not the VAE's single 384-wide head), else flash."""
     platform = platform_of(mesh)
     if platform == "tpu":
         return "splash"
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    if platform in ("gpu", "cuda", "rocm") and half and head_dim <= 128:
+    # a mesh names the platform only (abstract devices carry no compute capability): GPU programs are
+    # compiled on the machine that runs them, whose first device is one of its GPUs
+    if platform in ("gpu", "cuda", "rocm") and half and head_dim <= 128 and cudnn_flash_capable(jax.devices()[0]):
         return "cudnn"
     return "flash"
 
@@ -69,4 +81,5 @@ def get_attention(name: str) -> AttentionFn:
 
 
 __all__ = ["AttentionFn", "auto_attention", "auto_kernel_name", "chunked_attention", "cudnn_attention",
-           "flash_attention", "get_attention", "register_attention", "valid_keys_first", "xla_attention"]
+           "cudnn_flash_capable", "flash_attention", "get_attention", "register_attention", "valid_keys_first",
+           "xla_attention"]
