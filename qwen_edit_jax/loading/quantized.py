@@ -11,6 +11,8 @@ kernel read computes are kept until their own read, so writing a kernel and then
 source once.
 """
 
+from __future__ import annotations
+
 import functools
 import threading
 from typing import Any

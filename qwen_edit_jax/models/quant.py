@@ -21,10 +21,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ..config import QUANTIZE_MODES, QuantizeMode, quant_group_size, quant_scale_rows
+from ..config import QUANTIZE_MODES, quant_scale_rows
 
-QuantMode = QuantizeMode
-QUANT_MODES = QUANTIZE_MODES
 F32 = jnp.float32
 
 _QDTYPE = {"int8": jnp.dtype(jnp.int8), "fp8": jnp.dtype(jnp.float8_e4m3fn), "int4": jnp.dtype(jnp.int4)}
@@ -36,7 +34,7 @@ def qdtype(mode: str) -> jnp.dtype:
     try:
         return _QDTYPE[mode]
     except KeyError:
-        raise ValueError(f"quantize must be one of {list(QUANT_MODES)} or None, got {mode!r}") from None
+        raise ValueError(f"quantize must be one of {list(QUANTIZE_MODES)} or None, got {mode!r}") from None
 
 
 def _grouped(x: jax.Array, axis: int, groups: int) -> jax.Array:
@@ -69,13 +67,6 @@ def dequantize(q: jax.Array, scale: jax.Array, dtype: Any = F32, axis: int | Non
     return w.reshape(q.shape).astype(dtype)
 
 
-def scale_shape(kernel_shape: tuple[int, ...], mode: str, axis: int = 0) -> tuple[int, ...]:
-    """Shape of the scale for a kernel of `kernel_shape` quantized (`mode`) along `axis`."""
-    s = list(kernel_shape)
-    s[axis] = quant_scale_rows(mode, s[axis])
-    return tuple(s)
-
-
 def reduced_axis(kernel_shape: tuple[int, ...], scale_shape_: tuple[int, ...]) -> int:
     """The quantized (input) axis: the first one where the scale is shorter than the kernel.
 
@@ -87,5 +78,4 @@ def reduced_axis(kernel_shape: tuple[int, ...], scale_shape_: tuple[int, ...]) -
     raise ValueError(f"scale shape {scale_shape_} does not reduce any axis of kernel shape {kernel_shape}")
 
 
-__all__ = ["QUANT_MODES", "QuantMode", "dequantize", "qdtype", "quant_group_size", "quantize", "reduced_axis",
-           "scale_shape"]
+__all__ = ["dequantize", "qdtype", "quantize", "reduced_axis"]
