@@ -235,14 +235,8 @@ def edit_images(args) -> str:
     """--image mode: encode the prompts (text encoder + VAE), release the text encoder, load the
     transformer, sample, decode, write PNGs."""
     from qwen_edit_jax.config import ModelOptions, as_dtype
-    from qwen_edit_jax.pipeline import (
-        QwenImageEditPipeline,
-        images_per_prompt,
-        output_dims,
-        pipeline_variant,
-        plan_sizes,
-        save_png,
-    )
+    from qwen_edit_jax.imaging import output_dims, plan_sizes
+    from qwen_edit_jax.pipeline import QwenImageEditPipeline, images_per_prompt, pipeline_variant, save_png
     from qwen_edit_jax.utils.files import check_output_dir
 
     if not args.prompt:
