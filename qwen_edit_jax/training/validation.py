@@ -30,13 +30,13 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from ..cache_format import CachedDataset
 from ..config import as_dtype
-from ..parallel import distributed
 from ..imaging import as_pil, output_dims, to_numpy_images, to_uint8
+from ..parallel import distributed
 from ..pipeline import QwenImageEditPipeline, save_png
 from ..sampling import validation_distance
 from .config import ConfigError, TrainConfig, ValidationPrompt
-from .data import CachedDataset
 
 VALIDATION_DIR = "validation"
 CELL_HEIGHT = 256  # grid cells are scaled to this height (small images enlarged, large ones reduced)
