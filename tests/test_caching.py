@@ -546,6 +546,7 @@ def test_resume_after_interruption_gives_identical_tensors(tmp_path, repos, enco
                                            "shard-00001.json", "shard-00001.safetensors"]
     assert not os.path.exists(out)
     kept = shard_hashes(partial)
+    open(os.path.join(partial, ".shard-00002.safetensors.tmp-killed"), "wb").close()  # a killed shard write
     with pytest.raises(FileExistsError, match="different job .*resolution 64 -> 96.*--overwrite"):
         cache_dataset(root, out, repos["edit"], CacheOptions(**{**opts.__dict__, "resolution": 96}),
                       encoders=encoders["edit"], log=lambda m: None)
@@ -553,6 +554,7 @@ def test_resume_after_interruption_gives_identical_tensors(tmp_path, repos, enco
     res = cache_dataset(root, out, repos["edit"], opts, encoders=encoders["edit"], log=logs.append)
     assert (res.resumed_from, res.encoded) == (4, 4) and any("4 of 8 samples already cached" in m for m in logs)
     assert_same_cache(CachedDataset(tmp_path / "clean"), CachedDataset(out), kept)
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # the killed write's temporary is gone
     again = cache_dataset(root, out, repos["edit"], opts, encoders=encoders["edit"], log=lambda m: None)
     assert again.already_complete and again.encoded == 0
 
