@@ -47,14 +47,14 @@ from PIL.PngImagePlugin import PngInfo
 from .config import DiTConfig, ModelOptions, as_dtype
 from .encoding import QwenPromptEncoder
 from .errors import CheckpointError
-from .loading import QwenImageVAE, load_text_encoder, load_transformer, load_vae
-from .lora.merge import apply_lora
-from .models.dit import QwenImageTransformer
-from .packing import pack_latents, unpack_latents
 from .imaging import (
     CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, ImageSizes, as_pil, numpy_to_pil, output_dims, plan_sizes, resize,
     to_numpy_images, vae_pixels,
 )
+from .loading import QwenImageVAE, load_text_encoder, load_transformer, load_vae
+from .lora.merge import apply_lora
+from .models.dit import QwenImageTransformer
+from .packing import pack_latents, unpack_latents
 from .preprocess import build_inputs
 from .preprocess.postprocess import check_max_sequence_length
 from .sampling import FlowMatchConfig, sample, sample_noise
