@@ -336,7 +336,7 @@ class CachedDataset:
             if _sha256(fp) != s["sha256"]:
                 raise DataError(f"{fp}: sha256 mismatch, the shard is corrupt")
 
-    def _handle(self, shard: int):
+    def _handle(self, shard: int) -> SafetensorsFile:
         h = self._handles.get(shard)
         if h is None:
             fp = os.path.join(self.path, self.shards[shard]["file"])
