@@ -61,7 +61,8 @@ def parse_args(argv=None):
 
 def edit_batch(config, batch: int, prompt_tokens: int):
     """`TextEncoderInputs` of an Edit batch with 1 Mpx images (token ids stand-ins; shapes exact)."""
-    from qwen_edit_jax.preprocess import TextEncoderInputs, calculate_dimensions
+    from qwen_edit_jax.imaging import calculate_dimensions
+    from qwen_edit_jax.preprocess import TextEncoderInputs
     from qwen_edit_jax.preprocess.image_processor import ImageProcessorConfig, QwenImageProcessor
 
     proc = QwenImageProcessor(ImageProcessorConfig(min_pixels=3136, max_pixels=RELEASED_MAX_PIXELS))

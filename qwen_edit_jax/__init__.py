@@ -1,7 +1,7 @@
 """qwen_edit_jax: the Qwen-Image(-Edit) MMDiT with merged QKV in JAX/Flax NNX, for LoRA training.
 
 Layers, bottom up (a module imports only from lower layers): `config`, `errors`, `packing`, `utils`
-→ `parallel` → `models`, `weights` → `lora` → `loading`, `convert`, `preprocess`, `encoding` → `sampling`,
+→ `parallel` → `models`, `weights`, `imaging`, `cache_format` → `lora` → `loading`, `convert`, `preprocess`, `encoding` → `sampling`,
 `pipeline` → `training`, `caching`.
 """
 

@@ -8,7 +8,7 @@ The counterpart of diffusers' `QwenImageEditPipeline` ("edit": Qwen-Image-Edit) 
 `QwenImageEditPlusPipeline` ("edit_plus": -2509, and -2511 whose transformer has `zero_cond_t`),
 read from the same diffusers repo folder. Same sizing rules as diffusers 0.42.1:
 
-* edit: the (first) image is resized to ≈ 1 Mpx (`calculate_dimensions(1024², w/h)`, sides multiples
+* edit: the (first) image is resized to ≈ 1 Mpx (`imaging.plan_sizes`, sides multiples
   of 32); that one image goes to the VL processor and to the VAE.
 * edit_plus: each image goes to the VL processor at a 384² area and to the VAE at 1024², each rounded
   to multiples of 32; the output size follows the last image.
@@ -47,13 +47,16 @@ from PIL.PngImagePlugin import PngInfo
 from .config import DiTConfig, ModelOptions, as_dtype
 from .encoding import QwenPromptEncoder
 from .errors import CheckpointError
+from .imaging import (
+    CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, ImageSizes, as_pil, numpy_to_pil, output_dims, plan_sizes, resize,
+    to_numpy_images, vae_pixels,
+)
 from .loading import QwenImageVAE, load_text_encoder, load_transformer, load_vae
 from .lora.merge import apply_lora
 from .models.dit import QwenImageTransformer
 from .packing import pack_latents, unpack_latents
-from .preprocess import CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, build_inputs, calculate_dimensions
+from .preprocess import build_inputs
 from .preprocess.postprocess import check_max_sequence_length
-from .preprocess.prompts import resize
 from .sampling import FlowMatchConfig, sample, sample_noise
 from .utils.files import atomic_path
 
@@ -128,16 +131,6 @@ def transformer_config_source(path: str | os.PathLike, repo_dir: str | os.PathLi
 
 
 # ---- images in ---------------------------------------------------------------------------------
-def as_pil(image: Any) -> Image.Image:
-    """A PIL image, or a uint8 `[H, W, 3]` array as one."""
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] in (3, 4):
-        return Image.fromarray(image)
-    desc = f"array {image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-    raise TypeError(f"images must be PIL images or uint8 [H, W, 3] arrays, got {desc}")
-
-
 def images_per_prompt(image: Any, variant: str, batch: int) -> list[list[Image.Image]]:
     """One image list per prompt. edit: one image for all prompts, or one per prompt; edit_plus: one
     image or a list of images, shared by every prompt."""
@@ -156,62 +149,7 @@ def images_per_prompt(image: Any, variant: str, batch: int) -> list[list[Image.I
     return [[im] for im in images]
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageSizes:
-    """The pipeline's resize plan for one prompt's images: (width, height) of each image for the VL
-    processor and for the VAE, and the default output size (before flooring to the latent grid)."""
-
-    condition: tuple[tuple[int, int], ...]
-    vae: tuple[tuple[int, int], ...]
-    output: tuple[int, int]
-
-
-def plan_sizes(images: Sequence[Image.Image], variant: str, *, vae_area: int = VAE_IMAGE_SIZE,
-               condition_area: int = CONDITION_IMAGE_SIZE) -> ImageSizes:
-    """diffusers' sizing: edit — the first image's ≈ `vae_area` size for the VL processor, the VAE and the
-    output; edit_plus — `condition_area` / `vae_area` per image, the output from the last image."""
-    if variant == "edit":
-        size = calculate_dimensions(vae_area, images[0].width / images[0].height)
-        return ImageSizes((size,) * len(images), (size,) * len(images), size)
-    ratios = [im.width / im.height for im in images]
-    return ImageSizes(tuple(calculate_dimensions(condition_area, r) for r in ratios),
-                      tuple(calculate_dimensions(vae_area, r) for r in ratios),
-                      calculate_dimensions(vae_area, ratios[-1]))
-
-
-def vae_input(image: Image.Image, width: int, height: int) -> np.ndarray:
-    """`VaeImageProcessor.preprocess`: Lanczos resize to (width, height), float32 `[3, H, W]` in [-1, 1]."""
-    x = np.asarray(resize(image, width, height).convert("RGB"), np.float32) / 255.0
-    return np.ascontiguousarray((2.0 * x - 1.0).transpose(2, 0, 1))
-
-
-def output_dims(height: int | None, width: int | None, default: tuple[int, int], multiple_of: int) -> tuple[int, int]:
-    """(height, width) of the output: the given or default size, floored to `multiple_of` as diffusers does."""
-    out = []
-    for name, value, fallback in (("height", height, default[1]), ("width", width, default[0])):
-        value = fallback if value is None else value
-        if not isinstance(value, (int, np.integer)) or value < multiple_of:
-            raise ValueError(f"{name} must be an integer of at least {multiple_of} pixels, got {value!r}")
-        floored = int(value) // multiple_of * multiple_of
-        if floored != value:
-            warnings.warn(f"{name} {value} is not a multiple of {multiple_of}: using {floored} (as diffusers does)",
-                          stacklevel=3)
-        out.append(floored)
-    return out[0], out[1]
-
-
 # ---- images out --------------------------------------------------------------------------------
-def to_numpy_images(images: Any) -> np.ndarray:
-    """Decoded `[B, 3, H, W]` in [-1, 1] → float32 `[B, H, W, 3]` in [0, 1] (`VaeImageProcessor.postprocess`)."""
-    x = np.asarray(images, np.float32)
-    return np.ascontiguousarray(np.clip(x / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1))
-
-
-def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
-    """float `[B, H, W, 3]` in [0, 1] → PIL images (diffusers' rounding: `(x * 255).round()`)."""
-    return [Image.fromarray(x) for x in (np.asarray(images) * 255).round().astype(np.uint8)]
-
-
 def latents_to_images(vae: QwenImageVAE, latents: Any) -> list[Image.Image]:
     """Normalised latents `[B, C, h, w]` (e.g. sampled from a cache) → PIL images, as the pipeline decodes."""
     return numpy_to_pil(to_numpy_images(vae.decode(latents)))
@@ -332,31 +270,34 @@ class QwenImageEditPipeline:
         """(prompt_embeds `[B·n, L, D]`, mask int32 `[B·n, L]`) for prompts and their images, as `__call__`
         conditions on them: `image` as `__call__` takes it (unresized), resized here the way the pipeline
         resizes before diffusers' `encode_prompt`, which this equals (the mask is always returned)."""
-        encoder = self._component("text_encoder", "to encode prompts (or pass prompt_embeds=)")
         check_max_sequence_length(max_sequence_length)
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise ValueError("prompt is an empty list")
+        prompts = _as_prompts(prompt)
         per_prompt = images_per_prompt(image, self.variant, len(prompts))
-        sizes = self.image_sizes(per_prompt[0])
+        return self._encode_prompts(prompts, per_prompt, self.image_sizes(per_prompt[0]), num_images_per_prompt)
+
+    def _encode_prompts(self, prompts: list[str], per_prompt: Sequence[Sequence[Image.Image]], sizes: ImageSizes,
+                        n: int) -> tuple[jax.Array, jax.Array]:
+        """`encode_prompt` on checked arguments: every row's images resized by `sizes.condition`."""
+        encoder = self._component("text_encoder", "to encode prompts (or pass prompt_embeds=)")
         condition = [[resize(im, *size) for im, size in zip(row, sizes.condition)] for row in per_prompt]
         processor = encoder.processor_for(self.variant)
         inputs = build_inputs(processor, prompts, condition, self.variant, resize_images=False)
         out = encoder.encode_inputs(inputs, processor.tokenizer.pad_token_id)
         length = int(out.lengths.max(initial=0))
         embeds, mask = out.embeds[:out.batch, :length], out.mask[:out.batch, :length]
-        return _expand(embeds, num_images_per_prompt), _expand(mask, num_images_per_prompt)
+        return _expand(embeds, n), _expand(mask, n)
 
-    def encode_images(self, per_prompt: Sequence[Sequence[Image.Image]]) -> tuple[jax.Array, list[tuple[int, ...]]]:
+    def encode_images(self, per_prompt: Sequence[Sequence[Image.Image]],
+                      sizes: ImageSizes | None = None) -> tuple[jax.Array, list[tuple[int, ...]]]:
         """Packed, normalised reference latents `[B, N_ref, 64]` (every image of a row concatenated) and
-        their `img_shapes` entries (1, h, w); rows are VAE-resized by the plan of the first row."""
+        their `img_shapes` entries (1, h, w); rows are VAE-resized by `sizes` (default: the plan of the first row)."""
         vae = self._component("vae", "to encode the input images")
-        sizes = self.image_sizes(per_prompt[0])
+        sizes = sizes or self.image_sizes(per_prompt[0])
         shared = all(row is per_prompt[0] for row in per_prompt)
         rows = per_prompt[:1] if shared else per_prompt
         packed = []
-        for j, (w, h) in enumerate(sizes.vae):
-            pixels = np.stack([vae_input(row[j], w, h) for row in rows])
+        for j, size in enumerate(sizes.vae):
+            pixels = np.stack([vae_pixels(row[j], size) for row in rows])
             packed.append(pack_latents(vae.encode(pixels)))
         latents = jnp.concatenate(packed, axis=1)
         if shared and len(per_prompt) > 1:
@@ -369,6 +310,56 @@ class QwenImageEditPipeline:
         vae = self._component("vae", "to decode latents into images (or use output_type='latent')")
         h, w = 2 * (height // (2 * self.vae_scale_factor)), 2 * (width // (2 * self.vae_scale_factor))
         return vae.decode(unpack_latents(jnp.asarray(latents, jnp.float32), h, w, frames_axis=False))
+
+    def check_call(self, image: Any = None, prompt: str | Sequence[str] | None = None,
+                   negative_prompt: str | Sequence[str] | None = None, true_cfg_scale: float = 4.0,
+                   height: int | None = None, width: int | None = None, num_images_per_prompt: int = 1,
+                   latents: Any = None, prompt_embeds: Any = None, prompt_embeds_mask: Any = None,
+                   negative_prompt_embeds: Any = None, negative_prompt_embeds_mask: Any = None,
+                   output_type: str = "pil", max_sequence_length: int = 512) -> "EditRequest":
+        """Every check of `__call__`'s arguments, done once before any work; the derived `EditRequest`.
+
+        Raises a one-line `ValueError` / `TypeError` naming the argument; warns where diffusers warns
+        (CFG off although asked for, a size floored to the latent grid).
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of prompt and prompt_embeds")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        check_max_sequence_length(max_sequence_length)
+        prompts = None if prompt is None else _as_prompts(prompt)
+        if prompt_embeds is not None:
+            _check_embeds(prompt_embeds, prompt_embeds_mask, "prompt")
+        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
+        per_prompt = images_per_prompt(image, self.variant, batch)
+        sizes = self.image_sizes(per_prompt[0])
+        height, width = output_dims(height, width, sizes.output, 2 * self.vae_scale_factor)
+
+        has_neg = negative_prompt is not None or negative_prompt_embeds is not None
+        if true_cfg_scale > 1 and not has_neg:
+            warnings.warn(f"true_cfg_scale is {true_cfg_scale}, but classifier-free guidance is off since no "
+                          f"negative_prompt is given (as in diffusers; negative_prompt=' ' turns it on)", stacklevel=3)
+        elif true_cfg_scale <= 1 and has_neg:
+            warnings.warn("negative_prompt is given but classifier-free guidance is off since true_cfg_scale <= 1",
+                          stacklevel=3)
+        cfg = true_cfg_scale > 1 and has_neg
+        negatives = None
+        if cfg and negative_prompt_embeds is None:
+            negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != batch:
+                raise ValueError(f"{len(negatives)} negative prompts for {batch} prompts")
+        elif cfg:
+            _check_embeds(negative_prompt_embeds, negative_prompt_embeds_mask, "negative_prompt")
+
+        model = self._component("transformer", "to denoise")
+        p, n = 2 * self.vae_scale_factor, num_images_per_prompt
+        shape = (batch * n, (height // p) * (width // p), model.config.in_channels)
+        if latents is not None and tuple(np.shape(latents)) != shape:
+            raise ValueError(f"latents must be packed noise of shape {list(shape)} for {batch * n} images of "
+                             f"{height}×{width} (H×W), got {list(np.shape(latents))}")
+        return EditRequest(prompts, negatives, per_prompt, sizes, height, width, n, cfg, shape)
 
     def __call__(
         self,
@@ -399,73 +390,76 @@ class QwenImageEditPipeline:
         (e.g. after `pipe.text_encoder = None`); a string `negative_prompt` applies to every prompt.
         `batch_cfg=False` runs the two CFG passes one after the other (half the activation memory), `True`
         as one batch; None picks per platform (`sampling.default_batch_cfg`: separate on CPU).
+        The arguments are checked once, up front (`check_call`).
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if (prompt is None) == (prompt_embeds is None):
-            raise ValueError("pass exactly one of prompt and prompt_embeds")
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        check_max_sequence_length(max_sequence_length)
-        prompts = None if prompt is None else ([prompt] if isinstance(prompt, str) else list(prompt))
-        batch = len(prompts) if prompts is not None else int(np.shape(prompt_embeds)[0])
-        per_prompt = images_per_prompt(image, self.variant, batch)
-        sizes = self.image_sizes(per_prompt[0])
-        height, width = output_dims(height, width, sizes.output, 2 * self.vae_scale_factor)
-
-        has_neg = negative_prompt is not None or negative_prompt_embeds is not None
-        if true_cfg_scale > 1 and not has_neg:
-            warnings.warn(f"true_cfg_scale is {true_cfg_scale}, but classifier-free guidance is off since no "
-                          f"negative_prompt is given (as in diffusers; negative_prompt=' ' turns it on)", stacklevel=2)
-        elif true_cfg_scale <= 1 and has_neg:
-            warnings.warn("negative_prompt is given but classifier-free guidance is off since true_cfg_scale <= 1",
-                          stacklevel=2)
-        do_cfg = true_cfg_scale > 1 and has_neg
-        n = num_images_per_prompt
-        if prompt_embeds is None:
-            prompt_embeds, prompt_embeds_mask = self.encode_prompt(prompts, image, num_images_per_prompt=n)
+        req = self.check_call(image, prompt, negative_prompt, true_cfg_scale, height, width, num_images_per_prompt,
+                              latents, prompt_embeds, prompt_embeds_mask, negative_prompt_embeds,
+                              negative_prompt_embeds_mask, output_type, max_sequence_length)
+        n = req.num_images_per_prompt
+        if req.prompts is not None:
+            prompt_embeds, prompt_embeds_mask = self._encode_prompts(req.prompts, req.images, req.sizes, n)
         else:
-            prompt_embeds, prompt_embeds_mask = _given_embeds(prompt_embeds, prompt_embeds_mask, n, "prompt")
+            prompt_embeds, prompt_embeds_mask = _expand_embeds(prompt_embeds, prompt_embeds_mask, n)
         neg = neg_mask = None
-        if do_cfg and negative_prompt_embeds is None:
-            negs = [negative_prompt] * batch if isinstance(negative_prompt, str) else list(negative_prompt)
-            if len(negs) != batch:
-                raise ValueError(f"{len(negs)} negative prompts for {batch} prompts")
-            neg, neg_mask = self.encode_prompt(negs, image, num_images_per_prompt=n)
-        elif do_cfg:
-            neg, neg_mask = _given_embeds(negative_prompt_embeds, negative_prompt_embeds_mask, n, "negative_prompt")
+        if req.negative_prompts is not None:
+            neg, neg_mask = self._encode_prompts(req.negative_prompts, req.images, req.sizes, n)
+        elif req.cfg:
+            neg, neg_mask = _expand_embeds(negative_prompt_embeds, negative_prompt_embeds_mask, n)
 
-        refs, ref_shapes = self.encode_images(per_prompt)
+        refs, ref_shapes = self.encode_images(req.images, req.sizes)
         refs = _expand(refs, n)
         model = self._component("transformer", "to denoise")
-        p = 2 * self.vae_scale_factor
-        target = (1, height // p, width // p)
-        shape = (batch * n, target[1] * target[2], model.config.in_channels)
         if latents is None:
-            noise = jnp.asarray(sample_noise(random_seed() if seed is None else seed, shape), self.dtype)
+            noise = jnp.asarray(sample_noise(random_seed() if seed is None else seed, req.noise_shape), self.dtype)
         else:
-            if tuple(np.shape(latents)) != shape:
-                raise ValueError(f"latents must be packed noise of shape {list(shape)} for {batch * n} images of "
-                                 f"{height}×{width} (H×W), got {list(np.shape(latents))}")
             noise = jnp.asarray(latents, self.dtype)
+        p = 2 * self.vae_scale_factor
+        target = (1, req.height // p, req.width // p)
         out = sample(model, noise=noise, image_latents=refs, prompt_embeds=prompt_embeds,
                      prompt_embeds_mask=prompt_embeds_mask, negative_prompt_embeds=neg,
-                     negative_prompt_embeds_mask=neg_mask, true_cfg_scale=true_cfg_scale if do_cfg else 1.0,
+                     negative_prompt_embeds_mask=neg_mask, true_cfg_scale=true_cfg_scale if req.cfg else 1.0,
                      num_inference_steps=num_inference_steps, img_shapes=[target, *ref_shapes], batch_cfg=batch_cfg,
                      scheduler=self.scheduler, mesh=self.mesh)
         if output_type == "latent":
             return QwenImagePipelineOutput(images=out)
-        images = to_numpy_images(self.decode_latents(out, height, width))
+        images = to_numpy_images(self.decode_latents(out, req.height, req.width))
         return QwenImagePipelineOutput(images=images if output_type == "np" else numpy_to_pil(images))
 
 
-def _given_embeds(embeds: Any, mask: Any, n: int, what: str) -> tuple[jax.Array, jax.Array | None]:
-    """User-given `[B, L, D]` embeddings (and `[B, L]` mask) as JAX arrays, repeated per image."""
+@dataclasses.dataclass(frozen=True)
+class EditRequest:
+    """A checked `__call__` (`QwenImageEditPipeline.check_call`): what the stages need, derived once."""
+
+    prompts: list[str] | None  # None: prompt_embeds were given
+    negative_prompts: list[str] | None  # to encode: CFG on and no negative_prompt_embeds given
+    images: list[list[Image.Image]]  # per prompt
+    sizes: ImageSizes  # the resize plan of the first prompt's images
+    height: int  # output size, floored to the latent grid
+    width: int
+    num_images_per_prompt: int
+    cfg: bool  # classifier-free guidance on
+    noise_shape: tuple[int, int, int]  # packed noise [B·n, N, C]
+
+
+def _as_prompts(prompt: str | Sequence[str]) -> list[str]:
+    """One prompt or a non-empty list of them, as a list."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("prompt is an empty list")
+    return prompts
+
+
+def _check_embeds(embeds: Any, mask: Any, what: str) -> None:
+    """User-given embeddings are `[B, L, D]`, their mask (if any) `[B, L]`."""
     if np.ndim(embeds) != 3:
         raise ValueError(f"{what}_embeds must be [B, L, D], got shape {list(np.shape(embeds))}")
     if mask is not None and tuple(np.shape(mask)) != tuple(np.shape(embeds))[:2]:
         raise ValueError(f"{what}_embeds_mask shape {list(np.shape(mask))} does not match {what}_embeds "
                          f"{list(np.shape(embeds))[:2]}")
+
+
+def _expand_embeds(embeds: Any, mask: Any, n: int) -> tuple[jax.Array, jax.Array | None]:
+    """Checked user-given embeddings (and mask) as JAX arrays, each row repeated per image."""
     return _expand(jnp.asarray(embeds), n), None if mask is None else _expand(jnp.asarray(mask), n)
 
 
@@ -490,7 +484,6 @@ def _load_dit(repo: str, transformer: Any, mesh: Mesh | None, lora: Any,
     return model
 
 
-__all__ = ["COMPONENTS", "ImageSizes", "QwenImageEditPipeline", "QwenImagePipelineOutput", "as_pil",
-           "images_per_prompt", "latents_to_images", "numpy_to_pil", "output_dims", "pipeline_variant", "plan_sizes",
-           "random_seed", "save_png", "scheduler_from_json", "to_numpy_images", "transformer_config_source",
-           "vae_input"]
+__all__ = ["COMPONENTS", "EditRequest", "QwenImageEditPipeline", "QwenImagePipelineOutput", "images_per_prompt",
+           "latents_to_images", "pipeline_variant", "random_seed", "save_png", "scheduler_from_json",
+           "transformer_config_source"]

@@ -5,7 +5,7 @@ r"""Sample edit targets from a training cache, or edit images into PNGs, with a 
         --lora runs/demo/lora_diffusers.safetensors:0.8 --out samples/ [--steps 50] [--cfg 4.0] \
         [--seed 0] [--batch-size 1] [--dtype bf16] [--ids ID ...] [--limit N] [--mesh 1,-1,1]
 
-Reads cached prompt embeddings and reference latents (`qwen_edit_jax.training.data` format) and
+Reads cached prompt embeddings and reference latents (`qwen_edit_jax.cache_format`) and
 writes OUT/<sample id>.safetensors per sample: `latents` [16, h, w], the normalised VAE latent (the
 same space as the cache's `target`; decode with z·std + mean and the VAE). `--model` is a diffusers
 transformer folder, a safetensors file (with --config), or a merged checkpoint from convert/.
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu_unless_accelerator()  # before JAX picks a platform: no libtpu probe noise on CPU-only machines
 
     from qwen_edit_jax.errors import CheckpointError
-    from qwen_edit_jax.training.data import DataError
+    from qwen_edit_jax.cache_format import DataError
 
     try:
         if bool(args.cache) == bool(args.image):
@@ -155,13 +155,12 @@ def png_path(latents_path: str) -> str:
 
 def sample_cache(args) -> str:
     """--cache mode: sampled latents per example, plus PNGs when --model is a repo folder."""
-    from safetensors.numpy import load_file
-
     from qwen_edit_jax import loading, sampling
     from qwen_edit_jax.config import DiTConfig, ModelOptions, as_dtype
     from qwen_edit_jax.pipeline import latents_to_images, save_png, transformer_config_source
-    from qwen_edit_jax.training.data import CachedDataset, DataError
+    from qwen_edit_jax.cache_format import CachedDataset, DataError
     from qwen_edit_jax.utils.files import check_output_dir
+    from qwen_edit_jax.weights.safetensors_io import load_tensors
 
     check_output_dir(args.out, "--out")
     loras = parse_loras(args.lora)
@@ -210,7 +209,7 @@ def sample_cache(args) -> str:
             if not (args.skip_existing and os.path.exists(png_path(path)))}
     vae = loading.load_vae(os.path.join(args.model, "vae"), dtype=dtype, mesh=mesh) if todo else None
     for sample_id, path in todo.items():
-        image, = latents_to_images(vae, load_file(path)["latents"][None])
+        image, = latents_to_images(vae, load_tensors(path)["latents"][None])
         save_png(png_path(path), image, {"sample_id": sample_id, "latents": os.path.basename(path),
                                          "model": os.path.abspath(args.model), "seed": args.seed,
                                          "num_inference_steps": args.steps}, overwrite=args.overwrite)
@@ -235,14 +234,8 @@ def edit_images(args) -> str:
     """--image mode: encode the prompts (text encoder + VAE), release the text encoder, load the
     transformer, sample, decode, write PNGs."""
     from qwen_edit_jax.config import ModelOptions, as_dtype
-    from qwen_edit_jax.pipeline import (
-        QwenImageEditPipeline,
-        images_per_prompt,
-        output_dims,
-        pipeline_variant,
-        plan_sizes,
-        save_png,
-    )
+    from qwen_edit_jax.imaging import output_dims, plan_sizes
+    from qwen_edit_jax.pipeline import QwenImageEditPipeline, images_per_prompt, pipeline_variant, save_png
     from qwen_edit_jax.utils.files import check_output_dir
 
     if not args.prompt:

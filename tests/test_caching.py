@@ -25,9 +25,10 @@ from qwen_edit_jax.caching.buckets import Sizing
 from qwen_edit_jax.caching.run import CacheOptions, Encoders, cache_dataset, plan_batches
 from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
 from qwen_edit_jax.caching.writer import partial_path
-from qwen_edit_jax.preprocess.prompts import calculate_dimensions, resize, vae_image, vae_image_size
+from qwen_edit_jax.cache_format import CachedDataset
+from qwen_edit_jax.imaging import calculate_dimensions, plan_sizes, resize, vae_pixels
 from qwen_edit_jax.training.config import DemoSection, config_from_dict
-from qwen_edit_jax.training.data import BatchLoader, CachedDataset
+from qwen_edit_jax.training.data import BatchLoader
 from qwen_edit_jax.training.demo import make_demo_checkpoint
 from qwen_edit_jax.training.loop import train
 
@@ -98,12 +99,13 @@ def test_reference_sizes_are_the_pipelines():
     s = Sizing(resolution=512)
     img = Image.new("RGB", (900, 600))
     for variant in ("edit", "edit_plus"):  # both pipelines encode references at 1024² area
-        assert buckets.reference_vae_size(900, 600, (512, 352), s) == vae_image_size(img, variant)
+        assert buckets.reference_vae_size(900, 600, (512, 352), s) == plan_sizes([img], variant).vae[0]
     assert buckets.reference_vae_size(900, 600, (512, 352), Sizing(512, control_resolution="target")) == (512, 352)
     assert buckets.reference_vae_size(900, 600, (0, 0), Sizing(512, control_resolution=256)) == \
         calculate_dimensions(256**2, 1.5)
-    x = buckets.vae_pixels(img, vae_image_size(img, "edit_plus"))
-    np.testing.assert_array_equal(x, vae_image(img, "edit_plus"))
+    size = plan_sizes([img], "edit_plus").vae[0]
+    want = (2.0 * (np.asarray(resize(img, *size), np.float32) / 255.0) - 1.0).transpose(2, 0, 1)
+    np.testing.assert_array_equal(vae_pixels(img, size), want)
 
 
 @pytest.mark.parametrize("bad", [dict(resolution=16), dict(control_resolution="huge"), dict(control_resolution=8)])
@@ -386,7 +388,7 @@ def reference(enc: Encoders, variant: str, target: str, controls, prompt: str, s
     out = {"target": np.asarray(enc.vae.encode(_vae_input(t, buckets.target_size(*t.size, sizing))))[0]}
     refs = [Image.open(c).convert("RGB") for c in controls]
     if sizing.control_resolution == "pipeline":
-        xs = [vae_image(r, variant)[None] for r in refs]
+        xs = [vae_pixels(r, plan_sizes([r], variant).vae[0])[None] for r in refs]
     elif sizing.control_resolution == "target":
         xs = [_vae_input(r, buckets.target_size(*t.size, sizing)) for r in refs]
     else:
@@ -544,6 +546,7 @@ def test_resume_after_interruption_gives_identical_tensors(tmp_path, repos, enco
                                            "shard-00001.json", "shard-00001.safetensors"]
     assert not os.path.exists(out)
     kept = shard_hashes(partial)
+    open(os.path.join(partial, ".shard-00002.safetensors.tmp-killed"), "wb").close()  # a killed shard write
     with pytest.raises(FileExistsError, match="different job .*resolution 64 -> 96.*--overwrite"):
         cache_dataset(root, out, repos["edit"], CacheOptions(**{**opts.__dict__, "resolution": 96}),
                       encoders=encoders["edit"], log=lambda m: None)
@@ -551,6 +554,7 @@ def test_resume_after_interruption_gives_identical_tensors(tmp_path, repos, enco
     res = cache_dataset(root, out, repos["edit"], opts, encoders=encoders["edit"], log=logs.append)
     assert (res.resumed_from, res.encoded) == (4, 4) and any("4 of 8 samples already cached" in m for m in logs)
     assert_same_cache(CachedDataset(tmp_path / "clean"), CachedDataset(out), kept)
+    assert not [n for n in os.listdir(out) if n.startswith(".")]  # the killed write's temporary is gone
     again = cache_dataset(root, out, repos["edit"], opts, encoders=encoders["edit"], log=lambda m: None)
     assert again.already_complete and again.encoded == 0
 

@@ -20,7 +20,7 @@ import pytest
 
 from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
 from qwen_edit_jax.caching.writer import partial_path
-from qwen_edit_jax.training.data import CachedDataset
+from qwen_edit_jax.cache_format import CachedDataset
 from tests.background import Job
 from test_caching import (EXPECTED_BAD, assert_same_cache, bad_dataset, folder_dataset, rand_image, rel,
                           shard_hashes)

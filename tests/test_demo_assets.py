@@ -30,8 +30,8 @@ from qwen_edit_jax.demo import DEMO_EDITS, assets, demo_validation_prompts, writ
 from qwen_edit_jax.demo import __main__ as cli
 from qwen_edit_jax.demo.assets import demo_vae_config
 from qwen_edit_jax.demo.vae import latent_matrix
+from qwen_edit_jax.imaging import calculate_dimensions
 from qwen_edit_jax.loading.vae import init_vae, load_vae, save_vae, vae_params
-from qwen_edit_jax.preprocess import calculate_dimensions
 from qwen_edit_jax.sampling import FlowMatchConfig
 from qwen_edit_jax.weights.vae_keys import from_flax, to_flax, vae_keys
 

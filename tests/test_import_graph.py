@@ -18,7 +18,7 @@ PKG = "qwen_edit_jax"
 LAYERS: list[tuple[str, int]] = [
     ("config", 0), ("errors", 0), ("packing", 0), ("utils", 0),
     ("parallel", 1),
-    ("models", 2), ("weights", 2),
+    ("models", 2), ("weights", 2), ("imaging", 2), ("cache_format", 2),
     ("lora", 3),
     ("loading", 4), ("convert", 4), ("preprocess", 4), ("encoding", 4),
     ("sampling", 5), ("pipeline", 5), ("sharding", 5),

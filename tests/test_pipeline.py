@@ -27,8 +27,9 @@ from safetensors.numpy import save_file  # noqa: E402
 from qwen_edit_jax.sampling import QWEN_IMAGE_SCHEDULER  # noqa: E402
 from qwen_edit_jax import load_transformer  # noqa: E402
 from qwen_edit_jax.errors import CheckpointError  # noqa: E402
+from qwen_edit_jax.imaging import output_dims, plan_sizes  # noqa: E402
 from qwen_edit_jax.pipeline import (  # noqa: E402
-    COMPONENTS, QwenImageEditPipeline, output_dims, pipeline_variant, plan_sizes, scheduler_from_json,
+    COMPONENTS, QwenImageEditPipeline, pipeline_variant, scheduler_from_json,
 )
 from tests import pipeline_reference as P  # noqa: E402
 

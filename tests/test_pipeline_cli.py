@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
 from qwen_edit_jax.pipeline import QwenImageEditPipeline, latents_to_images  # noqa: E402
-from qwen_edit_jax.training.data import CachedSample, write_cache  # noqa: E402
+from qwen_edit_jax.cache_format import CachedSample, write_cache  # noqa: E402
 from tests import pipeline_reference as P  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

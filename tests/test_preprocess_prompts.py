@@ -21,10 +21,12 @@ from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as hf_edit  # 
 from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as hf_plus  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil  # noqa: E402
 
+from qwen_edit_jax.imaging import (  # noqa: E402
+    CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE, calculate_dimensions, condition_images, output_dims, plan_sizes, vae_pixels,
+)
 from qwen_edit_jax.preprocess import (  # noqa: E402
-    CONDITION_IMAGE_SIZE, TEMPLATES, VAE_IMAGE_SIZE, QwenImageProcessor, QwenTokenizer, QwenVLProcessor,
-    bucket_length, build_inputs, calculate_dimensions, condition_image, extract_masked_hidden, mask_or_none,
-    output_size, pad_inputs, prompt_embeds_from_hidden, vae_image,
+    TEMPLATES, QwenImageProcessor, QwenTokenizer, QwenVLProcessor, bucket_length, build_inputs, extract_masked_hidden,
+    mask_or_none, pad_inputs, prompt_embeds_from_hidden,
 )
 from qwen_edit_jax.preprocess.image_processor import ImageProcessorConfig  # noqa: E402
 from qwen_edit_jax.preprocess.tiny import write_tiny_tokenizer  # noqa: E402
@@ -33,6 +35,16 @@ PIPELINES = {"t2i": hf_t2i.QwenImagePipeline, "edit": hf_edit.QwenImageEditPipel
              "edit_plus": hf_plus.QwenImageEditPlusPipeline}
 IMAGE_CONFIG = {"min_pixels": 3136, "max_pixels": 12845056}
 HIDDEN = 8
+
+
+def condition_image(im, variant):
+    """One image as the pipeline hands it to the VL processor."""
+    return condition_images([im], variant)[0]
+
+
+def vae_image(im, variant):
+    """One image as the pipeline hands it to the VAE."""
+    return vae_pixels(im, plan_sizes([im], variant).vae[0])
 
 
 class _RefProcessor(transformers.Qwen2VLProcessor):
@@ -130,7 +142,7 @@ def test_sizes_equal_diffusers():
             assert calculate_dimensions(area, ratio) == hf_edit.calculate_dimensions(area, ratio)[:2]
     img = image(333, 187, 0)
     w, h = hf_edit.calculate_dimensions(1024 * 1024, img.width / img.height)[:2]
-    assert output_size([img], "edit") == (w // 16 * 16, h // 16 * 16)
+    assert output_dims(None, None, plan_sizes([img], "edit").output, 16) == (h // 16 * 16, w // 16 * 16)
 
 
 @pytest.mark.parametrize("size,mode", [((300, 200), "RGB"), ((97, 161), "RGBA")])

@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 import qwen_edit_jax as q
 from qwen_edit_jax import sampling
-from qwen_edit_jax.training.data import CachedDataset, CachedSample, write_cache
+from qwen_edit_jax.cache_format import CachedDataset, CachedSample, write_cache
 from tests.sampling_reference import diffusers_edit_loop
 from tests.torch_reference import make_torch_model, rel_err, save_torch_model
 

@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
     # the command on a mesh (weights loaded sharded) writes the same latents as on one device
     import importlib.util, os, sys, tempfile
     from safetensors import safe_open
-    from qwen_edit_jax.training.data import CachedSample, write_cache
+    from qwen_edit_jax.cache_format import CachedSample, write_cache
     from tests.torch_reference import make_torch_model, save_torch_model
 
     tmp = tempfile.mkdtemp()

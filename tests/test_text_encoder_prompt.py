@@ -37,7 +37,8 @@ import text_encoder_reference as R  # noqa: E402
 from qwen_edit_jax.encoding import bucket_key  # noqa: E402
 from qwen_edit_jax.errors import CheckpointError  # noqa: E402
 from qwen_edit_jax.loading.text_encoder import load_text_encoder  # noqa: E402
-from qwen_edit_jax.preprocess import QwenTokenizer, bucket_length, condition_image  # noqa: E402
+from qwen_edit_jax.imaging import condition_images  # noqa: E402
+from qwen_edit_jax.preprocess import QwenTokenizer, bucket_length  # noqa: E402
 from qwen_edit_jax.preprocess.tiny import write_tiny_tokenizer  # noqa: E402
 
 TOL = 1e-4
@@ -140,7 +141,7 @@ PLUS_ROWS = [(PROMPTS[0], [image(84, 56, 2), image(56, 56, 3)]), (PROMPTS[1], [i
 
 def test_edit_batch_matches_diffusers(enc, repo):
     """Edit, two prompts of different lengths, one image each of different sizes (several windows each)."""
-    ref = reference("edit", repo)(prompt=PROMPTS, image=[condition_image(r, "edit") for r in EDIT_IMAGES])
+    ref = reference("edit", repo)(prompt=PROMPTS, image=[condition_images([r], "edit")[0] for r in EDIT_IMAGES])
     assert ref[1] is not None and not ref[1].all()  # really padded
     ours = enc.encode_prompt(PROMPTS, EDIT_IMAGES, variant="edit")
     assert ours[0].dtype == jnp.float32
@@ -154,7 +155,7 @@ def test_edit_plus_rows_match_diffusers(enc, repo):
                                                                variant="edit_plus"))
     lengths = []
     for i, (prompt, images) in enumerate(PLUS_ROWS):
-        ref = reference("edit_plus", repo)(prompt=prompt, image=[condition_image(im, "edit_plus") for im in images])
+        ref = reference("edit_plus", repo)(prompt=prompt, image=[*condition_images(images, "edit_plus")])
         n = ref[0].shape[1]
         lengths.append(n)
         assert_close((embeds[i:i + 1, :n], mask[i:i + 1, :n]), ref)
@@ -171,7 +172,7 @@ def test_t2i_batch_matches_diffusers(enc, repo, max_sequence_length):
 def test_one_dimensional_positions_differ(enc, repo):
     """Guard: the unpatched pipeline (transformers ≥ 5.15: 1D positions for image tokens) is measurably
     different from ours, which follows the trained 3D positions."""
-    images = [condition_image(r, "edit") for r in EDIT_IMAGES]
+    images = [condition_images([r], "edit")[0] for r in EDIT_IMAGES]
     ref1d = reference("edit", repo, fix=False)(prompt=PROMPTS, image=images)[0].numpy()
     ref3d = reference("edit", repo)(prompt=PROMPTS, image=images)[0].numpy()
     ours = np.asarray(enc.encode_prompt(PROMPTS, EDIT_IMAGES, variant="edit")[0])
@@ -223,7 +224,7 @@ def test_edit_batch_on_a_mesh_matches_diffusers(repo, tmp_path):
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stderr[-3000:]
     out = np.load(tmp_path / "out.npz")
-    ref = reference("edit", repo)(prompt=PROMPTS, image=[condition_image(r, "edit") for r in EDIT_IMAGES])
+    ref = reference("edit", repo)(prompt=PROMPTS, image=[condition_images([r], "edit")[0] for r in EDIT_IMAGES])
     assert_close((out["embeds"], out["mask"]), ref)
 
 

@@ -19,7 +19,7 @@ from qwen_edit_jax.loading.text_encoder import load_text_encoder, load_text_enco
 from qwen_edit_jax.models.quant import quantize, reduced_axis
 from qwen_edit_jax.models.text_encoder import EncoderOptions, Qwen25VLConfig, Qwen25VLEncoder, TextConfig, VisionConfig
 from qwen_edit_jax.parallel import make_mesh
-from qwen_edit_jax.training.data import CachedDataset
+from qwen_edit_jax.cache_format import CachedDataset
 from test_caching import folder_dataset, rel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

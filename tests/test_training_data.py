@@ -10,15 +10,8 @@ import numpy as np
 import pytest
 
 from qwen_edit_jax.packing import pack_latents
-from qwen_edit_jax.training.data import (
-    MANIFEST,
-    BatchLoader,
-    CachedDataset,
-    CachedSample,
-    DataError,
-    text_bucket,
-    write_cache,
-)
+from qwen_edit_jax.cache_format import MANIFEST, CachedDataset, CachedSample, DataError, write_cache
+from qwen_edit_jax.training.data import BatchLoader, text_bucket
 
 C, J = 16, 8
 

@@ -24,7 +24,7 @@ import qwen_edit_jax as q
 from qwen_edit_jax.training.checkpoint import KILL_DURING_SAVE_ENV, TrainCheckpointer
 from qwen_edit_jax.training.config import ConfigError, DemoSection, config_from_dict, load_config
 from qwen_edit_jax.errors import CheckpointError
-from qwen_edit_jax.training.data import DataError, write_cache
+from qwen_edit_jax.cache_format import DataError, write_cache
 from qwen_edit_jax.training.demo import demo_samples
 from qwen_edit_jax.training.loop import NonFiniteLossError, train
 from qwen_edit_jax.training.step import make_schedule, split_lora

@@ -17,7 +17,7 @@ import qwen_edit_jax as q
 from qwen_edit_jax import parallel
 from qwen_edit_jax.training import plan as lib
 from qwen_edit_jax.training.config import load_config
-from qwen_edit_jax.training.data import CachedSample, write_cache
+from qwen_edit_jax.cache_format import CachedSample, write_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train" / "train_lora.py"

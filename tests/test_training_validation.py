@@ -24,7 +24,7 @@ from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
 from qwen_edit_jax.loading import save_transformer
 from qwen_edit_jax.models.dit import init_transformer
 from qwen_edit_jax.training.config import ConfigError, DemoSection, config_from_dict
-from qwen_edit_jax.training.data import write_cache
+from qwen_edit_jax.cache_format import write_cache
 from qwen_edit_jax.training.demo import demo_samples
 from qwen_edit_jax.training.loop import train
 from qwen_edit_jax.training.run_log import RunLog

@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    from qwen_edit_jax.cache_format import DataError
     from qwen_edit_jax.caching import BadInput, CacheOptions, LayoutError, cache_dataset, format_report
     from qwen_edit_jax.caching.buckets import parse_control_resolution
     from qwen_edit_jax.caching.writer import partial_path
     from qwen_edit_jax.errors import CheckpointError
     from qwen_edit_jax.parallel import batch_axes_for, distributed, make_mesh
-    from qwen_edit_jax.training.data import DataError
     from qwen_edit_jax.utils.files import check_output_dir
 
     def err(msg: str) -> None:
@@ -183,11 +183,12 @@ def _resume_hint(output: str, partial_path) -> str:
 
 
 def _write_report(path: str, report: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    """The --report file, written atomically (imported here: the package loads after the device setup)."""
+    from qwen_edit_jax.utils.files import atomic_path
+
+    with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
         json.dump(report, f, indent=1)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_edit_jax.errors import CheckpointError
     from qwen_edit_jax.parallel.distributed import DistributedError, initialize
     from qwen_edit_jax.training.config import ConfigError, load_config
-    from qwen_edit_jax.training.data import DataError
+    from qwen_edit_jax.cache_format import DataError
     from qwen_edit_jax.training.loop import NonFiniteLossError, train
     from qwen_edit_jax.utils.files import check_output_dir
 
@@ -95,7 +95,7 @@ def _plan(config: str, overrides: list[str], where: str, as_json: bool) -> int:
 
     from qwen_edit_jax.errors import CheckpointError
     from qwen_edit_jax.training.config import ConfigError, load_config
-    from qwen_edit_jax.training.data import DataError
+    from qwen_edit_jax.cache_format import DataError
     from qwen_edit_jax.training.plan import format_plan, format_suggestion, plan_training
 
     try:

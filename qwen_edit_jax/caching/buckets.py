@@ -1,7 +1,7 @@
 """Image sizes of a cached sample: the target's bucket and each reference's VAE and prompt sizes.
 
 * **Target** (the edited image): area ≈ `resolution`² at the image's aspect ratio, both sides multiples
-  of 32 (`calculate_dimensions`, the pipelines' own rule, so a 1024 cache has the sizes the pipeline
+  of 32 (`imaging.bucket_size`: the pipelines' own rule, so a 1024 cache has the sizes the pipeline
   generates). An image with less area than `resolution`² is never enlarged: its sides are rounded
   down to multiples of 32 (unless `upscale`).
 * **References, VAE side**: as the pipelines encode them: area 1024² (`VAE_IMAGE_SIZE`) at the
@@ -12,23 +12,17 @@
 * **References, prompt side**: always exactly the pipeline's: `condition_image` (Edit: the 1024²-area
   image; Edit-Plus: 384² area), applied inside `QwenPromptEncoder.prepare`.
 
-Every resize is diffusers' (PIL Lanczos, `preprocess.prompts.resize`); nothing is cropped, so target
-and references stay aligned.
+Every resize is diffusers' (PIL Lanczos, `imaging.vae_pixels`); nothing is cropped, so target and
+references stay aligned.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-from PIL import Image
+from ..imaging import MULTIPLE, VAE_IMAGE_SIZE, Size, bucket_size, calculate_dimensions
 
-from ..preprocess.prompts import VAE_IMAGE_SIZE, calculate_dimensions, resize
-
-MULTIPLE = 32  # the pipelines round every side to 32 (VAE factor 8 × 2×2 patches × 2)
 CONTROL_MODES = ("pipeline", "target")
-
-Size = tuple[int, int]  # (width, height)
 
 
 class SizeError(ValueError):
@@ -73,13 +67,9 @@ def _check(size: Size, width: int, height: int, what: str, hint: str = "") -> Si
 def target_size(width: int, height: int, sizing: Sizing) -> Size:
     """(width, height) of the target's bucket."""
     area = sizing.resolution ** 2
-    if sizing.upscale or width * height >= area:
-        size = calculate_dimensions(area, width / height)
-        hint = " (the aspect ratio is too extreme)"
-    else:
-        size = (width // MULTIPLE * MULTIPLE, height // MULTIPLE * MULTIPLE)
-        hint = " (pass --upscale to enlarge small images)"
-    return _check(size, width, height, "image of", hint)
+    kept_small = not sizing.upscale and width * height < area
+    hint = " (pass --upscale to enlarge small images)" if kept_small else " (the aspect ratio is too extreme)"
+    return _check(bucket_size(width, height, area, upscale=sizing.upscale), width, height, "image of", hint)
 
 
 def reference_vae_size(width: int, height: int, target: Size, sizing: Sizing) -> Size:
@@ -91,13 +81,4 @@ def reference_vae_size(width: int, height: int, target: Size, sizing: Sizing) ->
                   " (the aspect ratio is too extreme)")
 
 
-def vae_pixels(image: Image.Image, size: Size) -> np.ndarray:
-    """The VAE input of an RGB image: Lanczos-resized to `size`, float32 `[3, H, W]` in [-1, 1]
-    (diffusers' `VaeImageProcessor.preprocess`)."""
-    img = image if image.size == tuple(size) else resize(image, *size)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    return np.ascontiguousarray((2.0 * x - 1.0).transpose(2, 0, 1))
-
-
-__all__ = ["CONTROL_MODES", "MULTIPLE", "SizeError", "Sizing", "parse_control_resolution", "reference_vae_size",
-           "target_size", "vae_pixels"]
+__all__ = ["CONTROL_MODES", "SizeError", "Sizing", "parse_control_resolution", "reference_vae_size", "target_size"]

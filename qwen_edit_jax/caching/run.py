@@ -40,17 +40,18 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from ..cache_format import DEFAULT_SHARD_BYTES, CachedDataset, CachedSample
 from ..config import as_dtype
 from ..encoding import QwenPromptEncoder
 from ..errors import CheckpointError
+from ..imaging import vae_pixels
 from ..loading import load_text_encoder, load_vae
 from ..loading.vae import QwenImageVAE
 from ..models.text_encoder import ENCODER_QUANT_MODES
 from ..parallel import distributed
 from ..pipeline import VARIANT_OF_CLASS, model_index_class
 from ..preprocess import bucket_length
-from ..training.data import DEFAULT_SHARD_BYTES, CachedDataset, CachedSample
-from .buckets import Sizing, vae_pixels
+from .buckets import Sizing
 from .layouts import LayoutError, Listing, read_dataset
 from .validate import GoodSample, Report, format_report, load_image, parse_background, validate
 from .writer import JOB_FORMAT, CacheExists, PartialCache, partial_path

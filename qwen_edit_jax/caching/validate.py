@@ -32,7 +32,8 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
-from .buckets import Size, SizeError, Sizing, reference_vae_size, target_size
+from ..imaging import Size
+from .buckets import SizeError, Sizing, reference_vae_size, target_size
 from .layouts import Listing, Problem, RawSample
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

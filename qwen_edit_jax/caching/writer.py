@@ -8,7 +8,7 @@ samples of the shard being filled, and the same command resumes after the last c
   entries), the record written (atomically) after the shard is on disk, so a shard counts only
   when its record exists and the sizes agree.
 When every sample is written, `manifest.json` is assembled from the records, the records and
-`job.json` are removed, and the folder is renamed to `OUTPUT` (the format of `training.data`).
+`job.json` are removed, and the folder is renamed to `OUTPUT` (the format of `cache_format`).
 Samples are written in the plan's order and shards end on batch boundaries, so a resumed run
 recomputes exactly the batches an uninterrupted run would have computed next.
 """
@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from typing import Any
 
 import numpy as np
 
-from ..training.data import FORMAT, MANIFEST, CachedSample, DataError, ShardWriter, write_manifest
-from ..utils.files import check_output_dir, default_mode
+from ..cache_format import FORMAT, MANIFEST, CachedSample, DataError, ShardWriter, write_manifest
+from ..utils.files import atomic_path, check_output_dir, move_into_place
 
 JOB = "job.json"
 JOB_FORMAT = "qwen-edit-jax/cache-job"
@@ -45,13 +44,12 @@ def _read_json(path: str) -> Any:
 
 
 def _write_json(path: str, data: Any) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
+    """`data` as JSON, on disk before it takes its name (a record counts only once complete)."""
+    with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def describe_job_change(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -153,7 +151,8 @@ class PartialCache:
             start += len(ids)
         for name in os.listdir(self.partial):  # anything after the last good record is redone
             stem = name.split(".")[0]
-            if stem.startswith("shard-") and int(stem[6:]) >= len(records):
+            leftover = name.startswith(".")  # the temporary file of a write that was killed
+            if leftover or (stem.startswith("shard-") and int(stem[6:]) >= len(records)):
                 os.remove(os.path.join(self.partial, name))
         return records
 
@@ -175,9 +174,7 @@ class PartialCache:
         index = len(self.writer.shards) - 1
         rec = {"shard": shard, "entries": self.writer.entries[first:], "latent_channels": self.writer.channels,
                "joint_attention_dim": self.writer.joint}
-        path = os.path.join(self.partial, f"shard-{index:05d}.json")
-        _write_json(path, rec)
-        default_mode(path)
+        _write_json(os.path.join(self.partial, f"shard-{index:05d}.json"), rec)
         self.done = len(self.writer.entries)
 
     def finish(self, metadata: dict[str, Any]) -> str:
@@ -189,14 +186,7 @@ class PartialCache:
         for name in os.listdir(self.partial):
             if name.endswith(".json") and name != MANIFEST:
                 os.remove(os.path.join(self.partial, name))
-        old = None
-        if os.path.lexists(self.output):
-            old = f"{self.output}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(self.output, old)
-        os.rename(self.partial, self.output)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return self.output
+        return move_into_place(self.partial, self.output, overwrite=True)
 
     def abandon(self) -> None:
         """After a failure: remove the partial folder if this run made it and finished no shard."""

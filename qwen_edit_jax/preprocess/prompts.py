@@ -1,15 +1,15 @@
-"""Prompt templates and condition-image sizing of the Qwen-Image pipelines (diffusers 0.42.1).
+"""Prompt templates and text-encoder inputs of the Qwen-Image pipelines (diffusers 0.42.1).
 
 Three variants, as the diffusers pipelines build the text-encoder input:
 * "t2i"       `QwenImagePipeline`: its own system prompt, no image, the tokenizer truncates at
               1024 + 34 tokens, the first 34 tokens are dropped, embeddings cut to `max_sequence_length`.
 * "edit"      `QwenImageEditPipeline`: one image per prompt in the template
               (`<|vision_start|><|image_pad|><|vision_end|>` before the prompt), drop 64. The image is
-              first resized (PIL Lanczos) to `calculate_dimensions(1024*1024, w/h)`; that same image
-              goes to the VL processor (which resizes again) and to the VAE.
+              first resized to ≈ 1024² (`imaging.plan_sizes`); that same image goes to the VL processor
+              (which resizes again) and to the VAE.
 * "edit_plus" `QwenImageEditPlusPipeline` (2509/2511): "Picture i: <|vision_start|><|image_pad|>
               <|vision_end|>" per image before the prompt, drop 64. Each image goes to the VL processor
-              at a 384*384 area (`CONDITION_IMAGE_SIZE`) and to the VAE at 1024*1024 (`VAE_IMAGE_SIZE`).
+              at a 384*384 area and to the VAE at 1024*1024 (`imaging.plan_sizes`).
 The dropped prefix is exactly the system prompt and the user header with the real tokenizer.
 
 Batches: diffusers' edit pipelines take one image set for the whole call (Edit-Plus refuses batch > 1);
@@ -21,7 +21,6 @@ resize (`VaeImageProcessor.resize` returns lists unchanged); we always resize, a
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +28,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from ..imaging import as_pil, condition_images
 from .processor import QwenVLProcessor
 
 Variant = Literal["t2i", "edit", "edit_plus"]
@@ -62,9 +62,6 @@ TEMPLATES: dict[str, PromptTemplate] = {
 }
 EDIT_PLUS_IMAGE_TEMPLATE = "Picture {}: " + VISION_PLACEHOLDER
 TOKENIZER_MAX_LENGTH = 1024  # pipelines' tokenizer_max_length; also the max_sequence_length bound
-CONDITION_IMAGE_SIZE = 384 * 384  # Edit-Plus: VL-processor input area per image
-VAE_IMAGE_SIZE = 1024 * 1024  # Edit-Plus: VAE input area per image; Edit: the one image's area
-VAE_SCALE_FACTOR = 8
 
 
 def _check_variant(variant: str) -> None:
@@ -78,58 +75,6 @@ def format_prompt(prompt: str, variant: Variant, num_images: int = 0) -> str:
     if variant == "edit_plus":
         prompt = "".join(EDIT_PLUS_IMAGE_TEMPLATE.format(i + 1) for i in range(num_images)) + prompt
     return TEMPLATES[variant].template.format(prompt)
-
-
-# --- image sizing ---------------------------------------------------------------------------------
-def calculate_dimensions(target_area: float, ratio: float) -> tuple[int, int]:
-    """(width, height) of area ≈ `target_area` with width/height = `ratio`, each rounded to a multiple of 32."""
-    width = math.sqrt(target_area * ratio)
-    height = width / ratio
-    return round(width / 32) * 32, round(height / 32) * 32
-
-
-def resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """diffusers' `VaeImageProcessor.resize` for PIL images: Lanczos, no reducing gap."""
-    return image.resize((width, height), resample=Image.Resampling.LANCZOS, reducing_gap=None)
-
-
-def condition_image_size(image: Image.Image, variant: Variant) -> tuple[int, int]:
-    """(width, height) the pipeline resizes an image to before the VL processor."""
-    _check_variant(variant)
-    if variant == "t2i":
-        raise ValueError("the t2i variant takes no images")
-    area = VAE_IMAGE_SIZE if variant == "edit" else CONDITION_IMAGE_SIZE
-    return calculate_dimensions(area, image.width / image.height)
-
-
-def vae_image_size(image: Image.Image, variant: Variant) -> tuple[int, int]:
-    """(width, height) of the image the pipeline hands to the VAE (≈ 1 Mpx, multiples of 32)."""
-    _check_variant(variant)
-    return calculate_dimensions(VAE_IMAGE_SIZE, image.width / image.height)
-
-
-def condition_image(image: Image.Image, variant: Variant) -> Image.Image:
-    """The image as the pipeline passes it to the VL processor (Lanczos-resized; see module docstring)."""
-    return resize(image, *condition_image_size(image, variant))
-
-
-def vae_image(image: Image.Image, variant: Variant) -> np.ndarray:
-    """The VAE input: float32 `[3, H, W]` in [-1, 1] (`VaeImageProcessor.preprocess` of the pipeline).
-
-    Edit resizes the condition image again to the same size (a no-op); Edit-Plus resizes the original.
-    diffusers does not convert to RGB here; non-RGB images are converted so the VAE gets 3 channels.
-    """
-    x = np.array(resize(image, *vae_image_size(image, variant)).convert("RGB")).astype(np.float32) / 255.0
-    return np.ascontiguousarray((2.0 * x - 1.0).transpose(2, 0, 1))
-
-
-def output_size(images: Sequence[Image.Image], variant: Variant,
-                multiple_of: int = 2 * VAE_SCALE_FACTOR) -> tuple[int, int]:
-    """Default (width, height) of the generated image: ≈ 1 Mpx at the ratio of the first (Edit) or last
-    (Edit-Plus) image, floored to `multiple_of` (vae_scale_factor * 2)."""
-    ref = images[0] if variant == "edit" else images[-1]
-    w, h = calculate_dimensions(VAE_IMAGE_SIZE, ref.width / ref.height)
-    return w // multiple_of * multiple_of, h // multiple_of * multiple_of
 
 
 # --- text-encoder inputs --------------------------------------------------------------------------
@@ -171,7 +116,7 @@ def _images_per_prompt(images, variant: str, batch: int) -> list[list[Image.Imag
         raise ValueError(f"{batch} prompts but images for {len(per_prompt)}")
     if variant == "edit" and any(len(x) != 1 for x in per_prompt):
         raise ValueError(f"the edit variant takes exactly one image per prompt, got {[len(x) for x in per_prompt]}")
-    return [[Image.fromarray(im) if isinstance(im, np.ndarray) else im for im in x] for x in per_prompt]
+    return [[as_pil(im) for im in x] for x in per_prompt]
 
 
 def build_inputs(processor: QwenVLProcessor, prompts: str | Sequence[str], images=None, variant: Variant = "edit", *,
@@ -188,7 +133,7 @@ def build_inputs(processor: QwenVLProcessor, prompts: str | Sequence[str], image
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     per_prompt = _images_per_prompt(images, variant, len(prompts))
     if resize_images and variant != "t2i":
-        per_prompt = [[condition_image(im, variant) for im in x] for x in per_prompt]
+        per_prompt = [condition_images(x, variant) if x else x for x in per_prompt]
     texts = [format_prompt(p, variant, len(x)) for p, x in zip(prompts, per_prompt)]
     drop_idx = TEMPLATES[variant].drop_idx
     flat = [im for x in per_prompt for im in x]

@@ -13,12 +13,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from ..models.dit import QwenImageTransformer
 from ..packing import pack_latents, unpack_latents
-from ..utils.files import atomic_path, check_output_dir
+from ..utils.files import check_output_dir
+from ..weights.safetensors_io import save_tensors
 from .loop import sample
 
 F32 = jnp.float32
@@ -65,7 +65,7 @@ def sample_cached_batch(
     batch_cfg: bool | None = None,
     mesh: Any = None,
 ) -> list[np.ndarray]:
-    """Sample the target latents of cached examples (`training.data.CachedSample`) → `[C, h, w]` float32 each.
+    """Sample the target latents of cached examples (`cache_format.CachedSample`) → `[C, h, w]` float32 each.
 
     All samples must share one image layout (target and reference sizes); prompts may differ in
     length (padded with masks, which is exact). The output has the cached target's size. CFG runs
@@ -155,11 +155,7 @@ def validation_distance(
 def save_latents(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None,
                  *, overwrite: bool = False) -> str:
     """Write `{name: array}` as a safetensors file atomically (temporary name, renamed when complete)."""
-    path = os.path.abspath(os.fspath(path))
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-                  metadata={k: str(v) for k, v in (metadata or {}).items()})
-    return path
+    return save_tensors(path, tensors, metadata or {}, overwrite=overwrite)
 
 
 def output_name(sample_id: str) -> str:
@@ -230,7 +226,7 @@ def sample_dataset(
     progress: bool = True,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
-    """Sample cached examples (`training.data.CachedDataset`) and write one safetensors file each.
+    """Sample cached examples (`cache_format.CachedDataset`) and write one safetensors file each.
 
     `OUT/<sample id>.safetensors` holds `latents` [C, h, w] float32 — the normalised VAE latent, the
     same space as the cache's `target` — with the sample id, settings and `metadata` in its header.

@@ -1,12 +1,13 @@
 """LoRA training for the merged-QKV Qwen-Image-Edit DiT: objective, cached data, jitted step, loop.
 
 Modules: `config` (the YAML-backed `TrainConfig`), `objective` (flow matching, timestep
-samplers), `data` (the cached-sample format and the bucketed loader), `step` (`make_train_step`,
+samplers), `data` (the bucketed loader over the cache of `qwen_edit_jax.cache_format`), `step` (`make_train_step`,
 the optimiser), `checkpoint` (Orbax, resume), `loop` (`train`), `demo` (synthetic demo assets).
 """
 
+from ..cache_format import CachedDataset, CachedSample, DataError, write_cache
 from .config import ConfigError, TrainConfig, load_config
-from .data import BatchLoader, CachedDataset, CachedSample, DataError, write_cache
+from .data import BatchLoader
 from .loop import train
 from .step import make_optimizer, make_train_step, split_lora
 

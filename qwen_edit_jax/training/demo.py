@@ -15,11 +15,11 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ..cache_format import CachedSample, write_cache
 from ..config import DiTConfig, preset
 from ..loading import save_transformer
 from ..models.dit import init_transformer
 from .config import ConfigError, DemoSection, TrainConfig
-from .data import CachedSample, write_cache
 
 
 def demo_dit_config(cfg: DemoSection) -> DiTConfig:

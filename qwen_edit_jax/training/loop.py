@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from ..cache_format import CachedDataset, DataError
 from ..config import DiTConfig
 from ..loading import load_transformer
 from ..lora.adapters import load_lora_into_adapters, lora_tensors, write_lora_tensors
@@ -36,7 +37,7 @@ from ..parallel import batch_sharding, distributed, make_mesh
 from ..utils.files import atomic_path, check_output_dir
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
-from .data import BatchLoader, CachedDataset, DataError
+from .data import BatchLoader
 from .demo import ensure_demo_assets, plan_demo_assets
 from .run_log import RunLog
 from .step import init_opt_state, make_optimizer, make_schedule, make_train_step, split_lora

@@ -35,12 +35,13 @@ from jax.extend import core as jcore
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .. import parallel
+from ..cache_format import MANIFEST, CachedDataset
 from ..config import DiTConfig, ModelOptions, preset
 from ..models.dit import abstract_model, count_params
 from ..models.offload import HOST, is_offloaded
 from ..weights.loader import open_lazy_params
 from .config import ObjectiveSection, OptimSection, TrainConfig
-from .data import MANIFEST, CachedDataset, text_bucket
+from .data import text_bucket
 from .step import make_optimizer, make_train_step
 
 GiB = 2**30

@@ -30,12 +30,13 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from ..cache_format import CachedDataset
 from ..config import as_dtype
+from ..imaging import as_pil, output_dims, to_numpy_images, to_uint8
 from ..parallel import distributed
-from ..pipeline import QwenImageEditPipeline, output_dims, save_png, to_numpy_images
+from ..pipeline import QwenImageEditPipeline, save_png
 from ..sampling import validation_distance
 from .config import ConfigError, TrainConfig, ValidationPrompt
-from .data import CachedDataset
 
 VALIDATION_DIR = "validation"
 CELL_HEIGHT = 256  # grid cells are scaled to this height (small images enlarged, large ones reduced)
@@ -131,7 +132,7 @@ class ValidationImages:
                                true_cfg_scale=v.true_cfg_scale if cfg_on else 1.0, height=e.height, width=e.width,
                                num_inference_steps=v.num_inference_steps, seed=e.seed, output_type="latent").images
                 pixels = distributed.to_host(pipe.decode_latents(latents, e.height, e.width))
-                out.append((to_numpy_images(pixels)[0] * 255).round().astype(np.uint8))
+                out.append(to_uint8(to_numpy_images(pixels)[0]))
         finally:
             pipe.transformer = None
         return out
@@ -164,7 +165,7 @@ def _encode(pipe: QwenImageEditPipeline, p: ValidationPrompt, i: int, cfg: Train
 
 # ---- the grid ------------------------------------------------------------------------------------
 def _cell(image: Image.Image | np.ndarray, height: int = CELL_HEIGHT) -> Image.Image:
-    im = Image.fromarray(image) if isinstance(image, np.ndarray) else image.convert("RGB")
+    im = as_pil(image).convert("RGB")
     width = max(1, round(im.width * height / im.height))
     return im.resize((width, height), Image.NEAREST if height >= im.height else Image.LANCZOS)
 

@@ -1,7 +1,9 @@
 """Atomic outputs: write to a temporary name beside the target, rename when complete.
 
-Used by every writer in the project (checkpoints, caches, LoRA files, samples), so a failed or
-killed run never leaves a half-written file under the final name.
+Used by every writer in the project (checkpoints, caches, LoRA files, samples, reports; Orbax's own
+training checkpoints aside), so a failed or killed run never leaves a half-written file under the
+final name. `atomic_path` gives the temporary name and commits it; `move_into_place` commits a
+folder a writer filled under a name of its own (the resumable cache's `OUTPUT.partial/`).
 """
 
 from __future__ import annotations
@@ -76,18 +78,29 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False, is_dir: boo
         yield tmp
         if not is_dir:
             default_mode(tmp)  # the writer may have re-created the file with its own mode
-        check_target(path, overwrite)
-        old = None
-        if os.path.lexists(path):
-            old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-        os.rename(tmp, path)
+        move_into_place(tmp, path, overwrite=overwrite)
         tmp = None
-        if old is not None:
-            _remove(old)
     finally:
         if tmp is not None:
             _remove(tmp)
+
+
+def move_into_place(src: str | os.PathLike, path: str | os.PathLike, *, overwrite: bool = False) -> str:
+    """Rename the complete output `src` (a file or folder beside `path`) to `path`; returns `path`.
+
+    With `overwrite`, an existing `path` is moved aside first and removed only after `src` has been
+    renamed into place, so a failure never leaves neither.
+    """
+    path = os.path.abspath(os.fspath(path))
+    check_target(path, overwrite)
+    old = None
+    if os.path.lexists(path):
+        old = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(path, old)
+    os.rename(src, path)
+    if old is not None:
+        _remove(old)
+    return path
 
 
 def _remove(p: str) -> None:

@@ -2,7 +2,8 @@
 
 `TensorSource` opens a transformer folder (config.json + one file, or shards + index), or a
 single .safetensors file, and hands out numpy arrays (bf16 via ml_dtypes) one at a time or as
-slices, so no caller ever needs the whole checkpoint in memory.
+slices, so no caller ever needs the whole checkpoint in memory. `save_tensors` / `load_tensors`:
+whole small files held in memory (cache shards, sampled latents).
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors needs it)
 import numpy as np
+from safetensors.numpy import save_file
 
 from ..errors import CheckpointError
+from ..utils.files import atomic_path
 from .arrays import transpose_2d
 from .buffers import drop_cached
 
@@ -259,3 +264,29 @@ class TensorSource:
 
     def get(self, key: str) -> np.ndarray:
         return self.read_slice(key, ())
+
+
+# ---- whole small files: the one path for in-memory dicts -----------------------------------------
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, Any] | None = None,
+                 *, overwrite: bool = False, fsync: bool = False) -> str:
+    """Write `{name: array}` held in memory (a cache shard, sampled latents) as one safetensors file,
+    atomically (`utils.files.atomic_path`; usual file mode), laid out by the safetensors library itself.
+
+    `metadata` values are stored as strings; `fsync`: the data is on disk before the file takes its
+    name. Files too large to hold at once, written tensor by tensor: `weights.writer`.
+    """
+    path = os.path.abspath(os.fspath(path))
+    meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp, metadata=meta)
+        if fsync:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+    return path
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as numpy arrays (`SafetensorsFile`: a missing, truncated or
+    corrupt file is a `CheckpointError` naming it)."""
+    f = SafetensorsFile(os.fspath(path))
+    return {k: f.read(k) for k in f.keys()}
