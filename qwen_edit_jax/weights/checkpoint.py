@@ -13,9 +13,10 @@ as `….kernel_scale` `[L, groups, *out]` (one group for int8 / fp8, `config.INT
 group for int4); everything else as in a float checkpoint.
 
 Writing streams: every leaf is a `LazyLeaf` (a view on the source checkpoint) and
-`LazyLeafHandler` (an Orbax `NumpyHandler`) writes stacked leaves one layer at a time into
-per-layer zarr chunks, so no stacked `[L, …]` array is ever materialised; a byte budget bounds
-the layers in flight. The stored leaves are ordinary arrays: any Orbax restore reads them.
+`LazyLeafHandler` (an Orbax `TypeHandler`, public API only) writes stacked leaves one layer at a
+time into per-layer zarr chunks, so no stacked `[L, …]` array is ever materialised; a byte budget
+bounds the layers in flight. The stored leaves are what Orbax's `NumpyHandler` writes for a numpy
+array (same tensorstore spec, typestr 'np.ndarray'): any Orbax restore reads them.
 
 Reading: `load_merged_params(path, abstract_state, shardings)` restores straight onto devices
 with target shardings (Orbax reads only each device's slice); `MergedParams` is a `LazyParams`
@@ -38,9 +39,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import nnx
-from orbax.checkpoint._src.futures import future as ocp_future
-from orbax.checkpoint._src.serialization import ocdbt_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+from etils import epath
+from orbax.checkpoint import future as ocp_future
+from orbax.checkpoint import multihost as ocp_multihost
 
 from ..config import DiTConfig, as_dtype, quant_scale_rows
 from ..errors import CheckpointError
@@ -180,61 +181,79 @@ class LazyLeaf:
             raise
 
 
-class LazyLeafHandler(ocp.type_handlers.NumpyHandler):
-    """Orbax handler for `LazyLeaf`: stored exactly like a numpy array (typestr 'np.ndarray'),
-    written one layer (= one zarr chunk) at a time."""
+async def _write_leaf(leaf: LazyLeaf, tspec: dict[str, Any], ts_context: Any) -> None:
+    """Create the leaf's array and write it one layer (one zarr chunk) at a time, within the byte budget."""
+    base = tspec.get("kvstore", {}).get("base")
+    if leaf.shared.drop is not None and isinstance(base, dict):
+        # no fsync per chunk: the drop-behind sweep syncs each finished file, off the writers' path
+        tspec = {**tspec, "kvstore": {**tspec["kvstore"], "base": {**base, "file_io_sync": False}}}
+    t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+    layers = range(leaf.shape[0]) if leaf.stacked else [None]
+    per = int(np.prod(leaf.write_shape)) * leaf.dtype.itemsize
+    shared = leaf.shared
+    for layer in layers:
+        await shared.budget.acquire(per)
+        try:
+            value = await asyncio.to_thread(leaf.read, layer)
+            try:
+                target = t if layer is None else t[layer: layer + 1]
+                # tensorstore copies the value (no `can_reference_source_data_indefinitely`): the buffer is
+                # reused once this write is done
+                await target.write(value)
+            finally:
+                shared.buffers.give(value)
+        finally:
+            await shared.budget.release(per)
+        if shared.drop is not None:
+            await asyncio.to_thread(shared.drop.wrote, per)
+        shared.progress.update(per, leaf.tensors_per_layer)
+
+
+async def _write_leaves(values: list[LazyLeaf], infos: list[Any], args: list[Any]) -> None:
+    """Every leaf of one `serialize` call, concurrently; the first error cancels the others before it propagates."""
+    writes = []
+    for value, info, arg in zip(values, infos, args):
+        await info.await_path_creation()
+        use_ocdbt = bool(info.is_ocdbt_checkpoint)
+        # the spec Orbax's NumpyHandler writes a numpy array with, but chunked one layer at a time
+        tspec = ocp.type_handlers.get_json_tspec_write(
+            info, use_ocdbt, global_shape=value.shape, local_shape=value.write_shape, dtype=value.dtype,
+            process_index=ocp_multihost.process_index() if use_ocdbt else None, arg=arg)
+        writes.append(asyncio.ensure_future(_write_leaf(value, tspec, info.ts_context)))
+    try:
+        await asyncio.gather(*writes)
+    except BaseException:  # stop every other leaf before the error propagates (no writes after cleanup)
+        for w in writes:
+            w.cancel()
+        await asyncio.gather(*writes, return_exceptions=True)
+        raise
+
+
+class LazyLeafHandler(ocp.type_handlers.TypeHandler):
+    """Orbax handler for `LazyLeaf`, through Orbax's public `TypeHandler` interface.
+
+    Writes a leaf as Orbax's `NumpyHandler` stores a numpy array (typestr 'np.ndarray', its
+    tensorstore spec), one layer (= one zarr chunk) at a time; metadata and reading are the
+    `NumpyHandler`'s, so a plain Orbax restore reads what this wrote.
+    """
 
     def __init__(self):
-        super().__init__(deepcopy_host_arrays=False)
+        self.numpy = ocp.type_handlers.NumpyHandler()
 
-    async def _write_leaf(self, leaf: LazyLeaf, tspec: dict[str, Any], ts_context: Any) -> None:
-        base = tspec.get("kvstore", {}).get("base")
-        if leaf.shared.drop is not None and isinstance(base, dict):
-            # no fsync per chunk: the drop-behind sweep syncs each finished file, off the writers' path
-            tspec = {**tspec, "kvstore": {**tspec["kvstore"], "base": {**base, "file_io_sync": False}}}
-        t = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
-        layers = range(leaf.shape[0]) if leaf.stacked else [None]
-        per = int(np.prod(leaf.write_shape)) * leaf.dtype.itemsize
-        shared = leaf.shared
-        for layer in layers:
-            await shared.budget.acquire(per)
-            try:
-                value = await asyncio.to_thread(leaf.read, layer)
-                try:
-                    target = t if layer is None else t[layer: layer + 1]
-                    # tensorstore copies the value (no `can_reference_source_data_indefinitely`): the buffer is
-                    # reused once this write is done
-                    await target.write(value)
-                finally:
-                    shared.buffers.give(value)
-            finally:
-                await shared.budget.release(per)
-            if shared.drop is not None:
-                await asyncio.to_thread(shared.drop.wrote, per)
-            shared.progress.update(per, leaf.tensors_per_layer)
+    def typestr(self) -> str:
+        return self.numpy.typestr()
 
-    async def _background_serialize(self, values, infos, args=None):
-        writes = []
-        for value, info, arg in zip(values, infos, args):
-            await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=value.shape, local_shape=value.write_shape, dtype=value.dtype,
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint),
-                metadata_key=self._metadata_key)
-            writes.append(asyncio.ensure_future(self._write_leaf(value, spec.json, info.ts_context)))
-        try:
-            await asyncio.gather(*writes)
-        except BaseException:  # stop every other leaf before the error propagates (no writes after cleanup)
-            for w in writes:
-                w.cancel()
-            await asyncio.gather(*writes, return_exceptions=True)
-            raise
+    async def metadata(self, infos):
+        return await self.numpy.metadata(infos)
+
+    async def deserialize(self, infos, args=None):
+        return await self.numpy.deserialize(infos, args)
 
     async def serialize(self, values, infos, args=None):
-        args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+        args = list(args or [ocp.type_handlers.SaveArgs()] * len(values))
+        ocp.type_handlers.check_input_arguments(values, infos, args)
         return [ocp_future.CommitFutureAwaitingContractedSignals(
-            self._background_serialize(values, infos, args), name="qwen_edit_jax_lazy_leaf")]
+            _write_leaves(list(values), list(infos), args), name="qwen_edit_jax_lazy_leaf")]
 
 
 def save_merged(
@@ -346,7 +365,7 @@ class MergedParams:
         self.config = read_merged_config(self.path, config)
         self.description = f"{self.path} (merged checkpoint)"
         self.fuse_qkv = True
-        self._params_dir = os.path.join(self.path, PARAMS_DIR)
+        self._params_dir = os.path.abspath(os.path.join(self.path, PARAMS_DIR))
         self._dtypes = {p: np.dtype(d) for p, d in self.marker["dtypes"].items()}
         self._stores: dict[str, Any] = {}
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
@@ -360,11 +379,12 @@ class MergedParams:
     def _store(self, p: str):
         t = self._stores.get(p)
         if t is None:
-            kvstore = ts_utils.build_kvstore_tspec(self._params_dir, name=p, use_ocdbt=True)
+            # the spec Orbax reads the leaf with (`NumpyHandler.deserialize`), from its public helper
+            info = ocp.type_handlers.ParamInfo(name=p, parent_dir=epath.Path(self._params_dir),
+                                               is_ocdbt_checkpoint=True, use_zarr3=False, ts_context=self._ctx)
+            spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=True)
             if self.direct_io:
-                kvstore["base"]["file_io_mode"] = {"mode": "direct"}
-            spec = {"driver": "zarr", "kvstore": kvstore,
-                    "recheck_cached_data": False, "recheck_cached_metadata": False}
+                spec["kvstore"]["base"]["file_io_mode"] = {"mode": "direct"}
             try:
                 t = ts.open(spec, open=True, context=self._ctx).result()
             except Exception as e:
