@@ -26,9 +26,9 @@ from qwen_edit_jax.caching.run import CacheOptions, Encoders, cache_dataset, pla
 from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
 from qwen_edit_jax.caching.writer import partial_path
 from qwen_edit_jax.preprocess.prompts import calculate_dimensions, resize, vae_image, vae_image_size
-from qwen_edit_jax.training.config import DemoSection, config_from_dict
+from qwen_edit_jax.training.config import config_from_dict
 from qwen_edit_jax.training.data import BatchLoader, CachedDataset
-from qwen_edit_jax.training.demo import make_demo_checkpoint
+from qwen_edit_jax.training.demo import DemoSection, make_demo_checkpoint
 from qwen_edit_jax.training.loop import train
 
 TOL = 1e-5

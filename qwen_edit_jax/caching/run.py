@@ -55,7 +55,6 @@ from .layouts import LayoutError, Listing, read_dataset
 from .validate import GoodSample, Report, format_report, load_image, parse_background, validate
 from .writer import JOB_FORMAT, CacheExists, PartialCache, partial_path
 
-VARIANT_BY_CLASS = VARIANT_OF_CLASS  # the pipeline's table: one mapping of diffusers classes to variants
 EDIT_VARIANTS = ("edit", "edit_plus")
 JOB_VERSION = 1
 
@@ -134,11 +133,11 @@ def read_variant(repo: str) -> str:
         path, name = model_index_class(repo)
     except CheckpointError as e:
         raise ValueError(f"{e} (not a readable diffusers model_index.json)") from None
-    if name not in VARIANT_BY_CLASS:
+    if name not in VARIANT_OF_CLASS:
         what = "text-to-image" if name == "QwenImagePipeline" else "not an edit pipeline"
         raise ValueError(f"{path}: _class_name {name!r} is {what}; this command caches edit datasets for "
-                         f"{' / '.join(VARIANT_BY_CLASS)} (Qwen-Image-Edit, -2509, -2511)")
-    return VARIANT_BY_CLASS[name]
+                         f"{' / '.join(VARIANT_OF_CLASS)} (Qwen-Image-Edit, -2509, -2511)")
+    return VARIANT_OF_CLASS[name]
 
 
 def check_repo(repo: str) -> None:
@@ -443,6 +442,6 @@ def cache_metadata(dataset: str, report: Report, job: dict[str, Any]) -> dict[st
             "report": report.to_json()}
 
 
-__all__ = ["BadInput", "CacheOptions", "CacheResult", "EDIT_VARIANTS", "Encoders", "HostBatch", "VARIANT_BY_CLASS",
+__all__ = ["BadInput", "CacheOptions", "CacheResult", "EDIT_VARIANTS", "Encoders", "HostBatch",
            "cache_dataset", "cache_metadata", "check_dataset", "check_repo", "make_job", "model_files",
            "order_samples", "plan_batches", "read_variant"]

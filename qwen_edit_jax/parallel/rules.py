@@ -180,8 +180,11 @@ def like_params(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, tree, is_leaf=is_param_like)
 
 
-def init_opt_state(tx: Any, params: Any, mesh: Mesh) -> Any:
-    """`tx.init(params)` computed on-device with every moment placed like its (sharded) parameter."""
+def init_opt_state(tx: Any, params: Any, mesh: Mesh | None = None) -> Any:
+    """`tx.init(params)` computed on-device; on a mesh every moment is placed like its (sharded) parameter
+    (scalars replicated)."""
+    if mesh is None:
+        return jax.jit(tx.init)(params)
     p_sh = jax.tree.map(lambda x: x.sharding, params)
     out_sh = like_params(jax.eval_shape(tx.init, params), params, p_sh, mesh)
     with jax.set_mesh(mesh):

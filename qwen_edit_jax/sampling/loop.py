@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -22,7 +22,7 @@ from flax import nnx
 
 from ..models.dit import QwenImageTransformer, normalize_img_shapes
 from ..models.kernels.platform import platform_of
-from ..parallel import batch_sharding, replicated
+from ..parallel import batch_sharding, param_shardings, replicated, sharded_jit
 from .schedule import (
     QWEN_IMAGE_SCHEDULER,
     FlowMatchConfig,
@@ -120,9 +120,9 @@ def sample(
     negative prompts may differ in length: for the batched pass both are zero-padded to the longer
     one with key masks, which leaves the result unchanged (both modes do this). `batch_cfg=False` runs
     the two passes one after the other (half the activation memory); None: `default_batch_cfg(mesh)`.
-    With `mesh`, the batch is split over the mesh's batch axes (`sharding.batch_sharding`; the doubled
+    With `mesh`, the batch is split over the mesh's batch axes (`parallel.batch_sharding`; the doubled
     CFG batch too, so with B = 1 on a data axis of 2 the cond and uncond passes run on different
-    devices); place the model first with `sharding.shard_model` or `load_transformer(mesh=)`.
+    devices); place the model first with `parallel.shard_model` or `load_transformer(mesh=)`.
     """
     _check(noise.ndim == 3, f"noise must be packed latents [B, N_target, C], got shape {tuple(noise.shape)}")
     b, n_target, c = noise.shape
@@ -185,3 +185,31 @@ def sample(
     rest = jax.device_put(args[6:], replicated(mesh))
     with jax.set_mesh(mesh):
         return _denoise(graphdef, state, *data, *rest, layout=layout, mode=mode, mesh=mesh)
+
+
+def sharded_forward(model: nnx.Module, mesh: Any, img_shapes: Any) -> Callable[..., jax.Array]:
+    """`f(hidden_states, encoder_hidden_states, mask, timestep) -> out`: one DiT call jitted over `mesh`.
+
+    The model must already be placed (`parallel.shard_model` or `load_transformer(mesh=)`); inputs are
+    split over the batch axes, the output comes back the same way. One program per (batch, masked?).
+    """
+    graphdef, state = nnx.split(model)
+    state_sh = param_shardings(state, mesh)
+
+    def fwd(state, hidden, enc, mask, sigma):
+        m = nnx.merge(graphdef, state)
+        return m(hidden_states=hidden, encoder_hidden_states=enc, encoder_hidden_states_mask=mask,
+                 timestep=sigma, img_shapes=img_shapes)
+
+    compiled: dict[tuple[int, bool], Any] = {}
+
+    def call(hidden: jax.Array, enc: jax.Array, mask: jax.Array | None = None,
+             sigma: jax.Array | None = None) -> jax.Array:
+        key = (hidden.shape[0], mask is None)
+        if key not in compiled:
+            bs = batch_sharding(mesh, hidden.shape[0])
+            compiled[key] = sharded_jit(fwd, mesh, in_shardings=(state_sh, bs, bs, None if mask is None else bs, bs),
+                                        out_shardings=bs)
+        return compiled[key](state, hidden, enc, mask, sigma)
+
+    return call

@@ -32,14 +32,13 @@ from tqdm.auto import tqdm
 from ..config import DiTConfig
 from ..loading import load_transformer
 from ..lora.adapters import load_lora_into_adapters, lora_tensors, write_lora_tensors
-from ..parallel import batch_sharding, distributed, make_mesh
+from ..parallel import batch_sharding, distributed, init_opt_state, make_mesh
 from ..utils.files import atomic_path, check_output_dir
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
 from .data import BatchLoader, CachedDataset, DataError
-from .demo import ensure_demo_assets, plan_demo_assets
 from .run_log import RunLog
-from .step import init_opt_state, make_optimizer, make_schedule, make_train_step, split_lora
+from .step import make_optimizer, make_schedule, make_train_step, split_lora
 from .validation import Validation, ValidationImages, check_validation_inputs
 
 CHECKPOINT_DIR = "checkpoints"
@@ -47,7 +46,9 @@ RUN_JSON = "run.json"
 # Sections whose change between runs does not affect the trained weights.
 _FREE_KEYS = {"train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.progress",
               "train.async_checkpointing", "train.tensorboard", "data.prefetch", "data.verify", "export", "validation",
-              "demo"}
+              "demo"}  # demo: a section of older run.json files
+# A missing input under a folder of this name is the demo's: the error says how to make it.
+DEMO_DATA_DIR = "demo_data"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -69,14 +70,9 @@ class TrainResult:
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute model/data paths, and demo paths when the demo is on (run.json must name the base
-    checkpoint unambiguously)."""
+    """Absolute input paths (run.json must name the base checkpoint unambiguously)."""
     model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
     data = dataclasses.replace(cfg.data, path=os.path.abspath(cfg.data.path))
-    demo = cfg.demo
-    if demo.enabled:
-        demo = dataclasses.replace(demo, model_path=os.path.abspath(demo.model_path),
-                                   data_path=os.path.abspath(demo.data_path))
     lora = cfg.lora
     if lora.init_from:
         lora = dataclasses.replace(lora, init_from=os.path.abspath(lora.init_from))
@@ -84,19 +80,33 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     validation = dataclasses.replace(
         v, repo=v.repo and os.path.abspath(v.repo),
         prompts=tuple(dataclasses.replace(p, images=tuple(os.path.abspath(i) for i in p.images)) for p in v.prompts))
-    return cfg.replace(model=model, data=data, lora=lora, demo=demo, validation=validation)
+    return cfg.replace(model=model, data=data, lora=lora, validation=validation)
 
 
-def check_inputs(cfg: TrainConfig) -> list[str]:
-    """Every input path exists (or is a demo asset to be made, see `demo.plan_demo_assets`); creates nothing.
+def check_inputs(cfg: TrainConfig) -> None:
+    """Every input the run reads exists; reads and creates nothing else.
 
-    Returns the demo assets to make; a missing path is a `ConfigError` naming the key and the path.
+    A missing one is a one-line `ConfigError` naming the key and the path as written; for a path under
+    a `demo_data/` folder it also says how to make the demo's inputs.
     """
-    make = plan_demo_assets(cfg)
-    if cfg.lora.init_from and not os.path.isfile(cfg.lora.init_from):
-        raise ConfigError(f"lora.init_from={cfg.lora.init_from}: no such LoRA file")
+    _require_path("model.path", cfg.model.path)
+    _require_path("data.path", cfg.data.path)
+    if cfg.lora.init_from:
+        _require_path("lora.init_from", cfg.lora.init_from)
+        if not os.path.isfile(cfg.lora.init_from):
+            raise ConfigError(f"lora.init_from: {cfg.lora.init_from} is not a LoRA file")
     check_validation_inputs(cfg)
-    return make
+
+
+def _require_path(key: str, path: str) -> None:
+    if os.path.lexists(path):
+        return
+    parts = os.path.normpath(path).split(os.sep)
+    hint = ""
+    if DEMO_DATA_DIR in parts:
+        out = os.sep.join(parts[: parts.index(DEMO_DATA_DIR) + 1]) or os.sep
+        hint = f" (make the demo's inputs with: python -m qwen_edit_jax.demo --out {out})"
+    raise ConfigError(f"{key}: {path} does not exist{hint}")
 
 
 def _has_checkpoint(output_dir: str) -> bool:
@@ -170,8 +180,8 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None)
     output_dir = check_output_dir(output_dir, "output_dir")
-    cfg = resolve_paths(cfg)
     check_inputs(cfg)
+    cfg = resolve_paths(cfg)
     created = not os.path.lexists(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     try:
@@ -184,11 +194,6 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
 
 def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_main: bool) -> TrainResult:
     t_start = time.perf_counter()
-    if cfg.demo.enabled:
-        if is_main:
-            ensure_demo_assets(cfg, log)
-        distributed.sync("demo-assets")
-
     dataset = CachedDataset(cfg.data.path, verify=cfg.data.verify)
     mesh = _make_mesh(cfg)
     # prompts are encoded before the DiT loads, and the text encoder released: never both in memory

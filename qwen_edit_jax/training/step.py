@@ -18,7 +18,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .. import parallel
 from ..models.dit import normalize_img_shapes
 from ..parallel import batch_sharding, distributed, replicated, sharded_jit
 from .config import ObjectiveSection, OptimSection
@@ -73,8 +72,8 @@ class TrainStep:
     the step's randomness is `fold_in(rng, step)` so a resumed run draws the same noise.
 
     With `mesh`, every call is jitted with explicit shardings: parameters, base and optimiser state
-    keep the shardings they arrive with (placed by `qwen_edit_jax.sharding`), the batch is split
-    along B by `sharding.batch_sharding(mesh)`, metrics are replicated.
+    keep the shardings they arrive with (placed by `qwen_edit_jax.parallel`), the batch is split
+    along B by `parallel.batch_sharding(mesh)`, metrics are replicated.
     """
 
     def __init__(
@@ -150,10 +149,8 @@ class TrainStep:
 def _layout(img_shapes: Any, arrays: dict[str, Any]) -> tuple[tuple[int, int, int], ...]:
     """The batch's one image layout from `img_shapes` in either convention the model accepts: one list
     of (frames, h, w) (target first, then references) or one such list per sample (all equal)."""
-    first = img_shapes[0] if len(img_shapes) else None
-    per_sample = isinstance(first, (list, tuple)) and len(first) > 0 and isinstance(first[0], (list, tuple))
     n_tokens = arrays["target"].shape[2] + (arrays["references"].shape[2] if "references" in arrays else 0)
-    return normalize_img_shapes(img_shapes, len(img_shapes) if per_sample else 0, n_tokens)
+    return normalize_img_shapes(img_shapes, None, n_tokens)
 
 
 class _MeshJit:
@@ -213,15 +210,8 @@ def make_train_step(
     """The reusable LoRA training step (see `TrainStep`); used by the loop and the benchmarks.
 
     `mesh` (from `qwen_edit_jax.parallel.make_mesh`): jit with explicit shardings; the params,
-    base and optimiser state must already be placed on it (`load_transformer(mesh=)`, `init_opt_state`),
+    base and optimiser state must already be placed on it (`load_transformer(mesh=)`, `parallel.init_opt_state`),
     and `global_batch` is the micro-batch size over all hosts (default: local rows × hosts).
     """
     return TrainStep(graphdef, tx, objective or ObjectiveSection(), mesh=mesh, global_batch=global_batch,
                      donate=donate)
-
-
-def init_opt_state(tx: optax.GradientTransformation, params: Params, mesh: Any = None) -> Any:
-    """Optimiser state for `params`; on a mesh, Adam moments take the params' shardings (scalars replicated)."""
-    if mesh is None:
-        return jax.jit(tx.init)(params)
-    return parallel.init_opt_state(tx, params, mesh)
