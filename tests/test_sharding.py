@@ -109,7 +109,9 @@ def test_fsdp_fallback_splits_lora_b():
 
 
 def test_param_specs_of_real_layout():
-    specs = parallel.param_specs(q.abstract_model(q.preset("tiny"), ModelOptions(lora=LoraConfig(rank=4))), parallel.make_mesh())
+    sh = parallel.param_shardings(q.abstract_model(q.preset("tiny"), ModelOptions(lora=LoraConfig(rank=4))),
+                                  parallel.make_mesh())
+    specs = {".".join(map(str, p)): v.get_value().spec for p, v in nnx.to_flat_state(sh)}
     assert specs["transformer_blocks.attn.to_qkv.kernel"] == P()  # one device: nothing to split
     assert set(specs) >= {"transformer_blocks.attn.to_qkv.lora_A", "txt_norm.scale", "proj_out.kernel"}
 

@@ -143,12 +143,6 @@ def param_shardings(state_or_model: Any, mesh: Mesh, rules: Iterable[tuple[str, 
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def param_specs(state_or_model: Any, mesh: Mesh) -> dict[str, P]:
-    """{dotted flax path: PartitionSpec} (for reports and tests)."""
-    sh = param_shardings(state_or_model, mesh)
-    return {".".join(map(str, p)): v.get_value().spec for p, v in nnx.to_flat_state(sh)}
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
