@@ -55,7 +55,7 @@ from .layouts import LayoutError, Listing, read_dataset
 from .validate import GoodSample, Report, format_report, load_image, parse_background, validate
 from .writer import JOB_FORMAT, CacheExists, PartialCache, partial_path
 
-EDIT_VARIANTS = ("edit", "edit_plus")
+EDIT_VARIANTS: tuple[str, ...] = tuple(VARIANT_OF_CLASS.values())  # "edit", "edit_plus"
 JOB_VERSION = 1
 
 
@@ -364,16 +364,7 @@ def cache_dataset(dataset: str | os.PathLike, output: str | os.PathLike, model: 
                                              progress=options.progress and _is_writer())
     ordered = order_samples(report.good)
     job = make_job(ordered, listing, model, variant, options)
-    writer = None
-    start = 0
-    if _is_writer():
-        try:
-            writer = PartialCache(output, job, overwrite=options.overwrite, log=log)
-            start = writer.done
-        except CacheExists as e:
-            log(str(e))
-            start = -1
-    start = _broadcast(start)
+    writer, start = _open_writer(output, job, options, log)
     if start < 0:
         return CacheResult(output, len(ordered), 0, len(ordered), report, time.perf_counter() - t0, True,
                            prompt_lengths(output))
@@ -390,10 +381,7 @@ def cache_dataset(dataset: str | os.PathLike, output: str | os.PathLike, model: 
         done = start
         if on_batch is not None:
             on_batch(done)  # the encoders are loaded: encoding starts
-        bar = tqdm(total=len(ordered), initial=start, desc="cache", unit="sample", file=sys.stderr,
-                   disable=not (options.progress and _is_writer()), dynamic_ncols=True, smoothing=0.1,
-                   mininterval=0.5 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+        bar = _progress_bar(len(ordered), start, options)
         background = parse_background(options.alpha_background)
 
         def prepare(r: range) -> HostBatch:
@@ -428,6 +416,29 @@ def cache_dataset(dataset: str | os.PathLike, output: str | os.PathLike, model: 
             encoders.close()
     return CacheResult(output, len(ordered), len(ordered) - start, start, report, time.perf_counter() - t0,
                        prompt_lengths=prompt_lengths(output) if _is_writer() else (0, 0))
+
+
+def _open_writer(output: str, job: dict[str, Any], options: CacheOptions,
+                 log: Callable[[str], None]) -> tuple[PartialCache | None, int]:
+    """The writing process's partial cache and the samples it already holds (on every process); -1 when
+    `output` is already a finished cache of this job."""
+    writer = None
+    start = 0
+    if _is_writer():
+        try:
+            writer = PartialCache(output, job, overwrite=options.overwrite, log=log)
+            start = writer.done
+        except CacheExists as e:
+            log(str(e))
+            start = -1
+    return writer, _broadcast(start)
+
+
+def _progress_bar(total: int, initial: int, options: CacheOptions) -> tqdm:
+    return tqdm(total=total, initial=initial, desc="cache", unit="sample", file=sys.stderr,
+                disable=not (options.progress and _is_writer()), dynamic_ncols=True, smoothing=0.1,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
 
 
 def prompt_lengths(cache: str) -> tuple[int, int]:

@@ -2,7 +2,8 @@
 
 Modules: `config` (the YAML-backed `TrainConfig`), `objective` (flow matching, timestep
 samplers), `data` (the cached-sample format and the bucketed loader), `step` (`make_train_step`,
-the optimiser), `checkpoint` (Orbax, resume), `loop` (`train`), `demo` (synthetic demo assets).
+the optimiser), `checkpoint` (Orbax, resume), `loop` (`train`), `demo` (the latent demo's synthetic inputs, for tests
+and fixtures; the trainer never makes its inputs).
 """
 
 from .config import ConfigError, TrainConfig, load_config

@@ -78,7 +78,8 @@ def demo_samples(cfg: DemoSection, channels: int, joint_dim: int) -> Iterator[Ca
 def write_latent_demo(model_path: str, data_path: str, cfg: DemoSection = DemoSection(), log=print) -> None:
     """Write the demo's random checkpoint to `model_path` and its synthetic cache to `data_path`."""
     dit = demo_dit_config(cfg)
-    log(f"demo: writing a random {cfg.preset} checkpoint ({dit.num_layers} layers, dim {dit.inner_dim}) to {model_path}")
+    log(f"demo: writing a random {cfg.preset} checkpoint ({dit.num_layers} layers, dim {dit.inner_dim}) "
+        f"to {model_path}")
     make_demo_checkpoint(model_path, cfg)
     log(f"demo: writing {cfg.num_samples} synthetic edit samples to {data_path}")
     write_cache(data_path, demo_samples(cfg, dit.in_channels // 4, dit.joint_attention_dim),

@@ -202,114 +202,164 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
     # the optimiser state's structure does not depend on the schedule's length (fixed after resuming)
     tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps)
     opt_state = init_opt_state(tx, params, mesh)
-    schedule_steps = cfg.optim.schedule_steps or cfg.train.max_steps
     with contextlib.ExitStack() as stack:
-        loader = BatchLoader(dataset, batch_size=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
-                             text_buckets=cfg.data.text_buckets, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count(),
-                             local_rows=local_rows, prefetch=cfg.data.prefetch)
-        stack.callback(loader.close)
-        if loader.skipped:
-            log(f"warning: {sum(loader.skipped.values())} samples in buckets smaller than one step "
-                f"({loader.per_step} samples) are never used: {loader.skipped}")
-        ckpt = TrainCheckpointer(os.path.join(output_dir, CHECKPOINT_DIR), keep=cfg.train.keep_checkpoints,
-                                 async_save=cfg.train.async_checkpointing)
-        stack.callback(ckpt.close)
-        rng = jax.random.key(cfg.train.seed)
-        start = 0
-        resumed = ckpt.latest_step()
+        loader = stack.enter_context(contextlib.closing(_open_loader(cfg, dataset, local_rows, log)))
+        ckpt = stack.enter_context(contextlib.closing(TrainCheckpointer(
+            os.path.join(output_dir, CHECKPOINT_DIR), keep=cfg.train.keep_checkpoints,
+            async_save=cfg.train.async_checkpointing)))
         run_path = os.path.join(output_dir, RUN_JSON)
+        resumed = ckpt.latest_step()
+        rng, start, schedule_steps = jax.random.key(cfg.train.seed), 0, cfg.optim.schedule_steps or cfg.train.max_steps
         if resumed is not None:
-            params, opt_state, meta = _resume(cfg, ckpt, resumed, params, opt_state, run_path, log)
-            loader.load_state_dict(meta["data"])
-            rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
-            start = int(meta["step"])
-            log(f"resuming from {ckpt.directory}/{resumed} (step {start})")
-            schedule_steps = resumed_schedule_steps(cfg, meta, start, log)
+            params, opt_state, rng, start, schedule_steps = _resume(cfg, ckpt, resumed, params, opt_state, loader,
+                                                                    run_path, log)
         tx, schedule = make_optimizer(cfg.optim, schedule_steps)
         if is_main:
-            info = {"base_model": {"path": cfg.model.path, "config": dit_config.to_dict()},
-                    "dataset": {"path": dataset.path, "num_samples": len(dataset), "fingerprint": dataset.fingerprint,
-                                "steps_per_epoch": loader.steps_per_epoch,
-                                "buckets": {_bucket_name(k): len(v) for k, v in loader.buckets.items()}},
-                    "lora_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
-                    "schedule_steps": schedule_steps,
-                    "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-                    "jax": jax.__version__}
-            _write_json(run_path, {**cfg.to_dict(), RUN_INFO_KEY: info})
-        run_log = RunLog(output_dir, resumed_step=start, enabled=is_main, tensorboard=cfg.train.tensorboard)
-        stack.callback(run_log.close)
-        step_fn = make_train_step(graphdef, tx, cfg.objective, mesh=mesh, global_batch=cfg.data.batch_size)
+            _write_json(run_path, {**cfg.to_dict(), RUN_INFO_KEY: _run_info(cfg, dit_config, dataset, loader, params,
+                                                                            schedule_steps)})
+        run_log = stack.enter_context(contextlib.closing(
+            RunLog(output_dir, resumed_step=start, enabled=is_main, tensorboard=cfg.train.tensorboard)))
         if start < cfg.train.max_steps:
             log("compiling the training step (the first step; can take minutes on the full model) ...")
         bar = None
         if cfg.train.progress and is_main:
             bar = stack.enter_context(tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step",
                                            dynamic_ncols=True))
-        validate = None
+        steps = _Steps(cfg, make_train_step(graphdef, tx, cfg.objective, mesh=mesh, global_batch=cfg.data.batch_size),
+                       loader, ckpt, run_log, bar, schedule, schedule_steps, base, rng, log)
         if cfg.validation.every:
-            validation = Validation(cfg, images, dataset, graphdef, mesh, output_dir, write=is_main)
-
-            def validate(step: int, params: Any) -> None:
-                metrics, grid, path = validation(step, params, base)
-                if metrics:
-                    run_log.scalars(step, metrics)
-                if grid is not None:
-                    run_log.image("validation/grid", step, grid)
-                    (bar.write if bar is not None else log)(f"validation grid: {path}")
-        losses: list[float] = []
-        global_batch = cfg.data.batch_size * cfg.optim.grad_accum
-        if validate is not None and start == 0:
-            validate(0, params)
-        window: list[tuple[int, Any]] = []  # (step, on-device metrics) not yet fetched
-        t_fetch = time.perf_counter()
-        for step in range(start, cfg.train.max_steps):
-            batch = next(loader)
-            params, opt_state, m = step_fn(params, opt_state, base, batch.img_shapes, batch.arrays, rng, step)
-            done = step + 1
-            window.append((done, m))
-            log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps or step == start
-            save_now = done % cfg.train.save_every == 0 or done == cfg.train.max_steps
-            validate_now = validate is not None and done % cfg.validation.every == 0
-            if log_now or save_now or validate_now:
-                ready, window = window, []  # wait for this step: it is logged, saved or validated
-            elif bar is not None and len(window) > 1:
-                ready, window = window[:-1], window[-1:]  # one step late: the device is busy with this one
-            else:
-                continue  # keep dispatching; metrics are fetched in one transfer later
-            fetched = jax.device_get([w[1] for w in ready])
-            now = time.perf_counter()
-            dt = (now - t_fetch) / len(ready)
-            t_fetch = now
-            for (d, _), hm in zip(ready, fetched):
-                _check_finite(d, hm, ckpt)
-                losses.append(float(hm["loss"]))
-            m = {k: float(v) for k, v in fetched[-1].items()}
-            if log_now:
-                run_log.scalars(done, {"loss": m["loss"], "mse": m["mse"], "lr": float(schedule(step)),
-                                       "grad_norm": m["grad_norm"], "sigma": m["sigma"], "step_time": dt,
-                                       "samples_per_s": global_batch / dt, "epoch": batch.epoch})
-            if bar is not None:
-                bar.update(ready[-1][0] - bar.n)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", s_step=f"{dt:.3f}", samples_s=f"{global_batch / dt:.1f}")
-            if save_now:  # every step up to `done` was checked finite above, so the saved state is too
-                meta = {"step": done, "data": loader.state_dict(),
-                        "rng": np.asarray(jax.random.key_data(rng)).tolist(), "config": cfg.to_dict(),
-                        "schedule_steps": schedule_steps}
-                # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
-                ckpt.save(done, _copy(params), _copy(opt_state), meta)
-            if validate_now:
-                validate(done, params)
-                t_fetch = time.perf_counter()  # the next step's time excludes the validation
+            steps.validation = Validation(cfg, images, dataset, graphdef, mesh, output_dir, write=is_main)
+            if start == 0:
+                steps.validate(0, params)
+        params = steps.run(params, opt_state, start)
         ckpt.wait()
     files = export_lora(nnx.merge(graphdef, params, base), output_dir, cfg)
     for f in files:
         log(f"wrote {f}")
+    losses = steps.losses
     n = min(10, max(1, len(losses) // 2))  # first and last windows do not overlap once two steps ran
     return TrainResult(output_dir, max(start, cfg.train.max_steps), resumed,
                        float(np.mean(losses[:n])) if losses else None,
                        float(np.mean(losses[-n:])) if losses else None, files, time.perf_counter() - t_start,
                        params, loss_steps=n if losses else 0, schedule_steps=schedule_steps)
+
+
+def _open_loader(cfg: TrainConfig, dataset: CachedDataset, local_rows: Any, log: Callable[[str], None]) -> BatchLoader:
+    """This process's batches (its rows of each global batch), with a warning for buckets never used."""
+    d = cfg.data
+    loader = BatchLoader(dataset, batch_size=d.batch_size, grad_accum=cfg.optim.grad_accum,
+                         text_buckets=d.text_buckets, shuffle=d.shuffle, seed=d.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         local_rows=local_rows, prefetch=d.prefetch)
+    if loader.skipped:
+        log(f"warning: {sum(loader.skipped.values())} samples in buckets smaller than one step "
+            f"({loader.per_step} samples) are never used: {loader.skipped}")
+    return loader
+
+
+def _run_info(cfg: TrainConfig, dit_config: DiTConfig, dataset: CachedDataset, loader: BatchLoader, params: Any,
+              schedule_steps: int) -> dict[str, Any]:
+    """run.json's informational section: the base, the dataset, the adapter size, the machine."""
+    return {"base_model": {"path": cfg.model.path, "config": dit_config.to_dict()},
+            "dataset": {"path": dataset.path, "num_samples": len(dataset), "fingerprint": dataset.fingerprint,
+                        "steps_per_epoch": loader.steps_per_epoch,
+                        "buckets": {_bucket_name(k): len(v) for k, v in loader.buckets.items()}},
+            "lora_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+            "schedule_steps": schedule_steps,
+            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+            "jax": jax.__version__}
+
+
+@dataclasses.dataclass
+class _Steps:
+    """The step loop: dispatch steps, fetch their metrics in windows, check them, log, save, validate.
+
+    Metrics stay on the device until a step is logged, saved or validated (or, with a progress bar,
+    one step late), so the host never waits on a step it does not need yet.
+    """
+
+    cfg: TrainConfig
+    step_fn: Callable
+    loader: BatchLoader
+    ckpt: TrainCheckpointer
+    run_log: RunLog
+    bar: Any  # tqdm or None
+    schedule: Callable  # the learning rate per step (logged)
+    schedule_steps: int  # its length (saved with each checkpoint)
+    base: Any  # the frozen base weights
+    rng: jax.Array
+    log: Callable[[str], None]
+    validation: Validation | None = None
+    losses: list[float] = dataclasses.field(default_factory=list)  # every step's loss, in order
+    t_fetch: float = 0.0  # when the last metrics arrived
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.optim.grad_accum
+
+    def run(self, params: Any, opt_state: Any, start: int) -> Any:
+        """Train from step `start` to `train.max_steps`; returns the final LoRA params."""
+        tr = self.cfg.train
+        window: list[tuple[int, Any]] = []  # (step, on-device metrics) not yet fetched
+        self.t_fetch = time.perf_counter()
+        for step in range(start, tr.max_steps):
+            batch = next(self.loader)
+            params, opt_state, m = self.step_fn(params, opt_state, self.base, batch.img_shapes, batch.arrays,
+                                                self.rng, step)
+            done = step + 1
+            window.append((done, m))
+            log_now = done % tr.log_every == 0 or done == tr.max_steps or step == start
+            save_now = done % tr.save_every == 0 or done == tr.max_steps
+            validate_now = self.validation is not None and done % self.cfg.validation.every == 0
+            if log_now or save_now or validate_now:
+                ready, window = window, []  # wait for this step: it is logged, saved or validated
+            elif self.bar is not None and len(window) > 1:
+                ready, window = window[:-1], window[-1:]  # one step late: the device is busy with this one
+            else:
+                continue  # keep dispatching; metrics are fetched in one transfer later
+            self._report(ready, step, batch.epoch, log_now)
+            if save_now:  # every step up to `done` was checked finite in `_report`, so the saved state is too
+                self._save(done, params, opt_state)
+            if validate_now:
+                self.validate(done, params)
+                self.t_fetch = time.perf_counter()  # the next step's time excludes the validation
+        return params
+
+    def _report(self, ready: list[tuple[int, Any]], step: int, epoch: int, log_now: bool) -> None:
+        """Fetch the ready steps' metrics in one transfer, stop on a non-finite one, log and show the last."""
+        fetched = jax.device_get([w[1] for w in ready])
+        now = time.perf_counter()
+        dt = (now - self.t_fetch) / len(ready)
+        self.t_fetch = now
+        for (d, _), hm in zip(ready, fetched):
+            _check_finite(d, hm, self.ckpt)
+            self.losses.append(float(hm["loss"]))
+        m = {k: float(v) for k, v in fetched[-1].items()}
+        done = ready[-1][0]
+        if log_now:
+            self.run_log.scalars(done, {"loss": m["loss"], "mse": m["mse"], "lr": float(self.schedule(step)),
+                                        "grad_norm": m["grad_norm"], "sigma": m["sigma"], "step_time": dt,
+                                        "samples_per_s": self.global_batch / dt, "epoch": epoch})
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", s_step=f"{dt:.3f}",
+                                 samples_s=f"{self.global_batch / dt:.1f}")
+
+    def _save(self, done: int, params: Any, opt_state: Any) -> None:
+        meta = {"step": done, "data": self.loader.state_dict(),
+                "rng": np.asarray(jax.random.key_data(self.rng)).tolist(), "config": self.cfg.to_dict(),
+                "schedule_steps": self.schedule_steps}
+        # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
+        self.ckpt.save(done, _copy(params), _copy(opt_state), meta)
+
+    def validate(self, step: int, params: Any) -> None:
+        """Run the validation at `step` and log its metrics and grid."""
+        metrics, grid, path = self.validation(step, params, self.base)
+        if metrics:
+            self.run_log.scalars(step, metrics)
+        if grid is not None:
+            self.run_log.image("validation/grid", step, grid)
+            (self.bar.write if self.bar is not None else self.log)(f"validation grid: {path}")
 
 
 def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
@@ -331,8 +381,20 @@ def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
     return model.config, graphdef, params, base, local_rows
 
 
-def _resume(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, opt_state: Any, run_path: str,
-            log: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any]]:
+def _resume(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, opt_state: Any, loader: BatchLoader,
+            run_path: str, log: Callable[[str], None]) -> tuple[Any, Any, jax.Array, int, int]:
+    """Restore checkpoint `step` into (params, opt_state) and `loader`: (params, opt_state, rng, first step,
+    schedule length)."""
+    params, opt_state, meta = _restore(cfg, ckpt, step, params, opt_state, run_path, log)
+    loader.load_state_dict(meta["data"])
+    rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
+    start = int(meta["step"])
+    log(f"resuming from {ckpt.directory}/{step} (step {start})")
+    return params, opt_state, rng, start, resumed_schedule_steps(cfg, meta, start, log)
+
+
+def _restore(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, opt_state: Any, run_path: str,
+             log: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any]]:
     if os.path.exists(run_path):
         with open(run_path) as f:
             old = {k: v for k, v in json.load(f).items() if k != RUN_INFO_KEY}

@@ -130,20 +130,20 @@ class TrainStep:
             return jax.jit(step, donate_argnums=donate)
         return _MeshJit(step, self.mesh, donate, self.global_batch)
 
+    def _fn_for(self, img_shapes: Any, arrays: dict[str, Any]) -> Callable:
+        """The jitted step of this batch's image layout (made on first use)."""
+        layout = _layout(img_shapes, arrays)
+        if layout not in self._fns:
+            self._fns[layout] = self._step_fn(layout)
+        return self._fns[layout]
+
     def __call__(self, params, opt_state, base, img_shapes, arrays, rng, step):
-        img_shapes = _layout(img_shapes, arrays)
-        fn = self._fns.get(img_shapes)
-        if fn is None:
-            fn = self._fns[img_shapes] = self._step_fn(img_shapes)
+        fn = self._fn_for(img_shapes, arrays)
         return fn(params, opt_state, base, arrays, rng, jnp.asarray(step, jnp.int32))
 
     def lower(self, params, opt_state, base, img_shapes, arrays, rng, step):
         """Ahead-of-time lowering (memory plans): arguments may be `jax.ShapeDtypeStruct`s; needs `mesh`."""
-        img_shapes = _layout(img_shapes, arrays)
-        fn = self._fns.get(img_shapes)
-        if fn is None:
-            fn = self._fns[img_shapes] = self._step_fn(img_shapes)
-        return fn.lower(params, opt_state, base, arrays, rng, step)
+        return self._fn_for(img_shapes, arrays).lower(params, opt_state, base, arrays, rng, step)
 
 
 def _layout(img_shapes: Any, arrays: dict[str, Any]) -> tuple[tuple[int, int, int], ...]:
@@ -162,40 +162,37 @@ class _MeshJit:
 
     def __init__(self, fn: Callable, mesh: Any, donate: tuple, global_batch: int | None):
         self.fn, self.mesh, self.donate, self.global_batch = fn, mesh, donate, global_batch
-        self._jitted: dict[tuple, Any] = {}
+        self._jitted: dict[int, Any] = {}
 
-    def __call__(self, params, opt_state, base, arrays, rng, step):
-        batch = self.global_batch or arrays["target"].shape[1] * jax.process_count()
-        accum = NamedSharding(self.mesh, PartitionSpec(None, *batch_sharding(self.mesh, batch).spec))
-        arrays = distributed.global_batch(arrays, accum, batch, axis=1)
-        key = (batch,)
-        if key not in self._jitted:
-            rep = replicated(self.mesh)
+    def _accum_sharding(self, batch: int) -> NamedSharding:
+        """[A, B, ...] micro-batches: B split like a batch of `batch`, A whole."""
+        return NamedSharding(self.mesh, PartitionSpec(None, *batch_sharding(self.mesh, batch).spec))
 
-            def sh(tree):
-                return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else rep, tree)
-
-            p_sh, o_sh, b_sh = sh(params), sh(opt_state), sh(base)
-            self._jitted[key] = sharded_jit(
-                self.fn, self.mesh, donate_argnums=self.donate,
-                in_shardings=(p_sh, o_sh, b_sh, accum, rep, rep),
-                out_shardings=(p_sh, o_sh, rep))
-        return self._jitted[key](params, opt_state, base, arrays, rng, step)
-
-    def lower(self, params, opt_state, base, arrays, rng, step):
-        """AOT (benchmarks/memory_plan.py): `jax.ShapeDtypeStruct` arguments, params/opt state/base with shardings."""
-        batch = arrays["target"].shape[1]
-        accum = NamedSharding(self.mesh, PartitionSpec(None, *batch_sharding(self.mesh, batch).spec))
+    def _jit(self, params, opt_state, base, accum: NamedSharding) -> Any:
+        """The step jitted with the arguments' own shardings (non-arrays replicated), the batch on `accum`."""
         rep = replicated(self.mesh)
 
         def sh(tree):
-            return jax.tree.map(lambda x: x.sharding, tree)
+            return jax.tree.map(lambda x: x.sharding if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else rep,
+                                tree)
 
-        fn = sharded_jit(self.fn, self.mesh, donate_argnums=self.donate,
-                         in_shardings=(sh(params), sh(opt_state), sh(base), accum, rep, rep),
-                         out_shardings=(sh(params), sh(opt_state), rep))
+        p_sh, o_sh, b_sh = sh(params), sh(opt_state), sh(base)
+        return sharded_jit(self.fn, self.mesh, donate_argnums=self.donate,
+                           in_shardings=(p_sh, o_sh, b_sh, accum, rep, rep), out_shardings=(p_sh, o_sh, rep))
+
+    def __call__(self, params, opt_state, base, arrays, rng, step):
+        batch = self.global_batch or arrays["target"].shape[1] * jax.process_count()
+        accum = self._accum_sharding(batch)
+        arrays = distributed.global_batch(arrays, accum, batch, axis=1)
+        if batch not in self._jitted:
+            self._jitted[batch] = self._jit(params, opt_state, base, accum)
+        return self._jitted[batch](params, opt_state, base, arrays, rng, step)
+
+    def lower(self, params, opt_state, base, arrays, rng, step):
+        """AOT (benchmarks/memory_plan.py): `jax.ShapeDtypeStruct` arguments, params/opt state/base with shardings."""
+        accum = self._accum_sharding(arrays["target"].shape[1])
         arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=accum) for k, v in arrays.items()}
-        return fn.lower(params, opt_state, base, arrays, rng, step)
+        return self._jit(params, opt_state, base, accum).lower(params, opt_state, base, arrays, rng, step)
 
 
 def make_train_step(
