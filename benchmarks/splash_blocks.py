@@ -140,13 +140,13 @@ def search(args) -> dict:
     from jax.experimental import topologies
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
-    from qwen_edit_jax import sharding as shd
+    from qwen_edit_jax import parallel
     from qwen_edit_jax.models.kernels import splash
 
     gen = args.topology.split(":")[0].lower()
     chip = CHIPS[gen]
     devices = topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices
-    mesh = shd.make_mesh(1, -1, 1, devices=devices)
+    mesh = parallel.make_mesh(1, -1, 1, devices=devices)
     kind = devices[0].device_kind
     per_dev = max(1, args.batch // len(devices))
     sp = splash.padded_length(args.seq)

@@ -193,7 +193,7 @@ class LoraConfig:
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {self.rank}")
-        if self.qkv_mode not in ("split", "shared"):
+        if self.qkv_mode not in QKVMode.__args__:
             raise ValueError(f"LoRA qkv_mode must be 'split' or 'shared', got {self.qkv_mode!r}")
         known = {"to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp", "img_mod", "txt_mod"}
         known |= {f"{m}.{f}" for m in ("img_mlp", "txt_mlp") for f in ("fc1", "fc2")}
@@ -212,6 +212,7 @@ class LoraConfig:
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
            "float16": jnp.float16, "fp16": jnp.float16}
+DTYPE_NAMES: tuple[str, ...] = tuple(_DTYPES)  # the dtype names `as_dtype` (and every config) accepts
 
 
 def as_dtype(d: Any) -> jnp.dtype:
@@ -257,8 +258,8 @@ class ModelOptions:
         if self.quantize is not None and not self.fuse_qkv:
             raise ValueError("quantize is implemented on the fused-QKV layout only (fuse_qkv=True)")
         object.__setattr__(self, "dtype", as_dtype(self.dtype))
-        if self.remat not in ("none", "full", "save_matmuls"):
-            raise ValueError(f"remat must be 'none', 'full' or 'save_matmuls', got {self.remat!r}")
+        if self.remat not in RematPolicy.__args__:
+            raise ValueError(f"remat must be one of {list(RematPolicy.__args__)}, got {self.remat!r}")
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"attention must be one of {list(ATTENTION_KERNELS)}, got {self.attention!r}")
         if self.lora is not None and not self.fuse_qkv:

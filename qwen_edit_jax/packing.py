@@ -40,10 +40,3 @@ def unpack_latents(tokens: Array, height: int, width: int, *, frames_axis: bool 
     x = tokens.reshape(b, height // 2, width // 2, f // 4, 2, 2)
     x = xp.transpose(x, (0, 3, 1, 4, 2, 5)).reshape(b, f // 4, height, width)
     return x[:, :, None] if frames_axis else x
-
-
-def img_shape_for(height: int, width: int, vae_scale: int = 8, patch: int = 2) -> tuple[int, int, int]:
-    """(frames, h_tokens, w_tokens) for an image of `height`×`width` pixels."""
-    if height % (vae_scale * patch) or width % (vae_scale * patch):
-        raise ValueError(f"image size {height}x{width} must be a multiple of {vae_scale * patch}")
-    return (1, height // (vae_scale * patch), width // (vae_scale * patch))

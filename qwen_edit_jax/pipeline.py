@@ -221,7 +221,7 @@ class QwenImageEditPipeline:
 
         dtype: weights and activations of every component (and the latents between steps, as diffusers
         keeps them in the text encoder's dtype). mesh: shard every component over it
-        (`sharding.make_mesh`). transformer: a checkpoint to use instead of `transformer/` — any layout
+        (`parallel.make_mesh`). transformer: a checkpoint to use instead of `transformer/` — any layout
         `load_transformer` reads, e.g. a merged Orbax checkpoint from convert/ or one safetensors file
         (the repo's config.json is used when none lies beside it) — or an already loaded model.
         lora: a LoRA file or a list of paths / (path, strength) pairs in any key style, merged into the

@@ -50,9 +50,8 @@ def _result(p: subprocess.Popen) -> dict:
 def runs(root: str) -> dict:
     import qwen_edit_jax as q
     from qwen_edit_jax.training import load_config, train
-    from qwen_edit_jax.training.config import DemoSection
     from qwen_edit_jax.cache_format import write_cache
-    from qwen_edit_jax.training.demo import demo_samples
+    from qwen_edit_jax.training.demo import DemoSection, demo_samples
     from tests.multihost_worker import export_numbers, losses_of, train_overrides
     from tests.torch_reference import make_torch_model, save_torch_model
 

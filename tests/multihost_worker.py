@@ -60,7 +60,7 @@ def main() -> None:
     import jax
     import jax.numpy as jnp
 
-    from qwen_edit_jax import sharding as shd
+    from qwen_edit_jax import parallel
     from qwen_edit_jax.training import load_config, train
     from qwen_edit_jax.training.checkpoint import TrainCheckpointer
     from qwen_edit_jax.training.step import make_optimizer
@@ -69,14 +69,14 @@ def main() -> None:
     cfg = load_config(None, train_overrides(ckpt, cache))
     res = train(cfg, run_dir, log=lambda _m: None)
     params = res.lora_params
-    mesh = shd.make_mesh(2, 2, 2)
-    rows = distributed.local_batch_rows(shd.batch_sharding(mesh, cfg.data.batch_size), cfg.data.batch_size)
+    mesh = parallel.make_mesh(2, 2, 2)
+    rows = distributed.local_batch_rows(parallel.batch_sharding(mesh, cfg.data.batch_size), cfg.data.batch_size)
     digest = float(jax.jit(lambda t: sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(t)))(params))
 
     # every process restores the last checkpoint into the sharded layout of the trained adapters
     tx, _ = make_optimizer(cfg.optim, STEPS)
     ck = TrainCheckpointer(os.path.join(run_dir, "checkpoints"))
-    restored, _, meta = ck.restore(STEPS, params, shd.init_opt_state(tx, params, mesh))
+    restored, _, meta = ck.restore(STEPS, params, parallel.init_opt_state(tx, params, mesh))
 
     def all_equal(a, b):
         return jnp.all(jnp.array([jnp.all(x == y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]))

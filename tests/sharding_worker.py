@@ -18,13 +18,13 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import qwen_edit_jax as q  # noqa: E402
-from qwen_edit_jax import sharding as shd  # noqa: E402
+from qwen_edit_jax import parallel  # noqa: E402
 from qwen_edit_jax.config import LoraConfig, ModelOptions  # noqa: E402
+from qwen_edit_jax.sampling import sharded_forward  # noqa: E402
 
 MESHES = [(1, 8, 1), (2, 2, 2), (1, 2, 4), (2, 4, 1)]
 CFG = q.preset("tiny")
@@ -81,7 +81,7 @@ def fresh(host_state, attention="xla", remat="none", mesh=None):
     m = q.abstract_model(CFG, options(attention, remat))
     nnx.update(m, host_state)
     if mesh is not None:
-        return shd.shard_model(m, mesh)
+        return parallel.shard_model(m, mesh)
     nnx.update(m, jax.device_put(nnx.state(m)))
     return m
 
@@ -94,9 +94,9 @@ def scenario_forward(_arg):
     ref8, ref3 = np.asarray(ref_model(*x8, IMG_SHAPES)), np.asarray(ref_model(*x3, IMG_SHAPES))
     out = {}
     for m in MESHES:
-        mesh = shd.make_mesh(*m)
+        mesh = parallel.make_mesh(*m)
         model = fresh(state, mesh=mesh)
-        fwd = shd.sharded_forward(model, mesh, IMG_SHAPES)
+        fwd = sharded_forward(model, mesh, IMG_SHAPES)
         for batch, x, ref in ((8, x8, ref8), (3, x3, ref3))[:2 if m in MESHES[:2] else 1]:
             y = fwd(*x)
             out[f"{m}/b{batch}"] = {"rel_err": rel(y, ref), "out_spec": str(y.sharding.spec)}
@@ -118,7 +118,7 @@ def _train_setup(mesh, attention="xla", remat="none"):
     # Adam's eps 1e-3 (not 1e-8): its update g/(|g|+eps) must not turn float noise in near-zero
     # gradients into ±lr steps, or equal programs would differ by reduction order alone.
     tx, _ = make_optimizer(OptimSection(learning_rate=1e-2, warmup_steps=0, eps=1e-3), max_steps=10)
-    opt = tx.init(params) if mesh is None else shd.init_opt_state(tx, params, mesh)
+    opt = tx.init(params) if mesh is None else parallel.init_opt_state(tx, params, mesh)
     step = make_train_step(graphdef, tx, ObjectiveSection(), mesh=mesh)
     return step, params, opt, base
 
@@ -150,7 +150,7 @@ def scenario_train(_arg):
     out = {"ref_losses": ref_losses}
     ref_flat = jax.tree.leaves(ref_params)
     for m in MESHES:
-        mesh = shd.make_mesh(*m)
+        mesh = parallel.make_mesh(*m)
         losses, params, opt = run_steps(mesh)
         flat = jax.tree.leaves(params)
         qkv_a = params["transformer_blocks"]["attn"]["to_qkv"]["lora_A"]
@@ -177,9 +177,9 @@ def scenario_splash(_arg):
     out = {}
     single = fresh(state, "splash")
     out["single_rel_err"] = rel(single(*x, IMG_SHAPES), ref)
-    mesh = shd.make_mesh(2, 2, 2)
+    mesh = parallel.make_mesh(2, 2, 2)
     model = fresh(state, "splash", "full", mesh)
-    out["mesh_rel_err"] = rel(shd.sharded_forward(model, mesh, IMG_SHAPES)(*x), ref)
+    out["mesh_rel_err"] = rel(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref)
     ref_losses, ref_params, _ = run_steps(None, n=2, batch=4)
     losses, params, _ = run_steps(mesh, n=2, attention="splash", remat="full", batch=4)
     out["train_loss_rel_err"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
@@ -245,7 +245,7 @@ def scenario_load(path):
 
     out = {}
     for m in [(1, 8, 1), (2, 2, 2), (1, 2, 4)]:
-        mesh = shd.make_mesh(*m)
+        mesh = parallel.make_mesh(*m)
         calls: list = []
         src.read_slice, src.get = counting_slice, forbidden_get
         dit_loading.array_from_lazy = lambda lazy, p, sh, dt, calls=calls: orig_array(
@@ -258,23 +258,23 @@ def scenario_load(path):
         out[str(m)] = {
             "max_weight_diff": max(float(np.max(np.abs(np.asarray(a) - ref_flat[k]))) for k, a in flat.items()),
             "n_leaves": len(flat),
-            "rel_err": rel(shd.sharded_forward(model, mesh, IMG_SHAPES)(*x), ref_out),
+            "rel_err": rel(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref_out),
             "calls": calls,
-            "sharded_leaves": sum(shd.is_sharded(a) for a in flat.values()),
+            "sharded_leaves": sum(parallel.is_sharded(a) for a in flat.values()),
         }
     # the converter's merged Orbax checkpoint: each device's slice read from the zarr chunks
     merged = save_merged(open_lazy_params(path), os.path.join(os.path.dirname(path), "merged"), progress=False)
-    mesh = shd.make_mesh(2, 2, 2)
+    mesh = parallel.make_mesh(2, 2, 2)
     model = q.load_transformer(merged, mesh=mesh)
     flat = flat_base(model)
-    want = shd.param_shardings(nnx.state(model, q.models.dit.BASE_PARAMS), mesh)
+    want = parallel.param_shardings(nnx.state(model, q.models.dit.BASE_PARAMS), mesh)
     want = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(want)}
     out["merged"] = {
         "max_weight_diff": max(float(np.max(np.abs(np.asarray(a) - ref_flat[k]))) for k, a in flat.items()),
         "n_leaves": len(flat),
         "shardings_match": all(a.sharding.is_equivalent_to(want[k], a.ndim) for k, a in flat.items()),
-        "sharded_leaves": sum(shd.is_sharded(a) for a in flat.values()),
-        "rel_err": rel(shd.sharded_forward(model, mesh, IMG_SHAPES)(*x), ref_out),
+        "sharded_leaves": sum(parallel.is_sharded(a) for a in flat.values()),
+        "rel_err": rel(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref_out),
     }
     return out
 
@@ -297,11 +297,11 @@ def scenario_seq_parallel(_arg):
     ref = np.asarray(single(state, *x))
     out = {"single_flops": single.cost_analysis()["flops"]}
     for m in [(1, 8, 1), (2, 4, 1), (1, 4, 2), (2, 2, 2)]:
-        mesh = shd.make_mesh(*m)
-        st_sh = shd.param_shardings(state, mesh)
+        mesh = parallel.make_mesh(*m)
+        st_sh = parallel.param_shardings(state, mesh)
         st = jax.device_put(state, st_sh)  # = shard_model(model, mesh)'s state
-        rep = shd.batch_sharding(mesh, 1)  # batch 1: replicated inputs; the model splits the tokens
-        fn = shd.sharded_jit(fwd, mesh, in_shardings=(st_sh, rep, rep, rep, rep), out_shardings=None)
+        rep = parallel.batch_sharding(mesh, 1)  # batch 1: replicated inputs; the model splits the tokens
+        fn = parallel.sharded_jit(fwd, mesh, in_shardings=(st_sh, rep, rep, rep, rep), out_shardings=None)
         compiled = fn.lower(st, *x).compile()
         with jax.set_mesh(mesh):
             y = compiled(st, *x)

@@ -27,9 +27,9 @@ from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
 from qwen_edit_jax.caching.writer import partial_path
 from qwen_edit_jax.cache_format import CachedDataset
 from qwen_edit_jax.imaging import calculate_dimensions, plan_sizes, resize, vae_pixels
-from qwen_edit_jax.training.config import DemoSection, config_from_dict
+from qwen_edit_jax.training.config import config_from_dict
 from qwen_edit_jax.training.data import BatchLoader
-from qwen_edit_jax.training.demo import make_demo_checkpoint
+from qwen_edit_jax.training.demo import DemoSection, make_demo_checkpoint
 from qwen_edit_jax.training.loop import train
 
 TOL = 1e-5

@@ -27,7 +27,7 @@ LAYERS: list[tuple[str, int]] = [
     ("models", 2), ("weights", 2), ("imaging", 2), ("cache_format", 2),
     ("lora", 3),
     ("loading", 4), ("convert", 4), ("preprocess", 4), ("encoding", 4),
-    ("sampling", 5), ("pipeline", 5), ("sharding", 5),
+    ("sampling", 5), ("pipeline", 5),
     ("training", 6), ("caching", 6), ("demo", 6),
 ]
 # same-layer pairs that must never meet: models hold no I/O, weights/ never imports a model class

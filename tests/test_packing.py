@@ -8,7 +8,6 @@ from diffusers import QwenImagePipeline
 import jax.numpy as jnp
 
 from qwen_edit_jax import pack_latents, unpack_latents
-from qwen_edit_jax.packing import img_shape_for
 
 
 @pytest.mark.parametrize("h,w", [(8, 8), (6, 10), (14, 4)])
@@ -36,6 +35,3 @@ def test_pack_errors():
         pack_latents(np.zeros((1, 16, 5, 4), np.float32))
     with pytest.raises(ValueError, match="cannot unpack"):
         unpack_latents(np.zeros((1, 5, 64), np.float32), 4, 4)
-    with pytest.raises(ValueError, match="multiple of 16"):
-        img_shape_for(1000, 1024)
-    assert img_shape_for(1024, 768) == (1, 64, 48)

@@ -14,7 +14,7 @@ SCRIPT = textwrap.dedent(
     import json
     import jax, jax.numpy as jnp, numpy as np
     import qwen_edit_jax as q
-    from qwen_edit_jax import sampling, sharding
+    from qwen_edit_jax import parallel, sampling
 
     assert jax.device_count() == 4, jax.devices()
     shapes = [(1, 4, 4), (1, 3, 5)]
@@ -33,13 +33,13 @@ SCRIPT = textwrap.dedent(
             negative_prompt_embeds_mask=None, true_cfg_scale=4.0, num_inference_steps=3,
             img_shapes=[shapes] * b, batch_cfg=batch_cfg)
         ref = np.asarray(sampling.sample(model, **kw))
-        mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
-        sharding.shard_model(model, mesh)
+        mesh = parallel.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
+        parallel.shard_model(model, mesh)
         kernel = model.transformer_blocks.attn.to_qkv.kernel[...]
         res = sampling.sample(model, **kw, mesh=mesh)
         out[name] = dict(
             rel_err=float(np.max(np.abs(np.asarray(res) - ref)) / np.max(np.abs(ref))),
-            params_sharded=bool(sharding.is_sharded(kernel)),
+            params_sharded=bool(parallel.is_sharded(kernel)),
             out_devices=len(res.sharding.device_set),
         )
 
@@ -64,7 +64,7 @@ SCRIPT = textwrap.dedent(
 
     def spy(model, **kw):  # record whether the command ran sharded
         seen.append(kw.get("mesh") is not None
-                    and sharding.is_sharded(model.transformer_blocks.attn.to_qkv.kernel[...]))
+                    and parallel.is_sharded(model.transformer_blocks.attn.to_qkv.kernel[...]))
         return real_sample(model, **kw)
 
     sampling.cached.sample = spy

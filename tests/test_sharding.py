@@ -18,7 +18,7 @@ from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 import qwen_edit_jax as q
-from qwen_edit_jax import sharding as shd
+from qwen_edit_jax import parallel
 from qwen_edit_jax.config import LoraConfig, ModelOptions
 from tests.background import Job
 
@@ -46,24 +46,24 @@ def scenario(name: str) -> dict:
 
 
 def abstract_mesh(data, fsdp, tensor):
-    return AbstractMesh((data, fsdp, tensor), shd.MESH_AXES)
+    return AbstractMesh((data, fsdp, tensor), parallel.MESH_AXES)
 
 
 # ---- in-process: meshes and the rule table ---------------------------------------------------------
 def test_resolve_mesh_shape():
-    assert shd.resolve_mesh_shape(1, -1, 1, 8) == (1, 8, 1)
-    assert shd.resolve_mesh_shape(2, -1, 2, 8) == (2, 2, 2)
-    assert shd.resolve_mesh_shape(-1, 2, 1, 8) == (4, 2, 1)
+    assert parallel.resolve_mesh_shape(1, -1, 1, 8) == (1, 8, 1)
+    assert parallel.resolve_mesh_shape(2, -1, 2, 8) == (2, 2, 2)
+    assert parallel.resolve_mesh_shape(-1, 2, 1, 8) == (4, 2, 1)
     with pytest.raises(ValueError, match="needs 16 devices"):
-        shd.resolve_mesh_shape(2, 4, 2, 8)
+        parallel.resolve_mesh_shape(2, 4, 2, 8)
     with pytest.raises(ValueError, match="not divisible"):
-        shd.resolve_mesh_shape(3, -1, 1, 8)
+        parallel.resolve_mesh_shape(3, -1, 1, 8)
     with pytest.raises(ValueError, match="at most one"):
-        shd.resolve_mesh_shape(-1, -1, 1, 8)
+        parallel.resolve_mesh_shape(-1, -1, 1, 8)
 
 
 def test_make_mesh_one_device_is_auto():
-    mesh = shd.make_mesh()
+    mesh = parallel.make_mesh()
     assert mesh.axis_names == ("data", "fsdp", "tensor")
     assert dict(mesh.shape) == {"data": 1, "fsdp": len(jax.devices()), "tensor": 1}
     assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
@@ -71,17 +71,17 @@ def test_make_mesh_one_device_is_auto():
 
 def test_logical_rules():
     m = abstract_mesh(2, 2, 2)
-    qkv = shd.logical_to_spec(("layers", "embed", "qkv", "heads"), (60, 3072, 3, 3072), m)
+    qkv = parallel.logical_to_spec(("layers", "embed", "qkv", "heads"), (60, 3072, 3, 3072), m)
     assert qkv == P(None, "fsdp", None, "tensor")
-    assert shd.logical_to_spec(("layers", "embed", "mlp"), (60, 3072, 12288), m) == P(None, "fsdp", "tensor")
-    assert shd.logical_to_spec(("embed", "mod"), (3072, 6144), m) == P("fsdp", "tensor")
-    assert shd.logical_to_spec(("batch", None), (8, 5), m) == P(("data", "fsdp"))
+    assert parallel.logical_to_spec(("layers", "embed", "mlp"), (60, 3072, 12288), m) == P(None, "fsdp", "tensor")
+    assert parallel.logical_to_spec(("embed", "mod"), (3072, 6144), m) == P("fsdp", "tensor")
+    assert parallel.logical_to_spec(("batch", None), (8, 5), m) == P(("data", "fsdp"))
     # a dimension the mesh axes do not divide stays whole; axes of size 1 are dropped
-    assert shd.logical_to_spec(("batch", None), (6, 5), m) == P("data")
-    assert shd.logical_to_spec(("embed",), (7,), m) == P()
-    assert shd.logical_to_spec(("embed", "heads"), (8, 8), abstract_mesh(1, 8, 1)) == P("fsdp")
+    assert parallel.logical_to_spec(("batch", None), (6, 5), m) == P("data")
+    assert parallel.logical_to_spec(("embed",), (7,), m) == P()
+    assert parallel.logical_to_spec(("embed", "heads"), (8, 8), abstract_mesh(1, 8, 1)) == P("fsdp")
     with pytest.raises(ValueError, match="no sharding rule"):
-        shd.logical_to_spec(("nonsense",), (8,), m)
+        parallel.logical_to_spec(("nonsense",), (8,), m)
 
 
 def test_real_model_weights_fully_split_by_fsdp():
@@ -91,7 +91,7 @@ def test_real_model_weights_fully_split_by_fsdp():
     mesh = abstract_mesh(1, 8, 1)
     total = split = 0
     for path, var in nnx.to_flat_state(nnx.state(model)):
-        spec = shd.param_spec(var.get_metadata()["out_sharding"], var.shape, mesh)
+        spec = parallel.param_spec(var.get_metadata()["out_sharding"], var.shape, mesh)
         n = int(np.prod(var.shape))
         total += n
         split += n if "fsdp" in jax.tree.leaves(tuple(spec)) else 0
@@ -101,29 +101,31 @@ def test_real_model_weights_fully_split_by_fsdp():
 def test_fsdp_fallback_splits_lora_b():
     m = abstract_mesh(1, 8, 1)
     # LoRA B of a fused QKV [L, 3, r, D]: heads unsplit without tensor parallelism → fsdp takes D
-    assert shd.param_spec(("layers", None, None, "heads"), (60, 3, 32, 3072), m) == P(None, None, None, "fsdp")
+    assert parallel.param_spec(("layers", None, None, "heads"), (60, 3, 32, 3072), m) == P(None, None, None, "fsdp")
     # with tensor parallelism D goes to tensor and fsdp takes the rank axis
-    assert shd.param_spec(("layers", None, None, "heads"), (60, 3, 32, 3072), abstract_mesh(1, 4, 2)) == \
+    assert parallel.param_spec(("layers", None, None, "heads"), (60, 3, 32, 3072), abstract_mesh(1, 4, 2)) == \
         P(None, None, "fsdp", "tensor")
-    assert shd.param_spec(("layers", None), (60, 128), m) == P()  # small: replicated, never on layers
+    assert parallel.param_spec(("layers", None), (60, 128), m) == P()  # small: replicated, never on layers
 
 
 def test_param_specs_of_real_layout():
-    specs = shd.param_specs(q.abstract_model(q.preset("tiny"), ModelOptions(lora=LoraConfig(rank=4))), shd.make_mesh())
+    sh = parallel.param_shardings(q.abstract_model(q.preset("tiny"), ModelOptions(lora=LoraConfig(rank=4))),
+                                  parallel.make_mesh())
+    specs = {".".join(map(str, p)): v.get_value().spec for p, v in nnx.to_flat_state(sh)}
     assert specs["transformer_blocks.attn.to_qkv.kernel"] == P()  # one device: nothing to split
     assert set(specs) >= {"transformer_blocks.attn.to_qkv.lora_A", "txt_norm.scale", "proj_out.kernel"}
 
 
 def test_batch_axes_fall_back_for_small_batches():
     m = abstract_mesh(2, 4, 1)
-    assert shd.batch_axes_for(m, 8) == ("data", "fsdp")
-    assert shd.batch_axes_for(m, 2) == ("data",)
-    assert shd.batch_axes_for(m, 1) == ()
+    assert parallel.batch_axes_for(m, 8) == ("data", "fsdp")
+    assert parallel.batch_axes_for(m, 2) == ("data",)
+    assert parallel.batch_axes_for(m, 1) == ()
 
 
 def test_constrain_is_noop_without_mesh():
     x = jax.numpy.ones((4, 3))
-    assert shd.constrain(x, ("batch", None)) is x
+    assert parallel.constrain(x, ("batch", None)) is x
 
 
 # ---- 8 simulated devices (subprocess) -------------------------------------------------------------
@@ -228,8 +230,8 @@ def test_distributed_single_process_is_noop(monkeypatch):
 def test_local_batch_rows_and_global_batch():
     from qwen_edit_jax.parallel import distributed
 
-    mesh = shd.make_mesh()
-    sh = shd.batch_sharding(mesh, 4)
+    mesh = parallel.make_mesh()
+    sh = parallel.batch_sharding(mesh, 4)
     rows = distributed.local_batch_rows(sh, 4)
     assert rows.tolist() == [0, 1, 2, 3]  # one process holds every row
     x = np.arange(12, dtype=np.float32).reshape(4, 3)

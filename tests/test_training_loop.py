@@ -22,10 +22,10 @@ from flax import nnx
 
 import qwen_edit_jax as q
 from qwen_edit_jax.training.checkpoint import KILL_DURING_SAVE_ENV, TrainCheckpointer
-from qwen_edit_jax.training.config import ConfigError, DemoSection, config_from_dict, load_config
+from qwen_edit_jax.training.config import ConfigError, config_from_dict, load_config
 from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.cache_format import DataError, write_cache
-from qwen_edit_jax.training.demo import demo_samples
+from qwen_edit_jax.training.demo import DemoSection, demo_samples, write_latent_demo
 from qwen_edit_jax.training.loop import NonFiniteLossError, train
 from qwen_edit_jax.training.step import make_schedule, split_lora
 from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
@@ -39,7 +39,7 @@ def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("assets")
     tm = make_torch_model(TINY, seed=11)
     base = save_torch_model(tm, d / "base")
-    demo = DemoSection(enabled=True, num_samples=24, latent_sizes=((8, 8),), num_edits=3, prompt_lengths=(4, 10))
+    demo = DemoSection(num_samples=24, latent_sizes=((8, 8),), num_edits=3, prompt_lengths=(4, 10))
     data = write_cache(d / "cache", demo_samples(demo, 16, TINY.joint_attention_dim))
     return tm, str(base), str(data)
 
@@ -219,11 +219,13 @@ def test_kill_anywhere_and_resume_is_bit_identical(assets, tmp_path):
 
 @pytest.mark.slow
 def test_demo_loss_falls(tmp_path):
-    """The shipped demo config, shortened: loss of the last 20 steps well below the first 20."""
+    """The shipped demo config on the demo's inputs (one image bucket), shortened: loss of the last 20
+    steps well below the first 20."""
+    write_latent_demo(str(tmp_path / "model"), str(tmp_path / "data"), DemoSection(latent_sizes=((16, 16),)),
+                      log=lambda m: None)
     cfg = load_config(os.path.join(ROOT, "train", "configs", "latent_demo.yaml"), [
         f"model.path={tmp_path / 'model'}", f"data.path={tmp_path / 'data'}", "train.max_steps=120",
-        f"demo.model_path={tmp_path / 'model'}", f"demo.data_path={tmp_path / 'data'}",
-        "train.save_every=120", "train.progress=false", "demo.latent_sizes=[[16, 16]]", "data.text_buckets=[16]"])
+        "train.save_every=120", "train.progress=false", "data.text_buckets=[16]"])
     res = train(cfg, tmp_path / "run", log=lambda m: None)
     losses = [r["loss"] for r in _read_metrics(tmp_path / "run")]
     first, last = np.mean(losses[:20]), np.mean(losses[-20:])
@@ -260,57 +262,45 @@ def test_bf16_compute_on_cpu_is_a_clear_error(assets, tmp_path):
         train(cfg, tmp_path / "run", log=lambda m: None)
 
 
-# ---- inputs and outputs: nothing is made where the user did not ask for it ---------------------------------
-def _demo_cfg(tmp_path, **over):
-    """The shipped demo config with its assets under tmp_path (its own locations) plus `over`."""
-    items = [f"demo.model_path={tmp_path / 'demo_model'}", f"demo.data_path={tmp_path / 'demo_data'}",
-             f"model.path={tmp_path / 'demo_model'}", f"data.path={tmp_path / 'demo_data'}"]
-    items += [f"{k}={v}" for k, v in over.items()]
-    return load_config(os.path.join(ROOT, "train", "configs", "latent_demo.yaml"), items)
-
-
+# ---- inputs and outputs: the trainer reads what exists and makes nothing else -------------------------------
 @pytest.mark.parametrize("key", ["model.path", "data.path"])
-def test_a_mistyped_path_is_an_error_not_random_demo_data(tmp_path, key):
-    """With the demo enabled, only the demo's own locations are ever filled; another missing path is an error."""
+def test_a_missing_input_is_a_one_line_error_naming_the_key(assets, tmp_path, key):
+    """A missing input stops the run before any work with one line naming the key and the path as written;
+    nothing is created, neither at that path nor the output folder."""
     typo = tmp_path / "data" / "my-real-modle"
-    cfg = _demo_cfg(tmp_path, **{key: typo})
-    demo_key = f"demo.{key.split('.')[0]}_path"
-    with pytest.raises(ConfigError, match=re.escape(f"{key}={typo}: no such file or folder; demo assets are made "
-                                                    f"only at the demo's own location {demo_key}=")):
+    cfg = config_from_dict(_cfg_dict(assets, **{key.split(".")[0]: {"path": str(typo)}}))
+    with pytest.raises(ConfigError, match="^" + re.escape(f"{key}: {typo} does not exist") + "$"):
         train(cfg, tmp_path / "run", log=lambda m: None)
-    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()  # nothing created anywhere
-    assert not (tmp_path / "demo_model").exists() and not (tmp_path / "demo_data").exists()
-    # without the demo: the same error, without the demo hint
-    other = "data" if key == "model.path" else "model"
-    cfg = config_from_dict({**cfg.to_dict(), "demo": {"enabled": False}, other: {"path": str(tmp_path)}})
-    with pytest.raises(ConfigError, match=re.escape(f"{key}={typo}: no such file or folder") + "$"):
-        train(cfg, tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
-def test_demo_model_path_on_an_existing_file_is_not_overwritten(assets, tmp_path):
-    """`model.path` naming an existing file (here a LoRA) is loaded as it is: no demo checkpoint is written onto it."""
+def test_the_latent_demo_without_its_inputs_says_how_to_make_them(tmp_path):
+    """train_lora.py on the shipped latent demo config, run where demo_data/ is missing: exit 2 and one line
+    naming the key and the relative path, with the command that writes the demo's inputs."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train", "train_lora.py"), "--config",
+                        os.path.join(ROOT, "train", "configs", "latent_demo.yaml"), "--output-dir", "run"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [
+        "error: model.path: demo_data/latent/tiny-dit does not exist "
+        "(make the demo's inputs with: python -m qwen_edit_jax.demo --out demo_data)"], r.stderr
+    assert os.listdir(tmp_path) == []
+    cfg = load_config(os.path.join(ROOT, "train", "configs", "latent_demo.yaml"))
+    assert not hasattr(cfg, "demo")  # the trainer's config has no section that makes inputs
+
+
+def test_model_path_on_an_existing_file_is_not_overwritten(assets, tmp_path):
+    """`model.path` naming an existing file (here a LoRA) is read as it is and refused; nothing is written onto it."""
     lora = tmp_path / "some_lora.safetensors"
     from safetensors.numpy import save_file
 
     save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": np.ones((2, 128), np.float32),
                "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": np.ones((128, 2), np.float32)}, str(lora))
     before = lora.read_bytes()
-    cfg = _demo_cfg(tmp_path, **{"model.path": lora, "data.path": assets[2]})
+    cfg = config_from_dict(_cfg_dict(assets, model={"path": str(lora)}))
     with pytest.raises(CheckpointError, match="a LoRA, not a base model"):
         train(cfg, tmp_path / "run", log=lambda m: None)
     assert lora.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["some_lora.safetensors"]
-
-
-def test_demo_assets_only_at_their_own_locations(tmp_path):
-    from qwen_edit_jax.training.demo import plan_demo_assets
-    from qwen_edit_jax.training.loop import resolve_paths
-
-    assert plan_demo_assets(resolve_paths(_demo_cfg(tmp_path))) == ["model", "data"]
-    os.makedirs(tmp_path / "demo_model")
-    assert plan_demo_assets(resolve_paths(_demo_cfg(tmp_path))) == ["data"]  # existing paths are used as they are
-    # relative paths: the same folder on both sides
-    cfg = load_config(os.path.join(ROOT, "train", "configs", "latent_demo.yaml"))
-    assert (cfg.model.path, cfg.data.path) == (cfg.demo.model_path, cfg.demo.data_path)
 
 
 def test_output_dir_that_is_a_file_or_under_one(assets, tmp_path):

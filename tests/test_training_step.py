@@ -177,9 +177,9 @@ MESH_SCRIPT = textwrap.dedent("""
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, numpy as np
     import qwen_edit_jax as q
-    from qwen_edit_jax import sharding as shd
+    from qwen_edit_jax import parallel
     from qwen_edit_jax.config import LoraConfig, ModelOptions
-    from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora, init_opt_state
+    from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
     from qwen_edit_jax.training.config import OptimSection
     from tests.test_training_step import SHAPES, _batch, TINY
 
@@ -188,11 +188,11 @@ MESH_SCRIPT = textwrap.dedent("""
     runs = {}
     for use_mesh in (False, True):
         model = q.init_transformer(TINY, opts, seed=1)
-        mesh = shd.make_mesh(data=2, fsdp=2) if use_mesh else None
+        mesh = parallel.make_mesh(data=2, fsdp=2) if use_mesh else None
         if mesh is not None:
-            shd.shard_model(model, mesh)
+            parallel.shard_model(model, mesh)
         g, p, b = split_lora(model)
-        o = init_opt_state(tx, p, mesh)
+        o = parallel.init_opt_state(tx, p, mesh)
         step = make_train_step(g, tx, mesh=mesh, global_batch=4)
         losses = []
         for i in range(2):
@@ -200,7 +200,7 @@ MESH_SCRIPT = textwrap.dedent("""
             losses.append(float(m["loss"]))
         if mesh is not None:
             leaf = p["transformer_blocks"]["img_mlp"]["fc1"]["lora_A"]
-            assert shd.is_sharded(leaf), leaf.sharding  # FSDP-split adapters
+            assert parallel.is_sharded(leaf), leaf.sharding  # FSDP-split adapters
             assert leaf.sharding.mesh.shape == mesh.shape
         runs[use_mesh] = (jax.tree.map(np.asarray, p), losses)
     np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-5)

@@ -26,9 +26,12 @@ def demo_bf16(out: str, steps: int, dtype: str) -> dict:
     import numpy as np
 
     from qwen_edit_jax.training.config import load_config
+    from qwen_edit_jax.training.demo import write_latent_demo
     from qwen_edit_jax.training.loop import train
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if not os.path.exists(f"{out}/data"):
+        write_latent_demo(f"{out}/model", f"{out}/data", log=lambda m: None)
     cfg = load_config(os.path.join(root, "train", "configs", "latent_demo.yaml"), [
         f"model.path={out}/model", f"data.path={out}/data", f"model.param_dtype={dtype}", f"model.dtype={dtype}",
         "model.remat=full", f"train.max_steps={steps}", f"train.save_every={steps}", "train.progress=false"])

@@ -56,8 +56,7 @@ from .layouts import LayoutError, Listing, read_dataset
 from .validate import GoodSample, Report, format_report, load_image, parse_background, validate
 from .writer import JOB_FORMAT, CacheExists, PartialCache, partial_path
 
-VARIANT_BY_CLASS = VARIANT_OF_CLASS  # the pipeline's table: one mapping of diffusers classes to variants
-EDIT_VARIANTS = ("edit", "edit_plus")
+EDIT_VARIANTS: tuple[str, ...] = tuple(VARIANT_OF_CLASS.values())  # "edit", "edit_plus"
 JOB_VERSION = 1
 
 
@@ -135,11 +134,11 @@ def read_variant(repo: str) -> str:
         path, name = model_index_class(repo)
     except CheckpointError as e:
         raise ValueError(f"{e} (not a readable diffusers model_index.json)") from None
-    if name not in VARIANT_BY_CLASS:
+    if name not in VARIANT_OF_CLASS:
         what = "text-to-image" if name == "QwenImagePipeline" else "not an edit pipeline"
         raise ValueError(f"{path}: _class_name {name!r} is {what}; this command caches edit datasets for "
-                         f"{' / '.join(VARIANT_BY_CLASS)} (Qwen-Image-Edit, -2509, -2511)")
-    return VARIANT_BY_CLASS[name]
+                         f"{' / '.join(VARIANT_OF_CLASS)} (Qwen-Image-Edit, -2509, -2511)")
+    return VARIANT_OF_CLASS[name]
 
 
 def check_repo(repo: str) -> None:
@@ -366,16 +365,7 @@ def cache_dataset(dataset: str | os.PathLike, output: str | os.PathLike, model: 
                                              progress=options.progress and _is_writer())
     ordered = order_samples(report.good)
     job = make_job(ordered, listing, model, variant, options)
-    writer = None
-    start = 0
-    if _is_writer():
-        try:
-            writer = PartialCache(output, job, overwrite=options.overwrite, log=log)
-            start = writer.done
-        except CacheExists as e:
-            log(str(e))
-            start = -1
-    start = _broadcast(start)
+    writer, start = _open_writer(output, job, options, log)
     if start < 0:
         return CacheResult(output, len(ordered), 0, len(ordered), report, time.perf_counter() - t0, True,
                            prompt_lengths(output))
@@ -392,10 +382,7 @@ def cache_dataset(dataset: str | os.PathLike, output: str | os.PathLike, model: 
         done = start
         if on_batch is not None:
             on_batch(done)  # the encoders are loaded: encoding starts
-        bar = tqdm(total=len(ordered), initial=start, desc="cache", unit="sample", file=sys.stderr,
-                   disable=not (options.progress and _is_writer()), dynamic_ncols=True, smoothing=0.1,
-                   mininterval=0.5 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+        bar = _progress_bar(len(ordered), start, options)
         background = parse_background(options.alpha_background)
 
         def prepare(r: range) -> HostBatch:
@@ -432,6 +419,29 @@ def cache_dataset(dataset: str | os.PathLike, output: str | os.PathLike, model: 
                        prompt_lengths=prompt_lengths(output) if _is_writer() else (0, 0))
 
 
+def _open_writer(output: str, job: dict[str, Any], options: CacheOptions,
+                 log: Callable[[str], None]) -> tuple[PartialCache | None, int]:
+    """The writing process's partial cache and the samples it already holds (on every process); -1 when
+    `output` is already a finished cache of this job."""
+    writer = None
+    start = 0
+    if _is_writer():
+        try:
+            writer = PartialCache(output, job, overwrite=options.overwrite, log=log)
+            start = writer.done
+        except CacheExists as e:
+            log(str(e))
+            start = -1
+    return writer, _broadcast(start)
+
+
+def _progress_bar(total: int, initial: int, options: CacheOptions) -> tqdm:
+    return tqdm(total=total, initial=initial, desc="cache", unit="sample", file=sys.stderr,
+                disable=not (options.progress and _is_writer()), dynamic_ncols=True, smoothing=0.1,
+                mininterval=0.5 if sys.stderr.isatty() else 10.0,  # a log file gets a line every 10 s
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}]")
+
+
 def prompt_lengths(cache: str) -> tuple[int, int]:
     """(shortest, longest) prompt of a finished cache, from its manifest."""
     lengths = [info.prompt_len for info in CachedDataset(cache).infos]
@@ -444,6 +454,6 @@ def cache_metadata(dataset: str, report: Report, job: dict[str, Any]) -> dict[st
             "report": report.to_json()}
 
 
-__all__ = ["BadInput", "CacheOptions", "CacheResult", "EDIT_VARIANTS", "Encoders", "HostBatch", "VARIANT_BY_CLASS",
+__all__ = ["BadInput", "CacheOptions", "CacheResult", "EDIT_VARIANTS", "Encoders", "HostBatch",
            "cache_dataset", "cache_metadata", "check_dataset", "check_repo", "make_job", "model_files",
            "order_samples", "plan_batches", "read_variant"]

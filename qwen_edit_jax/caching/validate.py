@@ -38,7 +38,6 @@ from .layouts import Listing, Problem, RawSample
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 SIXTEEN_BIT_GREY = ("I;16", "I;16B", "I;16L", "I;16N")
-EDIT_MAX_REFERENCES = {"edit": 1}  # the Edit model takes exactly one reference image
 RELEASED_MAX_REFERENCES = 3  # Edit-Plus was trained with up to 3
 
 

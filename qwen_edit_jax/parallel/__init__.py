@@ -17,7 +17,6 @@ from .rules import (
     logical_to_spec,
     param_shardings,
     param_spec,
-    param_specs,
     replicated,
     shard_model,
     sharded_jit,
@@ -26,5 +25,5 @@ from .rules import (
 __all__ = [
     "BATCH_AXES", "LOGICAL_RULES", "MESH_AXES", "batch_axes_for", "batch_sharding", "constrain", "constrain_tokens", "current_mesh",
     "distributed", "init_opt_state", "is_sharded", "like_params", "logical_to_spec", "make_mesh", "param_shardings",
-    "param_spec", "param_specs", "replicated", "resolve_mesh_shape", "shard_model", "sharded_jit",
+    "param_spec", "replicated", "resolve_mesh_shape", "shard_model", "sharded_jit",
 ]

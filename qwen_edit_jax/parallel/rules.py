@@ -143,12 +143,6 @@ def param_shardings(state_or_model: Any, mesh: Mesh, rules: Iterable[tuple[str, 
     return jax.tree.map(one, state, is_leaf=_is_var)
 
 
-def param_specs(state_or_model: Any, mesh: Mesh) -> dict[str, P]:
-    """{dotted flax path: PartitionSpec} (for reports and tests)."""
-    sh = param_shardings(state_or_model, mesh)
-    return {".".join(map(str, p)): v.get_value().spec for p, v in nnx.to_flat_state(sh)}
-
-
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
@@ -180,8 +174,11 @@ def like_params(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
     return jax.tree.map(one, tree, is_leaf=is_param_like)
 
 
-def init_opt_state(tx: Any, params: Any, mesh: Mesh) -> Any:
-    """`tx.init(params)` computed on-device with every moment placed like its (sharded) parameter."""
+def init_opt_state(tx: Any, params: Any, mesh: Mesh | None = None) -> Any:
+    """`tx.init(params)` computed on-device; on a mesh every moment is placed like its (sharded) parameter
+    (scalars replicated)."""
+    if mesh is None:
+        return jax.jit(tx.init)(params)
     p_sh = jax.tree.map(lambda x: x.sharding, params)
     out_sh = like_params(jax.eval_shape(tx.init, params), params, p_sh, mesh)
     with jax.set_mesh(mesh):

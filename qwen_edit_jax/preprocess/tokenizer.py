@@ -37,9 +37,6 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
 )
 SPECIAL_TOKENS: tuple[str, ...] = tuple(t for t, special in ADDED_TOKENS if special)
 IMAGE_TOKEN = "<|image_pad|>"
-VIDEO_TOKEN = "<|video_pad|>"
-VISION_START_TOKEN = "<|vision_start|>"
-VISION_END_TOKEN = "<|vision_end|>"
 
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _QWEN2_DEFAULTS = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}

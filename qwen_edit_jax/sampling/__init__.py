@@ -14,7 +14,7 @@ from .cached import (
     save_latents,
     validation_distance,
 )
-from .loop import default_batch_cfg, sample
+from .loop import default_batch_cfg, sample, sharded_forward
 from .schedule import (
     QWEN_IMAGE_SCHEDULER,
     FlowMatchConfig,
@@ -33,5 +33,5 @@ __all__ = [
     "euler_step",
     "exponential_shift", "flow_match_sigmas", "latent_img_shape", "model_timesteps", "output_name", "plan_batches",
     "plan_outputs", "sample", "sample_cached", "sample_cached_batch", "sample_dataset", "sample_noise",
-    "save_latents", "stretch_to_terminal", "validation_distance",
+    "save_latents", "sharded_forward", "stretch_to_terminal", "validation_distance",
 ]

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ from flax import nnx
 
 from ..models.dit import QwenImageTransformer, normalize_img_shapes
 from ..models.kernels.platform import platform_of
-from ..parallel import batch_sharding, replicated
+from ..parallel import batch_sharding, param_shardings, replicated, sharded_jit
 from .schedule import (
     QWEN_IMAGE_SCHEDULER,
     FlowMatchConfig,
@@ -46,46 +46,116 @@ def _pad_text(embeds: jax.Array, mask: jax.Array | None, length: int) -> tuple[j
     return embeds, mask
 
 
+class _Text(NamedTuple):
+    """The prompt embeddings `[B, L, D]` and key masks `[B, L]`; the negative ones None without CFG."""
+
+    pos: jax.Array
+    pos_mask: jax.Array | None
+    neg: jax.Array | None
+    neg_mask: jax.Array | None
+
+
+class _Inputs(NamedTuple):
+    """What the batch axes split: initial latents, reference latents, text."""
+
+    latents: jax.Array
+    refs: jax.Array | None
+    text: _Text
+
+
+class _Schedule(NamedTuple):
+    """Replicated over the mesh: σ per step (with the terminal one), the model timesteps, the CFG scale."""
+
+    sigmas: jax.Array
+    timesteps: jax.Array
+    cfg_scale: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "layout", "mode", "mesh"))
-def _denoise(graphdef, state, latents, refs, pos, pos_mask, neg, neg_mask, sigmas, timesteps, cfg_scale, *,
-             layout, mode, mesh=None):
+def _denoise(graphdef: nnx.GraphDef, state: nnx.State, inputs: _Inputs, schedule: _Schedule, *,
+             layout: tuple, mode: str, mesh: Any = None) -> jax.Array:
     """The compiled loop. `mode`: 'none' (no CFG), 'batched' (cond ‖ uncond in one forward), 'separate'."""
     model = nnx.merge(graphdef, state)
+    latents, refs, text = inputs
     b, n_target, _ = latents.shape
 
-    def split_batch(x):  # the 2B CFG batch: spread cond/uncond over the batch axes when it divides
-        if mesh is None:
-            return x
-        return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.shape[0]))
-
-    def forward(x, emb, mask, t):
+    def forward(x: jax.Array, emb: jax.Array, mask: jax.Array | None, t: jax.Array) -> jax.Array:
         return model(hidden_states=x, encoder_hidden_states=emb, encoder_hidden_states_mask=mask,
                      timestep=t, img_shapes=layout)[:, :n_target]
 
-    def velocity(x, t):
+    def body(i: jax.Array, x: jax.Array) -> jax.Array:
         inp = x if refs is None else jnp.concatenate([x, refs], axis=1)
-        tb = jnp.full((b,), t, F32)
-        if mode == "none":
-            return forward(inp, pos, pos_mask, tb)
-        if mode == "batched":
-            both = [None if p[0] is None else split_batch(jnp.concatenate(p))
-                    for p in ((inp, inp), (pos, neg), (pos_mask, neg_mask), (tb, tb))]
-            out = forward(*both)
-            cond, uncond = out[:b], out[b:]
-        else:  # one forward, traced once and run twice in sequence: half the activations, one compile
-            cond, uncond = jax.lax.map(lambda e: forward(inp, e[0], e[1], tb), (jnp.stack((pos, neg)),
-                                       None if pos_mask is None else jnp.stack((pos_mask, neg_mask))))
-        return cfg_combine(cond, uncond, cfg_scale)
+        v = _velocity(forward, inp, text, jnp.full((b,), schedule.timesteps[i], F32), schedule.cfg_scale, mode, mesh)
+        return euler_step(x, v, schedule.sigmas[i], schedule.sigmas[i + 1])
 
-    def body(i, x):
-        return euler_step(x, velocity(x, timesteps[i]), sigmas[i], sigmas[i + 1])
+    return jax.lax.fori_loop(0, schedule.timesteps.shape[0], body, latents)
 
-    return jax.lax.fori_loop(0, timesteps.shape[0], body, latents)
+
+def _velocity(forward: Callable[..., jax.Array], inp: jax.Array, text: _Text, t: jax.Array, cfg_scale: jax.Array,
+              mode: str, mesh: Any) -> jax.Array:
+    """One step's velocity: the conditional prediction, CFG-combined with the unconditional one unless `mode`
+    is 'none'."""
+    b = inp.shape[0]
+    if mode == "none":
+        return forward(inp, text.pos, text.pos_mask, t)
+    if mode == "batched":
+        both = [None if p[0] is None else _split_batch(jnp.concatenate(p), mesh)
+                for p in ((inp, inp), (text.pos, text.neg), (text.pos_mask, text.neg_mask), (t, t))]
+        out = forward(*both)
+        cond, uncond = out[:b], out[b:]
+    else:  # one forward, traced once and run twice in sequence: half the activations, one compile
+        masks = None if text.pos_mask is None else jnp.stack((text.pos_mask, text.neg_mask))
+        cond, uncond = jax.lax.map(lambda e: forward(inp, e[0], e[1], t), (jnp.stack((text.pos, text.neg)), masks))
+    return cfg_combine(cond, uncond, cfg_scale)
+
+
+def _split_batch(x: jax.Array, mesh: Any) -> jax.Array:
+    """The 2B CFG batch: spread cond/uncond over the batch axes when it divides."""
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, batch_sharding(mesh, x.shape[0]))
 
 
 def _check(cond: bool, message: str) -> None:
     if not cond:
         raise ValueError(message)
+
+
+def _check_latents(model: QwenImageTransformer, noise: jax.Array, image_latents: jax.Array | None) -> int:
+    """Packed target and reference latents of matching batch and width; returns the reference token count."""
+    _check(noise.ndim == 3, f"noise must be packed latents [B, N_target, C], got shape {tuple(noise.shape)}")
+    b, _, c = noise.shape
+    _check(c == model.config.in_channels,
+           f"noise has {c} features per token, the model expects in_channels={model.config.in_channels}")
+    if image_latents is None:
+        return 0
+    _check(image_latents.ndim == 3 and image_latents.shape[0] == b and image_latents.shape[2] == c,
+           f"image_latents must be packed [B={b}, N_ref, {c}], got shape {tuple(image_latents.shape)}")
+    return image_latents.shape[1]
+
+
+def _check_prompt(name: str, embeds: jax.Array, mask: jax.Array | None, b: int, width: int | None = None) -> None:
+    """`name` [B, L, D] (D = `width` when given) and its mask [B, L]."""
+    ok = embeds.ndim == 3 and embeds.shape[0] == b and (width is None or embeds.shape[2] == width)
+    want = f"[B={b}, L, D]" if width is None else f"[B={b}, L_neg, {width}]"
+    _check(ok, f"{name} must be {want}, got shape {tuple(embeds.shape)}")
+    if mask is not None:
+        _check(tuple(mask.shape) == tuple(embeds.shape[:2]),
+               f"{name}_mask shape {tuple(mask.shape)} != {tuple(embeds.shape[:2])}")
+
+
+def _text(pos: jax.Array, pos_mask: jax.Array | None, neg: jax.Array | None, neg_mask: jax.Array | None) -> _Text:
+    """Device arrays; with a negative prompt both are zero-padded to the longer one with key masks (both CFG
+    modes stack them), unless they are unmasked and equally long."""
+    pos, pos_mask = jnp.asarray(pos), None if pos_mask is None else jnp.asarray(pos_mask)
+    if neg is None:
+        return _Text(pos, pos_mask, None, None)
+    neg, neg_mask = jnp.asarray(neg), None if neg_mask is None else jnp.asarray(neg_mask)
+    if not (pos_mask is None and neg_mask is None and pos.shape[1] == neg.shape[1]):
+        length = max(pos.shape[1], neg.shape[1])
+        pos, pos_mask = _pad_text(pos, pos_mask, length)
+        neg, neg_mask = _pad_text(neg, neg_mask, length)
+    return _Text(pos, pos_mask, neg, neg_mask)
 
 
 def default_batch_cfg(mesh: Any = None) -> bool:
@@ -120,68 +190,69 @@ def sample(
     negative prompts may differ in length: for the batched pass both are zero-padded to the longer
     one with key masks, which leaves the result unchanged (both modes do this). `batch_cfg=False` runs
     the two passes one after the other (half the activation memory); None: `default_batch_cfg(mesh)`.
-    With `mesh`, the batch is split over the mesh's batch axes (`sharding.batch_sharding`; the doubled
+    With `mesh`, the batch is split over the mesh's batch axes (`parallel.batch_sharding`; the doubled
     CFG batch too, so with B = 1 on a data axis of 2 the cond and uncond passes run on different
-    devices); place the model first with `sharding.shard_model` or `load_transformer(mesh=)`.
+    devices); place the model first with `parallel.shard_model` or `load_transformer(mesh=)`.
+    The keywords mirror diffusers' pipeline call.
     """
-    _check(noise.ndim == 3, f"noise must be packed latents [B, N_target, C], got shape {tuple(noise.shape)}")
-    b, n_target, c = noise.shape
-    _check(c == model.config.in_channels,
-           f"noise has {c} features per token, the model expects in_channels={model.config.in_channels}")
-    n_ref = 0
-    if image_latents is not None:
-        _check(image_latents.ndim == 3 and image_latents.shape[0] == b and image_latents.shape[2] == c,
-               f"image_latents must be packed [B={b}, N_ref, {c}], got shape {tuple(image_latents.shape)}")
-        n_ref = image_latents.shape[1]
-    _check(prompt_embeds.ndim == 3 and prompt_embeds.shape[0] == b,
-           f"prompt_embeds must be [B={b}, L, D], got shape {tuple(prompt_embeds.shape)}")
+    n_ref = _check_latents(model, noise, image_latents)
+    b, n_target, _ = noise.shape
+    _check_prompt("prompt_embeds", prompt_embeds, prompt_embeds_mask, b)
     layout = normalize_img_shapes(img_shapes, b, n_target + n_ref)
     _check(int(np.prod(layout[0])) == n_target,
            f"img_shapes[0] {layout[0]} describes {int(np.prod(layout[0]))} target tokens but noise has {n_target}")
-    if prompt_embeds_mask is not None:
-        _check(tuple(prompt_embeds_mask.shape) == tuple(prompt_embeds.shape[:2]),
-               f"prompt_embeds_mask shape {tuple(prompt_embeds_mask.shape)} != {tuple(prompt_embeds.shape[:2])}")
     has_neg = negative_prompt_embeds is not None
     if true_cfg_scale > 1 and not has_neg:
         warnings.warn(f"true_cfg_scale={true_cfg_scale} but no negative prompt: CFG is off (as in diffusers)",
                       stacklevel=2)
     do_cfg = true_cfg_scale > 1 and has_neg
     if do_cfg:
-        _check(negative_prompt_embeds.ndim == 3 and negative_prompt_embeds.shape[0] == b
-               and negative_prompt_embeds.shape[2] == prompt_embeds.shape[2],
-               f"negative_prompt_embeds must be [B={b}, L_neg, {prompt_embeds.shape[2]}], "
-               f"got shape {tuple(negative_prompt_embeds.shape)}")
-        if negative_prompt_embeds_mask is not None:
-            _check(tuple(negative_prompt_embeds_mask.shape) == tuple(negative_prompt_embeds.shape[:2]),
-                   f"negative_prompt_embeds_mask shape {tuple(negative_prompt_embeds_mask.shape)} != "
-                   f"{tuple(negative_prompt_embeds.shape[:2])}")
+        _check_prompt("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_mask, b,
+                      width=prompt_embeds.shape[2])
+        text = _text(prompt_embeds, prompt_embeds_mask, negative_prompt_embeds, negative_prompt_embeds_mask)
+        mode = "batched" if (default_batch_cfg(mesh) if batch_cfg is None else batch_cfg) else "separate"
+    else:
+        text, mode = _text(prompt_embeds, prompt_embeds_mask, None, None), "none"
 
     latent_dtype = np.dtype(noise.dtype)
     sigmas = flow_match_sigmas(num_inference_steps, n_target, config=scheduler)
-    timesteps = model_timesteps(sigmas, latent_dtype, scheduler.num_train_timesteps)
-
-    pos, pos_mask = jnp.asarray(prompt_embeds), None if prompt_embeds_mask is None else jnp.asarray(prompt_embeds_mask)
-    neg = neg_mask = None
-    mode = "none"
-    if do_cfg:
-        neg = jnp.asarray(negative_prompt_embeds)
-        neg_mask = None if negative_prompt_embeds_mask is None else jnp.asarray(negative_prompt_embeds_mask)
-        if batch_cfg is None:
-            batch_cfg = default_batch_cfg(mesh)
-        mode = "batched" if batch_cfg else "separate"
-        if not (pos_mask is None and neg_mask is None and pos.shape[1] == neg.shape[1]):  # both modes stack them
-            length = max(pos.shape[1], neg.shape[1])
-            pos, pos_mask = _pad_text(pos, pos_mask, length)
-            neg, neg_mask = _pad_text(neg, neg_mask, length)
-    latents = jnp.asarray(noise)
+    schedule = _Schedule(jnp.asarray(sigmas),
+                         jnp.asarray(model_timesteps(sigmas, latent_dtype, scheduler.num_train_timesteps)),
+                         jnp.asarray(true_cfg_scale, F32))
     refs = None if image_latents is None else jnp.asarray(image_latents).astype(latent_dtype)
-
-    args = (latents, refs, pos, pos_mask, neg, neg_mask, jnp.asarray(sigmas), jnp.asarray(timesteps),
-            jnp.asarray(true_cfg_scale, F32))
+    inputs = _Inputs(jnp.asarray(noise), refs, text)
     graphdef, state = nnx.split(model)
     if mesh is None:
-        return _denoise(graphdef, state, *args, layout=layout, mode=mode)
-    data = jax.device_put(args[:6], batch_sharding(mesh, b))
-    rest = jax.device_put(args[6:], replicated(mesh))
+        return _denoise(graphdef, state, inputs, schedule, layout=layout, mode=mode)
+    inputs = jax.device_put(inputs, batch_sharding(mesh, b))
+    schedule = jax.device_put(schedule, replicated(mesh))
     with jax.set_mesh(mesh):
-        return _denoise(graphdef, state, *data, *rest, layout=layout, mode=mode, mesh=mesh)
+        return _denoise(graphdef, state, inputs, schedule, layout=layout, mode=mode, mesh=mesh)
+
+
+def sharded_forward(model: nnx.Module, mesh: Any, img_shapes: Any) -> Callable[..., jax.Array]:
+    """`f(hidden_states, encoder_hidden_states, mask, timestep) -> out`: one DiT call jitted over `mesh`.
+
+    The model must already be placed (`parallel.shard_model` or `load_transformer(mesh=)`); inputs are
+    split over the batch axes, the output comes back the same way. One program per (batch, masked?).
+    """
+    graphdef, state = nnx.split(model)
+    state_sh = param_shardings(state, mesh)
+
+    def fwd(state, hidden, enc, mask, sigma):
+        m = nnx.merge(graphdef, state)
+        return m(hidden_states=hidden, encoder_hidden_states=enc, encoder_hidden_states_mask=mask,
+                 timestep=sigma, img_shapes=img_shapes)
+
+    compiled: dict[tuple[int, bool], Any] = {}
+
+    def call(hidden: jax.Array, enc: jax.Array, mask: jax.Array | None = None,
+             sigma: jax.Array | None = None) -> jax.Array:
+        key = (hidden.shape[0], mask is None)
+        if key not in compiled:
+            bs = batch_sharding(mesh, hidden.shape[0])
+            compiled[key] = sharded_jit(fwd, mesh, in_shardings=(state_sh, bs, bs, None if mask is None else bs, bs),
+                                        out_shardings=bs)
+        return compiled[key](state, hidden, enc, mask, sigma)
+
+    return call

@@ -2,7 +2,8 @@
 
 Modules: `config` (the YAML-backed `TrainConfig`), `objective` (flow matching, timestep
 samplers), `data` (the bucketed loader over the cache of `qwen_edit_jax.cache_format`), `step` (`make_train_step`,
-the optimiser), `checkpoint` (Orbax, resume), `loop` (`train`), `demo` (synthetic demo assets).
+the optimiser), `checkpoint` (Orbax, resume), `loop` (`train`), `demo` (the latent demo's synthetic inputs, for tests
+and fixtures; the trainer never makes its inputs).
 """
 
 from ..cache_format import CachedDataset, CachedSample, DataError, write_cache

@@ -14,7 +14,17 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from ..config import DEFAULT_LORA_TARGETS, LoraConfig, ModelOptions
+from ..config import (
+    DEFAULT_LORA_TARGETS,
+    DTYPE_NAMES,
+    AttentionImpl,
+    LoraConfig,
+    ModelOptions,
+    OffloadMode,
+    QKVMode,
+    QuantizeMode,
+    RematPolicy,
+)
 
 
 class ConfigError(ValueError):
@@ -29,11 +39,11 @@ class ModelSection:
     path: str = ""  # diffusers transformer folder (config.json + safetensors) or a merged file
     param_dtype: str = "bfloat16"  # storage dtype of the frozen base weights
     dtype: str = "bfloat16"  # activation dtype; LoRA params and the loss stay fp32
-    remat: Literal["none", "full", "save_matmuls"] = "full"
-    attention: Literal["auto", "xla", "chunked", "flash", "cudnn", "splash"] = "auto"  # see ModelOptions
+    remat: RematPolicy = "full"
+    attention: AttentionImpl = "auto"  # see ModelOptions
     scan_layers: bool = True
-    quantize: Literal["int8", "fp8", "int4"] | None = None  # weight-only quantized frozen base (docs/quantization.md)
-    offload: Literal["none", "base"] = "none"  # base: frozen block weights in host memory, streamed per layer
+    quantize: QuantizeMode | None = None  # weight-only quantized frozen base (docs/quantization.md)
+    offload: OffloadMode = "none"  # base: frozen block weights in host memory, streamed per layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +51,7 @@ class LoraSection:
     rank: int = 32
     alpha: float | None = None  # None: alpha = rank (scale 1, as DiffSynth)
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
-    qkv_mode: Literal["split", "shared"] = "split"
+    qkv_mode: QKVMode = "split"
     init_from: str | None = None  # start from a standard LoRA file (split mode)
     seed: int = 0  # A initialisation
 
@@ -94,7 +104,7 @@ class OptimSection:
 
 @dataclasses.dataclass(frozen=True)
 class MeshSection:
-    """Device mesh for multi-device runs (`qwen_edit_jax.sharding.make_mesh`); `enabled: false` = one device."""
+    """Device mesh for multi-device runs (`qwen_edit_jax.parallel.make_mesh`); `enabled: false` = one device."""
 
     enabled: bool = False
     data: int = 1
@@ -152,27 +162,6 @@ class ExportSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class DemoSection:
-    """Synthetic demo assets, made once if missing: a random tiny checkpoint and a cached edit dataset
-    with a learnable rule. They are made only at the demo's own locations (`model_path`, `data_path`)
-    and only when `model.path` / `data.path` name exactly those; any other missing path is an error,
-    so a mistyped path is never filled with random data."""
-
-    enabled: bool = False
-    model_path: str = "demo_data/latent/tiny-dit"  # where the random checkpoint may be made
-    data_path: str = "demo_data/latent/cache"  # where the synthetic cache may be made
-    preset: str = "tiny"
-    num_layers: int | None = None  # override the preset's depth
-    model_seed: int = 0
-    num_samples: int = 64
-    latent_sizes: tuple[tuple[int, int], ...] = ((16, 16), (12, 20))  # (h, w) latent pixels, one bucket each
-    num_edits: int = 4
-    offset_scale: float = 1.5  # std of each instruction's per-channel shift
-    prompt_lengths: tuple[int, int] = (5, 12)  # inclusive range of prompt token counts
-    data_seed: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
@@ -183,7 +172,6 @@ class TrainConfig:
     train: TrainSection = TrainSection()
     validation: ValidationSection = ValidationSection()
     export: ExportSection = ExportSection()
-    demo: DemoSection = DemoSection()
 
     # ---- derived runtime objects -----------------------------------------------------------------
     def lora_config(self) -> LoraConfig:
@@ -216,8 +204,8 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
     need(bool(d.path), "data.path", d.path, "required (a cached dataset folder)")
     for key in ("param_dtype", "dtype"):
         v = getattr(m, key)
-        need(v in _DTYPE_NAMES, f"model.{key}", v, f"choose one of {sorted(_DTYPE_NAMES)}")
-    need(cfg.export.dtype in _DTYPE_NAMES, "export.dtype", cfg.export.dtype, f"choose one of {sorted(_DTYPE_NAMES)}")
+        need(v in DTYPE_NAMES, f"model.{key}", v, f"choose one of {sorted(DTYPE_NAMES)}")
+    need(cfg.export.dtype in DTYPE_NAMES, "export.dtype", cfg.export.dtype, f"choose one of {sorted(DTYPE_NAMES)}")
     need(lo.rank > 0, "lora.rank", lo.rank, "must be positive")
     need(lo.alpha is None or lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive (or null for alpha = rank)")
     need(len(lo.targets) > 0, "lora.targets", list(lo.targets), "at least one target module")
@@ -260,24 +248,12 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
     for key in ("data", "fsdp", "tensor"):
         v = getattr(cfg.mesh, key)
         need(v == -1 or v >= 1, f"mesh.{key}", v, "must be >= 1 or -1 (all remaining devices)")
-    if cfg.demo.enabled:
-        dm = cfg.demo
-        need(dm.num_samples >= 1, "demo.num_samples", dm.num_samples, "must be >= 1")
-        need(len(dm.latent_sizes) >= 1 and all(h > 0 and w > 0 and h % 2 == 0 and w % 2 == 0
-                                                for h, w in dm.latent_sizes),
-             "demo.latent_sizes", [list(s) for s in dm.latent_sizes], "non-empty list of even (h, w) pairs")
-        need(dm.num_edits >= 1, "demo.num_edits", dm.num_edits, "must be >= 1")
-        need(1 <= dm.prompt_lengths[0] <= dm.prompt_lengths[1], "demo.prompt_lengths", list(dm.prompt_lengths),
-             "need 1 <= min <= max")
     try:
         cfg.lora_config()
     except ValueError as e:
         problems.append(f"lora: {e}")
     if problems:
         raise ConfigError(f"{where}: invalid training config: " + "; ".join(problems))
-
-
-_DTYPE_NAMES = {"float32", "fp32", "bfloat16", "bf16", "float16", "fp16"}
 
 
 # ---- generic dict → dataclass with type checks ----------------------------------------------------

@@ -1,4 +1,4 @@
-"""Synthetic demo assets: a tiny Qwen-Image-Edit-shaped checkpoint and a cached edit dataset.
+"""Synthetic latent-demo inputs: a tiny Qwen-Image-Edit-shaped checkpoint and a cached edit dataset.
 
 The dataset's edit is a learnable rule. Each of `num_edits` instructions has its own prompt (a
 fixed random token sequence, cut to a random length, plus a little noise) and its own per-token
@@ -10,7 +10,6 @@ the reference (the same position in the second image), exactly what the edit mod
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -19,7 +18,21 @@ from ..cache_format import CachedSample, write_cache
 from ..config import DiTConfig, preset
 from ..loading import save_transformer
 from ..models.dit import init_transformer
-from .config import ConfigError, DemoSection, TrainConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSection:
+    """How the latent demo's inputs are made; the defaults are those of train/configs/latent_demo.yaml."""
+
+    preset: str = "tiny"
+    num_layers: int | None = None  # override the preset's depth
+    model_seed: int = 0
+    num_samples: int = 128
+    latent_sizes: tuple[tuple[int, int], ...] = ((16, 16), (12, 20))  # (h, w) latent pixels, one bucket each
+    num_edits: int = 4
+    offset_scale: float = 1.5  # std of each instruction's per-channel shift
+    prompt_lengths: tuple[int, int] = (5, 12)  # inclusive range of prompt token counts
+    data_seed: int = 0
 
 
 def demo_dit_config(cfg: DemoSection) -> DiTConfig:
@@ -62,39 +75,12 @@ def demo_samples(cfg: DemoSection, channels: int, joint_dim: int) -> Iterator[Ca
                            np.ones(length, bool))
 
 
-def plan_demo_assets(cfg: TrainConfig) -> list[str]:
-    """Which demo assets a run must make (`"model"`, `"data"`); creates nothing.
-
-    `model.path` / `data.path` that exist are used as they are. A missing one is made only when the
-    demo is enabled and the path is the demo's own location (`demo.model_path` / `demo.data_path`);
-    any other missing path is a `ConfigError` naming the key and the path. Paths are compared after
-    `os.path.abspath`, so relative paths mean the same folder on both sides.
-    """
-    make = []
-    for kind, key, path, demo_key, demo_path in (
-            ("model", "model.path", cfg.model.path, "demo.model_path", cfg.demo.model_path),
-            ("data", "data.path", cfg.data.path, "demo.data_path", cfg.demo.data_path)):
-        if os.path.lexists(path):
-            continue
-        if cfg.demo.enabled and os.path.abspath(path) == os.path.abspath(demo_path):
-            make.append(kind)
-            continue
-        hint = (f"; demo assets are made only at the demo's own location {demo_key}={os.path.abspath(demo_path)}"
-                if cfg.demo.enabled else "")
-        raise ConfigError(f"{key}={path}: no such file or folder{hint}")
-    return make
-
-
-def ensure_demo_assets(cfg: TrainConfig, log=print) -> None:
-    """Make the missing demo assets at their own locations (see `plan_demo_assets`; errors for any other path)."""
-    dm = cfg.demo
-    dit = demo_dit_config(dm)
-    make = plan_demo_assets(cfg)
-    if "model" in make:
-        log(f"demo: writing a random {dm.preset} checkpoint ({dit.num_layers} layers, dim {dit.inner_dim}) "
-            f"to {cfg.model.path}")
-        make_demo_checkpoint(cfg.model.path, dm)
-    if "data" in make:
-        log(f"demo: writing {dm.num_samples} synthetic edit samples to {cfg.data.path}")
-        write_cache(cfg.data.path, demo_samples(dm, dit.in_channels // 4, dit.joint_attention_dim),
-                    metadata={"source": "qwen_edit_jax.training.demo", "rule": "per-instruction channel map"})
+def write_latent_demo(model_path: str, data_path: str, cfg: DemoSection = DemoSection(), log=print) -> None:
+    """Write the demo's random checkpoint to `model_path` and its synthetic cache to `data_path`."""
+    dit = demo_dit_config(cfg)
+    log(f"demo: writing a random {cfg.preset} checkpoint ({dit.num_layers} layers, dim {dit.inner_dim}) "
+        f"to {model_path}")
+    make_demo_checkpoint(model_path, cfg)
+    log(f"demo: writing {cfg.num_samples} synthetic edit samples to {data_path}")
+    write_cache(data_path, demo_samples(cfg, dit.in_channels // 4, dit.joint_attention_dim),
+                metadata={"source": "qwen_edit_jax.training.demo", "rule": "per-instruction channel map"})

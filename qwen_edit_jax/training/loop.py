@@ -33,14 +33,13 @@ from ..cache_format import CachedDataset, DataError
 from ..config import DiTConfig
 from ..loading import load_transformer
 from ..lora.adapters import load_lora_into_adapters, lora_tensors, write_lora_tensors
-from ..parallel import batch_sharding, distributed, make_mesh
+from ..parallel import batch_sharding, distributed, init_opt_state, make_mesh
 from ..utils.files import atomic_path, check_output_dir
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
 from .data import BatchLoader
-from .demo import ensure_demo_assets, plan_demo_assets
 from .run_log import RunLog
-from .step import init_opt_state, make_optimizer, make_schedule, make_train_step, split_lora
+from .step import make_optimizer, make_schedule, make_train_step, split_lora
 from .validation import Validation, ValidationImages, check_validation_inputs
 
 CHECKPOINT_DIR = "checkpoints"
@@ -48,7 +47,9 @@ RUN_JSON = "run.json"
 # Sections whose change between runs does not affect the trained weights.
 _FREE_KEYS = {"train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.progress",
               "train.async_checkpointing", "train.tensorboard", "data.prefetch", "data.verify", "export", "validation",
-              "demo"}
+              "demo"}  # demo: a section of older run.json files
+# A missing input under a folder of this name is the demo's: the error says how to make it.
+DEMO_DATA_DIR = "demo_data"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -70,14 +71,9 @@ class TrainResult:
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute model/data paths, and demo paths when the demo is on (run.json must name the base
-    checkpoint unambiguously)."""
+    """Absolute input paths (run.json must name the base checkpoint unambiguously)."""
     model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
     data = dataclasses.replace(cfg.data, path=os.path.abspath(cfg.data.path))
-    demo = cfg.demo
-    if demo.enabled:
-        demo = dataclasses.replace(demo, model_path=os.path.abspath(demo.model_path),
-                                   data_path=os.path.abspath(demo.data_path))
     lora = cfg.lora
     if lora.init_from:
         lora = dataclasses.replace(lora, init_from=os.path.abspath(lora.init_from))
@@ -85,19 +81,33 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     validation = dataclasses.replace(
         v, repo=v.repo and os.path.abspath(v.repo),
         prompts=tuple(dataclasses.replace(p, images=tuple(os.path.abspath(i) for i in p.images)) for p in v.prompts))
-    return cfg.replace(model=model, data=data, lora=lora, demo=demo, validation=validation)
+    return cfg.replace(model=model, data=data, lora=lora, validation=validation)
 
 
-def check_inputs(cfg: TrainConfig) -> list[str]:
-    """Every input path exists (or is a demo asset to be made, see `demo.plan_demo_assets`); creates nothing.
+def check_inputs(cfg: TrainConfig) -> None:
+    """Every input the run reads exists; reads and creates nothing else.
 
-    Returns the demo assets to make; a missing path is a `ConfigError` naming the key and the path.
+    A missing one is a one-line `ConfigError` naming the key and the path as written; for a path under
+    a `demo_data/` folder it also says how to make the demo's inputs.
     """
-    make = plan_demo_assets(cfg)
-    if cfg.lora.init_from and not os.path.isfile(cfg.lora.init_from):
-        raise ConfigError(f"lora.init_from={cfg.lora.init_from}: no such LoRA file")
+    _require_path("model.path", cfg.model.path)
+    _require_path("data.path", cfg.data.path)
+    if cfg.lora.init_from:
+        _require_path("lora.init_from", cfg.lora.init_from)
+        if not os.path.isfile(cfg.lora.init_from):
+            raise ConfigError(f"lora.init_from: {cfg.lora.init_from} is not a LoRA file")
     check_validation_inputs(cfg)
-    return make
+
+
+def _require_path(key: str, path: str) -> None:
+    if os.path.lexists(path):
+        return
+    parts = os.path.normpath(path).split(os.sep)
+    hint = ""
+    if DEMO_DATA_DIR in parts:
+        out = os.sep.join(parts[: parts.index(DEMO_DATA_DIR) + 1]) or os.sep
+        hint = f" (make the demo's inputs with: python -m qwen_edit_jax.demo --out {out})"
+    raise ConfigError(f"{key}: {path} does not exist{hint}")
 
 
 def _has_checkpoint(output_dir: str) -> bool:
@@ -171,8 +181,8 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None)
     output_dir = check_output_dir(output_dir, "output_dir")
-    cfg = resolve_paths(cfg)
     check_inputs(cfg)
+    cfg = resolve_paths(cfg)
     created = not os.path.lexists(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     try:
@@ -185,11 +195,6 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
 
 def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_main: bool) -> TrainResult:
     t_start = time.perf_counter()
-    if cfg.demo.enabled:
-        if is_main:
-            ensure_demo_assets(cfg, log)
-        distributed.sync("demo-assets")
-
     dataset = CachedDataset(cfg.data.path, verify=cfg.data.verify)
     mesh = _make_mesh(cfg)
     # prompts are encoded before the DiT loads, and the text encoder released: never both in memory
@@ -198,114 +203,164 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
     # the optimiser state's structure does not depend on the schedule's length (fixed after resuming)
     tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps)
     opt_state = init_opt_state(tx, params, mesh)
-    schedule_steps = cfg.optim.schedule_steps or cfg.train.max_steps
     with contextlib.ExitStack() as stack:
-        loader = BatchLoader(dataset, batch_size=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum,
-                             text_buckets=cfg.data.text_buckets, shuffle=cfg.data.shuffle, seed=cfg.data.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count(),
-                             local_rows=local_rows, prefetch=cfg.data.prefetch)
-        stack.callback(loader.close)
-        if loader.skipped:
-            log(f"warning: {sum(loader.skipped.values())} samples in buckets smaller than one step "
-                f"({loader.per_step} samples) are never used: {loader.skipped}")
-        ckpt = TrainCheckpointer(os.path.join(output_dir, CHECKPOINT_DIR), keep=cfg.train.keep_checkpoints,
-                                 async_save=cfg.train.async_checkpointing)
-        stack.callback(ckpt.close)
-        rng = jax.random.key(cfg.train.seed)
-        start = 0
-        resumed = ckpt.latest_step()
+        loader = stack.enter_context(contextlib.closing(_open_loader(cfg, dataset, local_rows, log)))
+        ckpt = stack.enter_context(contextlib.closing(TrainCheckpointer(
+            os.path.join(output_dir, CHECKPOINT_DIR), keep=cfg.train.keep_checkpoints,
+            async_save=cfg.train.async_checkpointing)))
         run_path = os.path.join(output_dir, RUN_JSON)
+        resumed = ckpt.latest_step()
+        rng, start, schedule_steps = jax.random.key(cfg.train.seed), 0, cfg.optim.schedule_steps or cfg.train.max_steps
         if resumed is not None:
-            params, opt_state, meta = _resume(cfg, ckpt, resumed, params, opt_state, run_path, log)
-            loader.load_state_dict(meta["data"])
-            rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
-            start = int(meta["step"])
-            log(f"resuming from {ckpt.directory}/{resumed} (step {start})")
-            schedule_steps = resumed_schedule_steps(cfg, meta, start, log)
+            params, opt_state, rng, start, schedule_steps = _resume(cfg, ckpt, resumed, params, opt_state, loader,
+                                                                    run_path, log)
         tx, schedule = make_optimizer(cfg.optim, schedule_steps)
         if is_main:
-            info = {"base_model": {"path": cfg.model.path, "config": dit_config.to_dict()},
-                    "dataset": {"path": dataset.path, "num_samples": len(dataset), "fingerprint": dataset.fingerprint,
-                                "steps_per_epoch": loader.steps_per_epoch,
-                                "buckets": {_bucket_name(k): len(v) for k, v in loader.buckets.items()}},
-                    "lora_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
-                    "schedule_steps": schedule_steps,
-                    "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
-                    "jax": jax.__version__}
-            _write_json(run_path, {**cfg.to_dict(), RUN_INFO_KEY: info})
-        run_log = RunLog(output_dir, resumed_step=start, enabled=is_main, tensorboard=cfg.train.tensorboard)
-        stack.callback(run_log.close)
-        step_fn = make_train_step(graphdef, tx, cfg.objective, mesh=mesh, global_batch=cfg.data.batch_size)
+            _write_json(run_path, {**cfg.to_dict(), RUN_INFO_KEY: _run_info(cfg, dit_config, dataset, loader, params,
+                                                                            schedule_steps)})
+        run_log = stack.enter_context(contextlib.closing(
+            RunLog(output_dir, resumed_step=start, enabled=is_main, tensorboard=cfg.train.tensorboard)))
         if start < cfg.train.max_steps:
             log("compiling the training step (the first step; can take minutes on the full model) ...")
         bar = None
         if cfg.train.progress and is_main:
             bar = stack.enter_context(tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step",
                                            dynamic_ncols=True))
-        validate = None
+        steps = _Steps(cfg, make_train_step(graphdef, tx, cfg.objective, mesh=mesh, global_batch=cfg.data.batch_size),
+                       loader, ckpt, run_log, bar, schedule, schedule_steps, base, rng, log)
         if cfg.validation.every:
-            validation = Validation(cfg, images, dataset, graphdef, mesh, output_dir, write=is_main)
-
-            def validate(step: int, params: Any) -> None:
-                metrics, grid, path = validation(step, params, base)
-                if metrics:
-                    run_log.scalars(step, metrics)
-                if grid is not None:
-                    run_log.image("validation/grid", step, grid)
-                    (bar.write if bar is not None else log)(f"validation grid: {path}")
-        losses: list[float] = []
-        global_batch = cfg.data.batch_size * cfg.optim.grad_accum
-        if validate is not None and start == 0:
-            validate(0, params)
-        window: list[tuple[int, Any]] = []  # (step, on-device metrics) not yet fetched
-        t_fetch = time.perf_counter()
-        for step in range(start, cfg.train.max_steps):
-            batch = next(loader)
-            params, opt_state, m = step_fn(params, opt_state, base, batch.img_shapes, batch.arrays, rng, step)
-            done = step + 1
-            window.append((done, m))
-            log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps or step == start
-            save_now = done % cfg.train.save_every == 0 or done == cfg.train.max_steps
-            validate_now = validate is not None and done % cfg.validation.every == 0
-            if log_now or save_now or validate_now:
-                ready, window = window, []  # wait for this step: it is logged, saved or validated
-            elif bar is not None and len(window) > 1:
-                ready, window = window[:-1], window[-1:]  # one step late: the device is busy with this one
-            else:
-                continue  # keep dispatching; metrics are fetched in one transfer later
-            fetched = jax.device_get([w[1] for w in ready])
-            now = time.perf_counter()
-            dt = (now - t_fetch) / len(ready)
-            t_fetch = now
-            for (d, _), hm in zip(ready, fetched):
-                _check_finite(d, hm, ckpt)
-                losses.append(float(hm["loss"]))
-            m = {k: float(v) for k, v in fetched[-1].items()}
-            if log_now:
-                run_log.scalars(done, {"loss": m["loss"], "mse": m["mse"], "lr": float(schedule(step)),
-                                       "grad_norm": m["grad_norm"], "sigma": m["sigma"], "step_time": dt,
-                                       "samples_per_s": global_batch / dt, "epoch": batch.epoch})
-            if bar is not None:
-                bar.update(ready[-1][0] - bar.n)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", s_step=f"{dt:.3f}", samples_s=f"{global_batch / dt:.1f}")
-            if save_now:  # every step up to `done` was checked finite above, so the saved state is too
-                meta = {"step": done, "data": loader.state_dict(),
-                        "rng": np.asarray(jax.random.key_data(rng)).tolist(), "config": cfg.to_dict(),
-                        "schedule_steps": schedule_steps}
-                # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
-                ckpt.save(done, _copy(params), _copy(opt_state), meta)
-            if validate_now:
-                validate(done, params)
-                t_fetch = time.perf_counter()  # the next step's time excludes the validation
+            steps.validation = Validation(cfg, images, dataset, graphdef, mesh, output_dir, write=is_main)
+            if start == 0:
+                steps.validate(0, params)
+        params = steps.run(params, opt_state, start)
         ckpt.wait()
     files = export_lora(nnx.merge(graphdef, params, base), output_dir, cfg)
     for f in files:
         log(f"wrote {f}")
+    losses = steps.losses
     n = min(10, max(1, len(losses) // 2))  # first and last windows do not overlap once two steps ran
     return TrainResult(output_dir, max(start, cfg.train.max_steps), resumed,
                        float(np.mean(losses[:n])) if losses else None,
                        float(np.mean(losses[-n:])) if losses else None, files, time.perf_counter() - t_start,
                        params, loss_steps=n if losses else 0, schedule_steps=schedule_steps)
+
+
+def _open_loader(cfg: TrainConfig, dataset: CachedDataset, local_rows: Any, log: Callable[[str], None]) -> BatchLoader:
+    """This process's batches (its rows of each global batch), with a warning for buckets never used."""
+    d = cfg.data
+    loader = BatchLoader(dataset, batch_size=d.batch_size, grad_accum=cfg.optim.grad_accum,
+                         text_buckets=d.text_buckets, shuffle=d.shuffle, seed=d.seed,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         local_rows=local_rows, prefetch=d.prefetch)
+    if loader.skipped:
+        log(f"warning: {sum(loader.skipped.values())} samples in buckets smaller than one step "
+            f"({loader.per_step} samples) are never used: {loader.skipped}")
+    return loader
+
+
+def _run_info(cfg: TrainConfig, dit_config: DiTConfig, dataset: CachedDataset, loader: BatchLoader, params: Any,
+              schedule_steps: int) -> dict[str, Any]:
+    """run.json's informational section: the base, the dataset, the adapter size, the machine."""
+    return {"base_model": {"path": cfg.model.path, "config": dit_config.to_dict()},
+            "dataset": {"path": dataset.path, "num_samples": len(dataset), "fingerprint": dataset.fingerprint,
+                        "steps_per_epoch": loader.steps_per_epoch,
+                        "buckets": {_bucket_name(k): len(v) for k, v in loader.buckets.items()}},
+            "lora_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+            "schedule_steps": schedule_steps,
+            "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
+            "jax": jax.__version__}
+
+
+@dataclasses.dataclass
+class _Steps:
+    """The step loop: dispatch steps, fetch their metrics in windows, check them, log, save, validate.
+
+    Metrics stay on the device until a step is logged, saved or validated (or, with a progress bar,
+    one step late), so the host never waits on a step it does not need yet.
+    """
+
+    cfg: TrainConfig
+    step_fn: Callable
+    loader: BatchLoader
+    ckpt: TrainCheckpointer
+    run_log: RunLog
+    bar: Any  # tqdm or None
+    schedule: Callable  # the learning rate per step (logged)
+    schedule_steps: int  # its length (saved with each checkpoint)
+    base: Any  # the frozen base weights
+    rng: jax.Array
+    log: Callable[[str], None]
+    validation: Validation | None = None
+    losses: list[float] = dataclasses.field(default_factory=list)  # every step's loss, in order
+    t_fetch: float = 0.0  # when the last metrics arrived
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.batch_size * self.cfg.optim.grad_accum
+
+    def run(self, params: Any, opt_state: Any, start: int) -> Any:
+        """Train from step `start` to `train.max_steps`; returns the final LoRA params."""
+        tr = self.cfg.train
+        window: list[tuple[int, Any]] = []  # (step, on-device metrics) not yet fetched
+        self.t_fetch = time.perf_counter()
+        for step in range(start, tr.max_steps):
+            batch = next(self.loader)
+            params, opt_state, m = self.step_fn(params, opt_state, self.base, batch.img_shapes, batch.arrays,
+                                                self.rng, step)
+            done = step + 1
+            window.append((done, m))
+            log_now = done % tr.log_every == 0 or done == tr.max_steps or step == start
+            save_now = done % tr.save_every == 0 or done == tr.max_steps
+            validate_now = self.validation is not None and done % self.cfg.validation.every == 0
+            if log_now or save_now or validate_now:
+                ready, window = window, []  # wait for this step: it is logged, saved or validated
+            elif self.bar is not None and len(window) > 1:
+                ready, window = window[:-1], window[-1:]  # one step late: the device is busy with this one
+            else:
+                continue  # keep dispatching; metrics are fetched in one transfer later
+            self._report(ready, step, batch.epoch, log_now)
+            if save_now:  # every step up to `done` was checked finite in `_report`, so the saved state is too
+                self._save(done, params, opt_state)
+            if validate_now:
+                self.validate(done, params)
+                self.t_fetch = time.perf_counter()  # the next step's time excludes the validation
+        return params
+
+    def _report(self, ready: list[tuple[int, Any]], step: int, epoch: int, log_now: bool) -> None:
+        """Fetch the ready steps' metrics in one transfer, stop on a non-finite one, log and show the last."""
+        fetched = jax.device_get([w[1] for w in ready])
+        now = time.perf_counter()
+        dt = (now - self.t_fetch) / len(ready)
+        self.t_fetch = now
+        for (d, _), hm in zip(ready, fetched):
+            _check_finite(d, hm, self.ckpt)
+            self.losses.append(float(hm["loss"]))
+        m = {k: float(v) for k, v in fetched[-1].items()}
+        done = ready[-1][0]
+        if log_now:
+            self.run_log.scalars(done, {"loss": m["loss"], "mse": m["mse"], "lr": float(self.schedule(step)),
+                                        "grad_norm": m["grad_norm"], "sigma": m["sigma"], "step_time": dt,
+                                        "samples_per_s": self.global_batch / dt, "epoch": epoch})
+        if self.bar is not None:
+            self.bar.update(done - self.bar.n)
+            self.bar.set_postfix(loss=f"{m['loss']:.4f}", s_step=f"{dt:.3f}",
+                                 samples_s=f"{self.global_batch / dt:.1f}")
+
+    def _save(self, done: int, params: Any, opt_state: Any) -> None:
+        meta = {"step": done, "data": self.loader.state_dict(),
+                "rng": np.asarray(jax.random.key_data(self.rng)).tolist(), "config": self.cfg.to_dict(),
+                "schedule_steps": self.schedule_steps}
+        # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
+        self.ckpt.save(done, _copy(params), _copy(opt_state), meta)
+
+    def validate(self, step: int, params: Any) -> None:
+        """Run the validation at `step` and log its metrics and grid."""
+        metrics, grid, path = self.validation(step, params, self.base)
+        if metrics:
+            self.run_log.scalars(step, metrics)
+        if grid is not None:
+            self.run_log.image("validation/grid", step, grid)
+            (self.bar.write if self.bar is not None else self.log)(f"validation grid: {path}")
 
 
 def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
@@ -327,8 +382,20 @@ def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
     return model.config, graphdef, params, base, local_rows
 
 
-def _resume(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, opt_state: Any, run_path: str,
-            log: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any]]:
+def _resume(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, opt_state: Any, loader: BatchLoader,
+            run_path: str, log: Callable[[str], None]) -> tuple[Any, Any, jax.Array, int, int]:
+    """Restore checkpoint `step` into (params, opt_state) and `loader`: (params, opt_state, rng, first step,
+    schedule length)."""
+    params, opt_state, meta = _restore(cfg, ckpt, step, params, opt_state, run_path, log)
+    loader.load_state_dict(meta["data"])
+    rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
+    start = int(meta["step"])
+    log(f"resuming from {ckpt.directory}/{step} (step {start})")
+    return params, opt_state, rng, start, resumed_schedule_steps(cfg, meta, start, log)
+
+
+def _restore(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, opt_state: Any, run_path: str,
+             log: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any]]:
     if os.path.exists(run_path):
         with open(run_path) as f:
             old = {k: v for k, v in json.load(f).items() if k != RUN_INFO_KEY}

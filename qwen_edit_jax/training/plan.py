@@ -329,6 +329,52 @@ def flops_per_device(step_jaxpr, mesh: Mesh, batch: int) -> dict:
     return {"matmul": matmul, "attention": c["attention"], "total": matmul + c["attention"]}
 
 
+@dataclasses.dataclass
+class StepMemory:
+    """Peak memory of one step program per device, and where the figure comes from (`peak_source`)."""
+
+    sizes: dict[str, int]  # argument, output, alias, temp, host, host_temp bytes
+    peak: int
+    xla_reported: float  # XLA's cost-analysis FLOPs
+    oom: int | None  # temporaries named by an out-of-memory refusal
+    source: str
+    fitted: dict[int, dict]  # shorter stacks' sizes, when extrapolated
+    lower_s: float = 0.0
+    compile_s: float = 0.0
+
+
+def step_memory(prog: StepProgram, chip: Chip, build: Callable[[DiTConfig], StepProgram], cfg: DiTConfig,
+                extrapolate: Sequence[int]) -> StepMemory:
+    """Compile `prog` (unless its arguments alone exceed the chip) and read its memory; when XLA refuses the
+    full stack, fit the temporaries linearly on the `extrapolate` shorter stacks built by `build`."""
+    if prog.device_arg_bytes > chip.budget_gib * GiB:  # the arguments alone do not fit: nothing to compile
+        sizes = dict(argument=prog.device_arg_bytes, output=0, alias=0, temp=0, host=0, host_temp=0)
+        return StepMemory(sizes, prog.device_arg_bytes, 0.0, None, "arguments_lower_bound", {})
+    t0 = time.perf_counter()
+    lowered = prog.lower()
+    t1 = time.perf_counter()
+    sizes, peak, xla_reported, oom = compile_memory(lowered, prog.device_arg_bytes)
+    mem = StepMemory(sizes, peak, xla_reported, oom, "compiled" if oom is None else "oom_lower_bound", {},
+                     t1 - t0, time.perf_counter() - t1)
+    short = sorted(set(int(n) for n in extrapolate) - {cfg.num_layers})
+    if oom is None or len(short) < 2 or max(short) >= cfg.num_layers:
+        return mem
+    for n in short:  # the same step on shorter stacks (all else equal): temporaries grow linearly
+        s_n, _, _, oom_n = compile_memory(build(dataclasses.replace(cfg, num_layers=n)).lower(), 0)
+        if oom_n is not None:
+            break
+        mem.fitted[n] = s_n
+    if len(mem.fitted) == len(short):
+        ns = np.array(list(mem.fitted), float)
+        temps = np.array([mem.fitted[n]["temp"] for n in mem.fitted], float)
+        slope, icept = np.polyfit(ns, temps, 1)
+        last = mem.fitted[max(mem.fitted)]
+        mem.sizes = dict(last, argument=prog.device_arg_bytes, temp=int(round(icept + slope * cfg.num_layers)))
+        mem.peak = prog.device_arg_bytes + mem.sizes["output"] - mem.sizes["alias"] + mem.sizes["temp"]
+        mem.source = "extrapolated"
+    return mem
+
+
 def plan_step(cfg: DiTConfig, opts: ModelOptions, target: Target, mesh: Mesh, workload: Workload, *,
               optim: OptimSection = OptimSection(), objective: ObjectiveSection = ObjectiveSection(),
               extrapolate: Sequence[int] = (4, 8), mfu: float = 1.0, host_gbps: float = HOST_GBPS) -> dict:
@@ -336,33 +382,8 @@ def plan_step(cfg: DiTConfig, opts: ModelOptions, target: Target, mesh: Mesh, wo
     chip = target.chip
     model_abs = abstract_model(cfg, opts)
     prog = build_step(cfg, opts, mesh, workload, optim, objective)
-    t0 = t1 = t2 = time.perf_counter()
-    if prog.device_arg_bytes > chip.budget_gib * GiB:  # the arguments alone do not fit: nothing to compile
-        sizes = dict(argument=prog.device_arg_bytes, output=0, alias=0, temp=0, host=0, host_temp=0)
-        peak, xla_reported, oom, source = prog.device_arg_bytes, 0.0, None, "arguments_lower_bound"
-    else:
-        lowered = prog.lower()
-        t1 = time.perf_counter()
-        sizes, peak, xla_reported, oom = compile_memory(lowered, prog.device_arg_bytes)
-        t2 = time.perf_counter()
-        source = "compiled" if oom is None else "oom_lower_bound"
-    fitted: dict[int, dict] = {}
-    short = sorted(set(int(n) for n in extrapolate) - {cfg.num_layers})
-    if oom is not None and len(short) >= 2 and max(short) < cfg.num_layers:
-        for n in short:  # the same step on shorter stacks (all else equal): temporaries grow linearly
-            p_n = build_step(dataclasses.replace(cfg, num_layers=n), opts, mesh, workload, optim, objective)
-            s_n, _, _, oom_n = compile_memory(p_n.lower(), 0)
-            if oom_n is not None:
-                break
-            fitted[n] = s_n
-        if len(fitted) == len(short):
-            ns = np.array(list(fitted), float)
-            temps = np.array([fitted[n]["temp"] for n in fitted], float)
-            slope, icept = np.polyfit(ns, temps, 1)
-            last = fitted[max(fitted)]
-            sizes = dict(last, argument=prog.device_arg_bytes, temp=int(round(icept + slope * cfg.num_layers)))
-            peak = prog.device_arg_bytes + sizes["output"] - sizes["alias"] + sizes["temp"]
-            source = "extrapolated"
+    mem = step_memory(prog, chip, lambda c: build_step(c, opts, mesh, workload, optim, objective), cfg, extrapolate)
+    sizes, peak, oom, source = mem.sizes, mem.peak, mem.oom, mem.source
     flops = flops_per_device(prog.jaxpr(), mesh, workload.batch)
     leaves = jax.tree.leaves(prog.base)
     weights = sum(shard_bytes(x) for x in leaves)
@@ -410,7 +431,7 @@ def plan_step(cfg: DiTConfig, opts: ModelOptions, target: Target, mesh: Mesh, wo
         # shorter stacks in `extrapolated_from`; "oom_lower_bound": arguments + the error's temporaries;
         # "arguments_lower_bound": the device-resident arguments alone exceed the budget (not compiled)
         "peak_source": source,
-        "extrapolated_from": {str(n): v["temp"] for n, v in fitted.items()},
+        "extrapolated_from": {str(n): v["temp"] for n, v in mem.fitted.items()},
         "oom_reported_temp_bytes": oom,
         "hbm_gib": chip.hbm_gib,
         "budget_gib": chip.budget_gib,
@@ -420,13 +441,13 @@ def plan_step(cfg: DiTConfig, opts: ModelOptions, target: Target, mesh: Mesh, wo
         "flops_per_device": flops["total"],
         "matmul_flops_per_device": flops["matmul"],
         "attention_flops_per_device": flops["attention"],
-        "xla_cost_analysis_flops": xla_reported,
+        "xla_cost_analysis_flops": mem.xla_reported,
         "chip_peak_tflops": chip.peak_tflops,
         # the next layer's copy overlaps the current layer's compute: the slower of the two sets the pace
         "est_step_s": None if compute_s is None else max(compute_s, transfer_s),
         "mfu_assumed": mfu,
-        "lower_s": t1 - t0,
-        "compile_s": t2 - t1,
+        "lower_s": mem.lower_s,
+        "compile_s": mem.compile_s,
     }
 
 

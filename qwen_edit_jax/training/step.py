@@ -18,7 +18,6 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from .. import parallel
 from ..models.dit import normalize_img_shapes
 from ..parallel import batch_sharding, distributed, replicated, sharded_jit
 from .config import ObjectiveSection, OptimSection
@@ -73,8 +72,8 @@ class TrainStep:
     the step's randomness is `fold_in(rng, step)` so a resumed run draws the same noise.
 
     With `mesh`, every call is jitted with explicit shardings: parameters, base and optimiser state
-    keep the shardings they arrive with (placed by `qwen_edit_jax.sharding`), the batch is split
-    along B by `sharding.batch_sharding(mesh)`, metrics are replicated.
+    keep the shardings they arrive with (placed by `qwen_edit_jax.parallel`), the batch is split
+    along B by `parallel.batch_sharding(mesh)`, metrics are replicated.
     """
 
     def __init__(
@@ -131,29 +130,27 @@ class TrainStep:
             return jax.jit(step, donate_argnums=donate)
         return _MeshJit(step, self.mesh, donate, self.global_batch)
 
+    def _fn_for(self, img_shapes: Any, arrays: dict[str, Any]) -> Callable:
+        """The jitted step of this batch's image layout (made on first use)."""
+        layout = _layout(img_shapes, arrays)
+        if layout not in self._fns:
+            self._fns[layout] = self._step_fn(layout)
+        return self._fns[layout]
+
     def __call__(self, params, opt_state, base, img_shapes, arrays, rng, step):
-        img_shapes = _layout(img_shapes, arrays)
-        fn = self._fns.get(img_shapes)
-        if fn is None:
-            fn = self._fns[img_shapes] = self._step_fn(img_shapes)
+        fn = self._fn_for(img_shapes, arrays)
         return fn(params, opt_state, base, arrays, rng, jnp.asarray(step, jnp.int32))
 
     def lower(self, params, opt_state, base, img_shapes, arrays, rng, step):
         """Ahead-of-time lowering (memory plans): arguments may be `jax.ShapeDtypeStruct`s; needs `mesh`."""
-        img_shapes = _layout(img_shapes, arrays)
-        fn = self._fns.get(img_shapes)
-        if fn is None:
-            fn = self._fns[img_shapes] = self._step_fn(img_shapes)
-        return fn.lower(params, opt_state, base, arrays, rng, step)
+        return self._fn_for(img_shapes, arrays).lower(params, opt_state, base, arrays, rng, step)
 
 
 def _layout(img_shapes: Any, arrays: dict[str, Any]) -> tuple[tuple[int, int, int], ...]:
     """The batch's one image layout from `img_shapes` in either convention the model accepts: one list
     of (frames, h, w) (target first, then references) or one such list per sample (all equal)."""
-    first = img_shapes[0] if len(img_shapes) else None
-    per_sample = isinstance(first, (list, tuple)) and len(first) > 0 and isinstance(first[0], (list, tuple))
     n_tokens = arrays["target"].shape[2] + (arrays["references"].shape[2] if "references" in arrays else 0)
-    return normalize_img_shapes(img_shapes, len(img_shapes) if per_sample else 0, n_tokens)
+    return normalize_img_shapes(img_shapes, None, n_tokens)
 
 
 class _MeshJit:
@@ -165,40 +162,37 @@ class _MeshJit:
 
     def __init__(self, fn: Callable, mesh: Any, donate: tuple, global_batch: int | None):
         self.fn, self.mesh, self.donate, self.global_batch = fn, mesh, donate, global_batch
-        self._jitted: dict[tuple, Any] = {}
+        self._jitted: dict[int, Any] = {}
 
-    def __call__(self, params, opt_state, base, arrays, rng, step):
-        batch = self.global_batch or arrays["target"].shape[1] * jax.process_count()
-        accum = NamedSharding(self.mesh, PartitionSpec(None, *batch_sharding(self.mesh, batch).spec))
-        arrays = distributed.global_batch(arrays, accum, batch, axis=1)
-        key = (batch,)
-        if key not in self._jitted:
-            rep = replicated(self.mesh)
+    def _accum_sharding(self, batch: int) -> NamedSharding:
+        """[A, B, ...] micro-batches: B split like a batch of `batch`, A whole."""
+        return NamedSharding(self.mesh, PartitionSpec(None, *batch_sharding(self.mesh, batch).spec))
 
-            def sh(tree):
-                return jax.tree.map(lambda x: x.sharding if isinstance(x, jax.Array) else rep, tree)
-
-            p_sh, o_sh, b_sh = sh(params), sh(opt_state), sh(base)
-            self._jitted[key] = sharded_jit(
-                self.fn, self.mesh, donate_argnums=self.donate,
-                in_shardings=(p_sh, o_sh, b_sh, accum, rep, rep),
-                out_shardings=(p_sh, o_sh, rep))
-        return self._jitted[key](params, opt_state, base, arrays, rng, step)
-
-    def lower(self, params, opt_state, base, arrays, rng, step):
-        """AOT (benchmarks/memory_plan.py): `jax.ShapeDtypeStruct` arguments, params/opt state/base with shardings."""
-        batch = arrays["target"].shape[1]
-        accum = NamedSharding(self.mesh, PartitionSpec(None, *batch_sharding(self.mesh, batch).spec))
+    def _jit(self, params, opt_state, base, accum: NamedSharding) -> Any:
+        """The step jitted with the arguments' own shardings (non-arrays replicated), the batch on `accum`."""
         rep = replicated(self.mesh)
 
         def sh(tree):
-            return jax.tree.map(lambda x: x.sharding, tree)
+            return jax.tree.map(lambda x: x.sharding if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) else rep,
+                                tree)
 
-        fn = sharded_jit(self.fn, self.mesh, donate_argnums=self.donate,
-                         in_shardings=(sh(params), sh(opt_state), sh(base), accum, rep, rep),
-                         out_shardings=(sh(params), sh(opt_state), rep))
+        p_sh, o_sh, b_sh = sh(params), sh(opt_state), sh(base)
+        return sharded_jit(self.fn, self.mesh, donate_argnums=self.donate,
+                           in_shardings=(p_sh, o_sh, b_sh, accum, rep, rep), out_shardings=(p_sh, o_sh, rep))
+
+    def __call__(self, params, opt_state, base, arrays, rng, step):
+        batch = self.global_batch or arrays["target"].shape[1] * jax.process_count()
+        accum = self._accum_sharding(batch)
+        arrays = distributed.global_batch(arrays, accum, batch, axis=1)
+        if batch not in self._jitted:
+            self._jitted[batch] = self._jit(params, opt_state, base, accum)
+        return self._jitted[batch](params, opt_state, base, arrays, rng, step)
+
+    def lower(self, params, opt_state, base, arrays, rng, step):
+        """AOT (benchmarks/memory_plan.py): `jax.ShapeDtypeStruct` arguments, params/opt state/base with shardings."""
+        accum = self._accum_sharding(arrays["target"].shape[1])
         arrays = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=accum) for k, v in arrays.items()}
-        return fn.lower(params, opt_state, base, arrays, rng, step)
+        return self._jit(params, opt_state, base, accum).lower(params, opt_state, base, arrays, rng, step)
 
 
 def make_train_step(
@@ -213,15 +207,8 @@ def make_train_step(
     """The reusable LoRA training step (see `TrainStep`); used by the loop and the benchmarks.
 
     `mesh` (from `qwen_edit_jax.parallel.make_mesh`): jit with explicit shardings; the params,
-    base and optimiser state must already be placed on it (`load_transformer(mesh=)`, `init_opt_state`),
+    base and optimiser state must already be placed on it (`load_transformer(mesh=)`, `parallel.init_opt_state`),
     and `global_batch` is the micro-batch size over all hosts (default: local rows × hosts).
     """
     return TrainStep(graphdef, tx, objective or ObjectiveSection(), mesh=mesh, global_batch=global_batch,
                      donate=donate)
-
-
-def init_opt_state(tx: optax.GradientTransformation, params: Params, mesh: Any = None) -> Any:
-    """Optimiser state for `params`; on a mesh, Adam moments take the params' shardings (scalars replicated)."""
-    if mesh is None:
-        return jax.jit(tx.init)(params)
-    return parallel.init_opt_state(tx, params, mesh)

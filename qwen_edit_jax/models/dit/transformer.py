@@ -105,8 +105,11 @@ def remat_policy(name: str):
     }[name]
 
 
-def normalize_img_shapes(img_shapes: Any, batch: int, n_tokens: int) -> tuple[ImgShape, ...]:
-    """Accept one list of (frames, h, w) or one per sample; all samples must share it."""
+def normalize_img_shapes(img_shapes: Any, batch: int | None, n_tokens: int) -> tuple[ImgShape, ...]:
+    """Accept one list of (frames, h, w) or one per sample; all samples must share it.
+
+    `batch`: the number of per-sample lists expected (None: any number).
+    """
     if not img_shapes:
         raise ValueError("img_shapes is required: one list of (frames, h, w) per sample")
     first = img_shapes[0]
@@ -114,7 +117,7 @@ def normalize_img_shapes(img_shapes: Any, batch: int, n_tokens: int) -> tuple[Im
     samples = [tuple(tuple(int(v) for v in s) for s in sample) for sample in img_shapes] if per_sample else None
     layout = samples[0] if per_sample else tuple(tuple(int(v) for v in s) for s in img_shapes)
     if per_sample:
-        if len(samples) != batch:
+        if batch is not None and len(samples) != batch:
             raise ValueError(f"img_shapes has {len(samples)} samples but the batch has {batch}")
         if any(s != layout for s in samples):
             raise ValueError(f"all samples in a batch must share one image layout; got {samples}")

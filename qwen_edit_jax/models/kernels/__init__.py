@@ -6,7 +6,7 @@ the scores), `chunked` (query chunks), `flash` (blocked online softmax with a re
 plain JAX, any backend), `cudnn` (NVIDIA), `splash` (TPU Pallas, imported on first use), and `auto`,
 which picks per platform when traced: `splash` on TPU, `cudnn` on GPUs for bf16/fp16 inputs (head_dim
 ≤ 128), else `flash` (on CPU 2–4× faster than `xla` forward and backward; benchmarks/attention.py).
-`register_attention` adds more.
+The names are `config.ATTENTION_KERNELS`, the set `ModelOptions(attention=...)` accepts.
 """
 
 from __future__ import annotations
@@ -57,15 +57,6 @@ def auto_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array
     return get_attention(auto_kernel_name(q.dtype, q.shape[-1], current_mesh()))(q, k, v, key_mask)
 
 
-def register_attention(name: str) -> Callable[[AttentionFn], AttentionFn]:
-    """Decorator: make `fn` available as `ModelOptions(attention=name)`."""
-    def deco(fn: AttentionFn) -> AttentionFn:
-        _KERNELS[name] = fn
-        return fn
-
-    return deco
-
-
 def get_attention(name: str) -> AttentionFn:
     """The kernel called `name`; 'splash' (TPU Pallas) is imported on first use."""
     if name == "auto":
@@ -81,5 +72,5 @@ def get_attention(name: str) -> AttentionFn:
 
 
 __all__ = ["AttentionFn", "auto_attention", "auto_kernel_name", "chunked_attention", "cudnn_attention",
-           "cudnn_flash_capable", "flash_attention", "get_attention", "register_attention", "valid_keys_first",
+           "cudnn_flash_capable", "flash_attention", "get_attention", "valid_keys_first",
            "xla_attention"]
