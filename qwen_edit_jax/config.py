@@ -150,7 +150,7 @@ QuantizeMode = Literal["int8", "fp8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = QuantizeMode.__args__
 OffloadMode = Literal["none", "base"]
 # int4 scales are per group of this many input rows (one per output column and group); int8 / fp8 use one
-# scale per output column. 64 and 128 measured (docs/quantization.md): 64 cuts the int4 error by a fifth for
+# scale per output column. 64 and 128 compared in docs/results.md: 64 cuts the int4 error by a fifth for
 # 0.6 GB more scales on the 20.4B model.
 INT4_GROUP_SIZE = 64
 

@@ -160,7 +160,7 @@ def _text(pos: jax.Array, pos_mask: jax.Array | None, neg: jax.Array | None, neg
 
 def default_batch_cfg(mesh: Any = None) -> bool:
     """Whether CFG runs batched by default: yes on accelerators (one 2B forward fills the chip), no on
-    CPU, where the two B passes measured faster (benchmarks/sample.py; README "Measured")."""
+    CPU, where the two B passes measured faster (docs/results.md, sampling speed)."""
     return platform_of(mesh) != "cpu"
 
 

@@ -22,9 +22,8 @@ def _tiles(a: np.ndarray, out: np.ndarray, r0: int, r1: int) -> None:
 def transpose_2d(a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """`a.T` copied tile by tile into `out` (any strides, cast to its dtype) or a new C-contiguous array.
 
-    numpy's whole-array strided copy of a transposed view misses the cache on every element
-    (≈ 190 MB/s on the 2-core CI machine for a 12288×3072 bf16 matrix); cache-sized tiles run
-    3–4× faster, and row bands go to a thread per core (numpy releases the GIL while copying).
+    numpy's whole-array strided copy of a transposed view misses the cache on every element;
+    cache-sized tiles do not, and row bands go to a thread per core (numpy releases the GIL while copying).
     torch Linear weights `[out, in]` become Flax kernels `[in, out]` through this.
     """
     m, n = a.shape

@@ -3,8 +3,8 @@
 Streaming a checkpoint touches every byte once, so the cost that remains is memory that is new
 to the process: each fresh `np.empty` of a large tensor is a new mapping the kernel zero-fills page
 by page, and each written file fills new page-cache pages. On virtual machines that hand freed
-memory back to the host (virtio-balloon free page reporting, as on the 2-core CI machine), a
-first touch costs 5–10× a copy into memory already in use (≈ 200–400 MB/s against ≈ 2 GB/s).
+memory back to the host (virtio-balloon free page reporting), a first touch costs several times a
+copy into memory already in use (measured in docs/convert.md).
 
 * `ScratchBuffers` hands out buffers that are returned and reused, so a conversion touches new
   memory only for its first few tensors.

@@ -3,8 +3,8 @@
 Works on any backend. The scores exist one `[block_h, block_q, block_k]` tile at a time (heads of
 all samples taken `block_h` at a time), and the backward keeps only q, k, v, the output and the
 row log-sum-exp from the forward, recomputing each tile's probabilities (FlashAttention-2). On
-XLA:CPU it is also 2–4× faster than `xla_attention`, whose `[B, H, S, S]` fp32 scores (151 MB at
-8 heads × 2,176 tokens) are streamed through DRAM by every elementwise pass.
+XLA:CPU it is also faster than `xla_attention`, whose `[B, H, S, S]` fp32 scores are streamed
+through DRAM by every elementwise pass.
 """
 
 from __future__ import annotations
@@ -19,10 +19,8 @@ import jax.numpy as jnp
 Array = jax.Array
 F32 = jnp.float32
 MASKED = float(jnp.finfo(F32).min)  # logit of a masked key: the same fill as `xla_attention`
-# Default tile, measured on XLA:CPU with benchmarks/attention.py (2,176 and 4,352 tokens, 8 heads × 64;
-# 512 tokens × 24 heads): one head at a time (10–45% less forward + backward time than all heads at
-# once), ~1k × 1k scores per step (the other shapes from 272 to 2,176 were level or up to 10% slower).
-# Other backends take all heads per tile (parallelism over heads; not tuned there).
+# Default tile, chosen on XLA:CPU with benchmarks/attention.py: one head at a time and ~1k × 1k scores
+# per step. Other backends take all heads per tile (parallelism over heads; not tuned there).
 BLOCK_H, BLOCK_Q, BLOCK_K = 1, 1088, 1088
 
 

@@ -61,7 +61,7 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array 
     """Reference SDPA (scale 1/√d): fp32 logits and softmax, materialises [B, H, S, S].
 
     Heads are moved ahead of the sequence first so both products are plain batched matmuls
-    (on XLA:CPU 1.7× faster forward, 1.3× forward+backward than contracting in [B, S, H, d]).
+    (on XLA:CPU faster than contracting in [B, S, H, d]).
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
     qt, kt, vt = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))  # [B, H, S, d]
