@@ -22,10 +22,10 @@ from flax import nnx
 
 import qwen_edit_jax as q
 from qwen_edit_jax.training.checkpoint import KILL_DURING_SAVE_ENV, TrainCheckpointer
-from qwen_edit_jax.training.config import ConfigError, DemoSection, config_from_dict, load_config
+from qwen_edit_jax.testing.latent import LatentDemo, demo_samples
+from qwen_edit_jax.training.config import ConfigError, config_from_dict, load_config
 from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.training.data import DataError, write_cache
-from qwen_edit_jax.training.demo import demo_samples
 from qwen_edit_jax.training.loop import NonFiniteLossError, train
 from qwen_edit_jax.training.step import make_schedule, split_lora
 from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
@@ -39,7 +39,7 @@ def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("assets")
     tm = make_torch_model(TINY, seed=11)
     base = save_torch_model(tm, d / "base")
-    demo = DemoSection(enabled=True, num_samples=24, latent_sizes=((8, 8),), num_edits=3, prompt_lengths=(4, 10))
+    demo = LatentDemo(num_samples=24, latent_sizes=((8, 8),), num_edits=3, prompt_lengths=(4, 10))
     data = write_cache(d / "cache", demo_samples(demo, 16, TINY.joint_attention_dim))
     return tm, str(base), str(data)
 
