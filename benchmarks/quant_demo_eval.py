@@ -2,8 +2,8 @@
 
     python benchmarks/quant_demo_eval.py --run fp32=runs/demo --run int8=runs/demo_int8 --json
 
-Held-out samples: the demo generator continued past the training set (`demo.num_samples` … +
-`--held-out`): the same instructions, new reference images and prompt noise. Each run's LoRA is
+Held-out samples: the latent demo's generator (`testing.latent.LatentDemo()`, the settings that wrote
+its cache) continued past the training set (`num_samples` … + `--held-out`): the same instructions, new reference images and prompt noise. Each run's LoRA is
 loaded into adapters on the base it was trained with (that run's `run.json` model options, so
 `model.quantize` too) and scored by the flow-matching MSE at fixed σ ∈ {0.25, 0.5, 0.75} with
 fixed noise, with the adapters on and off (B = 0). The last line with `--json` is one JSON object.
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from qwen_edit_jax.lora.adapters import load_lora_into_adapters
     from qwen_edit_jax.packing import pack_latents
     from qwen_edit_jax.training.config import config_from_dict
-    from qwen_edit_jax.training.demo import demo_samples
+    from qwen_edit_jax.testing.latent import LatentDemo, demo_samples
 
     result = {}
     for spec in args.run:
@@ -45,10 +45,11 @@ def main(argv=None) -> int:
             d = json.load(f)
         d.pop("run_info", None)
         cfg = config_from_dict(d, source=folder)
-        demo = dataclasses.replace(cfg.demo, num_samples=cfg.demo.num_samples + args.held_out)
+        trained = LatentDemo()
+        demo = dataclasses.replace(trained, num_samples=trained.num_samples + args.held_out)
         opts = cfg.model_options()
         model = load_transformer(cfg.model.path, options=opts, progress=False)
-        held = list(demo_samples(demo, model.config.out_channels, model.config.joint_attention_dim))[cfg.demo.num_samples:]
+        held = list(demo_samples(demo, model.config.out_channels, model.config.joint_attention_dim))[trained.num_samples:]
         sigmas = (0.25, 0.5, 0.75)
 
         def mse(m):
