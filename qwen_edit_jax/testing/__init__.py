@@ -3,7 +3,7 @@
 The library itself never invents data; everything made up lives here, in small modules:
 
 - `tokenizer`: a tiny Qwen2 BPE tokenizer folder and the processor folder beside it.
-- `weights`: random tensors by name, a random DiT as a diffusers folder (numpy).
+- `random_weights`: random tensors by name, a random DiT as a diffusers folder (numpy).
 - `vae`: the tiny VAE architecture, random or *readable* (encode → decode exact on flat 8×8 blocks).
 - `repo`: tiny random Qwen-Image-Edit repos: the parts caching reads, or the complete demo repo.
 - `pairs`: synthetic square-scene edit pairs and held-out validation inputs.

@@ -31,7 +31,7 @@ from ..weights import text_encoder_keys
 from .manifest import reuse, write_manifest
 from .tokenizer import write_tiny_processor
 from .vae import demo_vae_config, readable_vae_params, write_tiny_vae
-from .weights import random_tensor, write_random_transformer
+from .random_weights import random_tensor, write_random_transformer
 
 PIPELINE_CLASS = {"edit": "QwenImageEditPipeline", "edit_plus": "QwenImageEditPlusPipeline"}
 DIT_PRESET = "tiny"

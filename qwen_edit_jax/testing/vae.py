@@ -42,7 +42,7 @@ from safetensors.numpy import save_file
 from ..loading.vae import expected_tensors
 from ..models.vae import VAEConfig
 from ..weights.vae_keys import vae_keys
-from .weights import random_tensor
+from .random_weights import random_tensor
 
 TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
                 temperal_downsample=[False, True, True])
