@@ -2,7 +2,7 @@
 
     python benchmarks/quant_demo_eval.py --run fp32=runs/demo --run int8=runs/demo_int8 --json
 
-Held-out samples: the latent demo's generator (`training.demo.DemoSection()`, the settings that wrote
+Held-out samples: the latent demo's generator (`testing.latent.LatentDemo()`, the settings that wrote
 its cache) continued past the training set (`num_samples` … + `--held-out`): the same instructions, new reference images and prompt noise. Each run's LoRA is
 loaded into adapters on the base it was trained with (that run's `run.json` model options, so
 `model.quantize` too) and scored by the flow-matching MSE at fixed σ ∈ {0.25, 0.5, 0.75} with
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     from qwen_edit_jax.lora.adapters import load_lora_into_adapters
     from qwen_edit_jax.packing import pack_latents
     from qwen_edit_jax.training.config import config_from_dict
-    from qwen_edit_jax.training.demo import DemoSection, demo_samples
+    from qwen_edit_jax.testing.latent import LatentDemo, demo_samples
 
     result = {}
     for spec in args.run:
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
             d = json.load(f)
         d.pop("run_info", None)
         cfg = config_from_dict(d, source=folder)
-        trained = DemoSection()
+        trained = LatentDemo()
         demo = dataclasses.replace(trained, num_samples=trained.num_samples + args.held_out)
         opts = cfg.model_options()
         model = load_transformer(cfg.model.path, options=opts, progress=False)

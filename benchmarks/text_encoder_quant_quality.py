@@ -3,7 +3,7 @@
     python benchmarks/text_encoder_quant_quality.py --config tiny --json       # the tests' tiny random repo
     python benchmarks/text_encoder_quant_quality.py --config full --json       # 7B widths, 2 + 2 layers, CPU
 
-`tiny`: the tiny repo the caching tests use (`caching.tiny`, N(0, 1/fan_in) weights). `full`: the
+`tiny`: the tiny repo the caching tests use (`testing.repo`, N(0, 1/fan_in) weights). `full`: the
 real Qwen2.5-VL-7B widths (LM hidden 3584, MLP 18944, 28 heads / 4 KV heads; vision 1280 wide, MLP
 3420, merger 5120 → 3584) with `--text-layers` / `--vision-layers` layers and a small vocabulary
 (the embedding table stays float, its size changes nothing), weights drawn as
@@ -141,14 +141,14 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from qwen_edit_jax.caching.tiny import write_tiny_text_parts
+    from qwen_edit_jax.testing.repo import write_tiny_text_parts
     from qwen_edit_jax.loading.text_encoder import load_text_encoder_model, read_text_encoder_config
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="te_quant_") as tmp:
         if args.config == "tiny":
             folder = str(write_tiny_text_parts(tmp, args.seed) / "text_encoder")
-            weights = "caching.tiny: N(0, 1/fan_in) kernels (the tests' tiny repo)"
+            weights = "testing.repo: N(0, 1/fan_in) kernels (the tests' tiny repo)"
         else:
             folder = write_full_folder(os.path.join(tmp, "text_encoder"), args.text_layers, args.vision_layers,
                                        args.seed)

@@ -9,7 +9,8 @@ PY=${PYTHON:-.venv/bin/python}
 run() { echo "+ $*" >&2; "$@"; }
 
 # 1. a tiny random Qwen-Image-Edit-2509-shaped repo (DiT, VAE, Qwen2.5-VL, tokenizer, processor, scheduler)
-#    and 64 synthetic image pairs with four learnable edits ("make the square red", "mirror the image", ...)
+#    and 64 synthetic image pairs with four learnable edits ("make the square red", "mirror the image", ...);
+#    also the inputs of train/configs/latent_demo.yaml (demo_data/latent/: a random DiT and a cache of latents)
 run "$PY" -m qwen_edit_jax.demo --out demo_data
 # 2. the training cache: VAE latents and prompt embeddings of every pair
 run "$PY" train/cache_dataset.py --dataset demo_data/pairs --model demo_data/tiny-qwen-image-edit \

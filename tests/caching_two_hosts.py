@@ -20,7 +20,7 @@ sys.path[:0] = [os.path.dirname(TESTS), TESTS]
 
 
 def main(out: str) -> dict:
-    from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
+    from qwen_edit_jax.testing.repo import write_tiny_edit_repo
     from test_caching_cli import ROOT, SCRIPT, reference_args
 
     repo = str(write_tiny_edit_repo(os.path.join(out, "repo", "edit"), "edit"))

@@ -51,13 +51,13 @@ def runs(root: str) -> dict:
     import qwen_edit_jax as q
     from qwen_edit_jax.training import load_config, train
     from qwen_edit_jax.cache_format import write_cache
-    from qwen_edit_jax.training.demo import DemoSection, demo_samples
+    from qwen_edit_jax.testing.latent import LatentDemo, demo_samples
     from tests.multihost_worker import export_numbers, losses_of, train_overrides
     from tests.torch_reference import make_torch_model, save_torch_model
 
     ckpt = save_torch_model(make_torch_model(q.preset("tiny"), seed=3), os.path.join(root, "ckpt"), sharded=True)
     cache = os.path.join(root, "cache")
-    write_cache(cache, demo_samples(DemoSection(num_samples=16, latent_sizes=((8, 8),)), 16, 64))
+    write_cache(cache, demo_samples(LatentDemo(num_samples=16, latent_sizes=((8, 8),)), 16, 64))
     port = _free_port()
     procs = [_launch(0, 1, 0, ckpt, os.path.join(root, "out1"), cache)]
     procs += [_launch(i, 2, port, ckpt, os.path.join(root, "out2"), cache) for i in range(2)]

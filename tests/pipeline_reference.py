@@ -2,7 +2,7 @@
 
 `build_parts(root)` writes the parts every variant shares — `text_encoder/` (random tiny
 Qwen2.5-VL, `save_pretrained`), `tokenizer/` + `processor/` (the tiny tokenizer of
-`preprocess/tiny.py`, small pixel bounds), `vae/` (random tiny `AutoencoderKLQwenImage` with
+`testing/tokenizer.py`, small pixel bounds), `vae/` (random tiny `AutoencoderKLQwenImage` with
 z_dim 16 and the released spatial factor 8), `scheduler/` (the released config) — and
 `make_repo(parts, folder, variant)` adds `transformer/` (random tiny DiT; `zero_cond_t` for "2511")
 and `model_index.json`, linking the shared folders.
@@ -19,18 +19,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
 
 from qwen_edit_jax.config import preset
-from qwen_edit_jax.preprocess import QwenTokenizer
-from qwen_edit_jax.preprocess.tiny import write_tiny_tokenizer
+from qwen_edit_jax.testing.repo import SCHEDULER_CONFIG, write_model_index
+from qwen_edit_jax.testing.tokenizer import write_tiny_processor
+from qwen_edit_jax.testing.vae import TINY_VAE
 from tests import text_encoder_reference as TE
 from tests import vae_reference as V
-from tests.sampling_reference import QWEN_SCHEDULER_CONFIG, make_scheduler
+from tests.sampling_reference import make_scheduler
 from tests.torch_reference import make_torch_model, save_torch_model
 
 # Small VL-processor bounds: a 128×96 image becomes 140×84 → 10×6 patches (two partial windows)
@@ -39,13 +39,10 @@ IMAGE_CONFIG = {"min_pixels": 56 * 56, "max_pixels": 224 * 224, "patch_size": 14
 TEXT_VISION = dict(depth=2, fullatt_block_indexes=[1])
 # z_dim 16 (the DiT packs 16 channels into 64 features) and three downsamples: vae_scale_factor 8
 _rng = np.random.default_rng(5)
-VAE_CONFIG = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                  temperal_downsample=[False, True, True],
-                  latents_mean=[round(float(v), 3) for v in _rng.normal(0, 0.5, 16)],
+VAE_CONFIG = dict(**TINY_VAE, latents_mean=[round(float(v), 3) for v in _rng.normal(0, 0.5, 16)],
                   latents_std=[round(float(v), 3) for v in _rng.uniform(0.5, 2.0, 16)])
 DIT = preset("tiny")  # joint_attention_dim 64 = the tiny text encoder's hidden size
-CLASS_NAMES = {"edit": "QwenImageEditPipeline", "edit_plus": "QwenImageEditPlusPipeline",
-               "2511": "QwenImageEditPlusPipeline"}
+PIPELINE_VARIANT = {"edit": "edit", "edit_plus": "edit_plus", "2511": "edit_plus"}  # 2511 is an Edit-Plus repo
 SHARED = ("text_encoder", "tokenizer", "processor", "vae", "scheduler")
 # the tests' sizing areas instead of diffusers' 1024² (VAE, output) and 384² (Edit-Plus VL input)
 VAE_AREA, CONDITION_AREA = 128 * 96, 112 * 112
@@ -81,22 +78,16 @@ def build_parts(root) -> SimpleNamespace:
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     root = os.fspath(root)
-    write_tiny_tokenizer(os.path.join(root, "tokenizer"))
-    shutil.copytree(os.path.join(root, "tokenizer"), os.path.join(root, "processor"))
-    with open(os.path.join(root, "processor", "preprocessor_config.json"), "w") as f:
-        json.dump(IMAGE_CONFIG, f)
-    tok = QwenTokenizer.from_folder(os.path.join(root, "tokenizer"))
-    ids = {k: tok.token_to_id(t) for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                                               ("vision_start_token_id", "<|vision_start|>"),
-                                               ("vision_end_token_id", "<|vision_end|>"))}
-    text_encoder = TE.make_torch_model(seed=3, text=dict(vocab_size=-(-len(tok) // 64) * 64), vision=TEXT_VISION,
+    vocab = write_tiny_processor(root, IMAGE_CONFIG)
+    ids = vocab.token_ids
+    text_encoder = TE.make_torch_model(seed=3, text=dict(vocab_size=vocab.vocab_size), vision=TEXT_VISION,
                                        token_ids=ids)
     text_encoder.save_pretrained(os.path.join(root, "text_encoder"))
     vae = V.torch_vae(VAE_CONFIG, seed=4)
     vae.save_pretrained(os.path.join(root, "vae"))
     os.makedirs(os.path.join(root, "scheduler"))
     with open(os.path.join(root, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": "FlowMatchEulerDiscreteScheduler", **QWEN_SCHEDULER_CONFIG}, f, indent=1)
+        json.dump(SCHEDULER_CONFIG, f, indent=1)
     tokenizer = transformers.Qwen2Tokenizer.from_pretrained(os.path.join(root, "tokenizer"))
     processor = _processor_class()(image_processor=Qwen2VLImageProcessorPil(**{k: IMAGE_CONFIG[k] for k in (
         "min_pixels", "max_pixels", "patch_size", "temporal_patch_size", "merge_size")}), tokenizer=tokenizer,
@@ -114,15 +105,7 @@ def make_repo(parts: SimpleNamespace, folder, variant: str, seed: int = 11) -> S
     cfg = dit_config(variant)
     transformer = make_torch_model(cfg, seed=seed)
     save_torch_model(transformer, os.path.join(folder, "transformer"))
-    index = {"_class_name": CLASS_NAMES[variant], "_diffusers_version": "0.42.1",
-             "processor": ["transformers", "Qwen2VLProcessor"],
-             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-             "tokenizer": ["transformers", "Qwen2Tokenizer"],
-             "transformer": ["diffusers", "QwenImageTransformer2DModel"],
-             "vae": ["diffusers", "AutoencoderKLQwenImage"]}
-    with open(os.path.join(folder, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+    write_model_index(folder, PIPELINE_VARIANT[variant], transformer=True, scheduler=True)
     return SimpleNamespace(root=folder, variant=variant, transformer=transformer)
 
 

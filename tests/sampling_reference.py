@@ -11,23 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-# Qwen/Qwen-Image(-Edit) `scheduler/scheduler_config.json`.
-QWEN_SCHEDULER_CONFIG = {
-    "base_image_seq_len": 256,
-    "base_shift": 0.5,
-    "invert_sigmas": False,
-    "max_image_seq_len": 8192,
-    "max_shift": 0.9,
-    "num_train_timesteps": 1000,
-    "shift": 1.0,
-    "shift_terminal": 0.02,
-    "stochastic_sampling": False,
-    "time_shift_type": "exponential",
-    "use_beta_sigmas": False,
-    "use_dynamic_shifting": True,
-    "use_exponential_sigmas": False,
-    "use_karras_sigmas": False,
-}
+from qwen_edit_jax.testing.repo import SCHEDULER_CONFIG
+
+# Qwen/Qwen-Image(-Edit) `scheduler/scheduler_config.json`, without the class and version keys.
+QWEN_SCHEDULER_CONFIG = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
 
 
 def make_scheduler():

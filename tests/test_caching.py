@@ -2,7 +2,7 @@
 random repo: the cache holds exactly what the components produce directly (VAE encode of the resized images,
 `encode_prompt` with the references), resumes after an interruption with identical tensors, and trains.
 
-The tiny repo (`caching/tiny.py`) is written with numpy only; the encoders are loaded once per module and
+The tiny repo (`testing/repo.py`) is written with numpy only; the encoders are loaded once per module and
 shared by every end-to-end test, so each image size compiles once.
 """
 
@@ -23,13 +23,13 @@ from qwen_edit_jax import caching
 from qwen_edit_jax.caching import buckets, layouts, validate
 from qwen_edit_jax.caching.buckets import Sizing
 from qwen_edit_jax.caching.run import CacheOptions, Encoders, cache_dataset, plan_batches
-from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
 from qwen_edit_jax.caching.writer import partial_path
 from qwen_edit_jax.cache_format import CachedDataset
 from qwen_edit_jax.imaging import calculate_dimensions, plan_sizes, resize, vae_pixels
+from qwen_edit_jax.testing.latent import LatentDemo, make_demo_checkpoint
+from qwen_edit_jax.testing.repo import write_tiny_edit_repo
 from qwen_edit_jax.training.config import config_from_dict
 from qwen_edit_jax.training.data import BatchLoader
-from qwen_edit_jax.training.demo import DemoSection, make_demo_checkpoint
 from qwen_edit_jax.training.loop import train
 
 TOL = 1e-5
@@ -594,7 +594,7 @@ def test_training_loader_reads_the_cache(small_cache):
 @pytest.mark.slow
 def test_lora_training_runs_on_the_cache(small_cache, tmp_path):
     """Two LoRA steps of the trainer on a tiny DiT whose text width matches the tiny encoder's (64)."""
-    model = make_demo_checkpoint(str(tmp_path / "dit"), DemoSection(preset="tiny"))
+    model = make_demo_checkpoint(str(tmp_path / "dit"), LatentDemo(preset="tiny"))
     cfg = config_from_dict({
         "model": {"path": model, "param_dtype": "float32", "dtype": "float32", "remat": "none"},
         "lora": {"rank": 2, "alpha": 2},

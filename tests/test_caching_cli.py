@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
+from qwen_edit_jax.testing.repo import write_tiny_edit_repo
 from qwen_edit_jax.caching.writer import partial_path
 from qwen_edit_jax.cache_format import CachedDataset
 from tests.background import Job

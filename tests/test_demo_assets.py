@@ -1,4 +1,5 @@
-"""The demo's assets (`qwen_edit_jax.demo`): the readable VAE, the tiny repo, the edit pairs and the CLI.
+"""The demo's assets (`qwen_edit_jax.testing`) and the CLI that writes them (`qwen_edit_jax.demo`): the
+readable VAE, the tiny repo, the edit pairs, the latent demo.
 
 - Readable VAE: encode → decode of images made of flat 8×8 blocks comes back within 1e-3, in our JAX
   VAE and in diffusers' `AutoencoderKLQwenImage` reading the folder `save_vae` wrote; any image comes
@@ -26,13 +27,20 @@ from PIL import Image
 from qwen_edit_jax import QwenImageEditPipeline
 from qwen_edit_jax.caching.layouts import read_dataset
 from qwen_edit_jax.config import preset
-from qwen_edit_jax.demo import DEMO_EDITS, assets, demo_validation_prompts, write_demo_pairs, write_demo_repo
 from qwen_edit_jax.demo import __main__ as cli
-from qwen_edit_jax.demo.assets import demo_vae_config
-from qwen_edit_jax.demo.vae import latent_matrix
+from qwen_edit_jax.loading import load_transformer
+from qwen_edit_jax.testing import latent
+from qwen_edit_jax.testing import pairs as pairs_module
+from qwen_edit_jax.testing import repo as repo_module
+from qwen_edit_jax.testing.latent import LatentDemo, write_latent_demo
+from qwen_edit_jax.testing.pairs import DEMO_EDITS, Scene, demo_validation_prompts, write_demo_pairs
+from qwen_edit_jax.testing.repo import write_demo_repo
+from qwen_edit_jax.testing.vae import demo_vae_config, latent_matrix
 from qwen_edit_jax.imaging import calculate_dimensions
 from qwen_edit_jax.loading.vae import init_vae, load_vae, save_vae, vae_params
 from qwen_edit_jax.sampling import FlowMatchConfig
+from qwen_edit_jax.training.config import load_config
+from qwen_edit_jax.cache_format import CachedDataset
 from qwen_edit_jax.weights.vae_keys import from_flax, to_flax, vae_keys
 
 TOL = 1e-3
@@ -153,7 +161,7 @@ def test_repo_runs_in_the_pipeline(repo, pipe):
     assert sched["_class_name"] == "FlowMatchEulerDiscreteScheduler"
     assert pipe.variant == "edit_plus" and pipe.scheduler == FlowMatchConfig()  # the released schedule
     assert pipe.transformer.config == preset("tiny")
-    image = Image.fromarray(assets.Scene(SIZE, (255, 255, 255), (0, 0, 255), 16, 24, 32).render())
+    image = Image.fromarray(Scene(SIZE, (255, 255, 255), (0, 0, 255), 16, 24, 32).render())
     out = pipe(image=[image], prompt="make the square red", num_inference_steps=2, true_cfg_scale=1.0, seed=0,
                output_type="np")
     assert out.images.shape == (1, SIZE, SIZE, 3)
@@ -172,7 +180,7 @@ def test_interrupted_repo_leaves_nothing(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("killed")
 
-    monkeypatch.setattr(assets, "write_random_transformer", fail)  # after the text encoder and VAE are written
+    monkeypatch.setattr(repo_module, "write_random_transformer", fail)  # after the text encoder and VAE are written
     with pytest.raises(RuntimeError, match="killed"):
         write_demo_repo(tmp_path / "repo")
     assert os.listdir(tmp_path) == []
@@ -253,7 +261,7 @@ def test_pairs_reuse_and_interruption(pairs, tmp_path, monkeypatch):
         saved.append(path)
         Image.fromarray(img).save(path)
 
-    monkeypatch.setattr(assets, "_save_png", save_then_fail)
+    monkeypatch.setattr(pairs_module, "_save_png", save_then_fail)
     with pytest.raises(KeyboardInterrupt):
         write_demo_pairs(tmp_path / "killed", num_pairs=NUM_PAIRS, size=SIZE)
     assert len(saved) == 5 and os.listdir(tmp_path) == []
@@ -271,6 +279,36 @@ def test_validation_inputs_are_held_out(pairs, tmp_path):
     assert demo_validation_prompts(tmp_path / "validation", size=SIZE, num_pairs=NUM_PAIRS) == entries
 
 
+# ---- the latent demo ---------------------------------------------------------------------------------
+def test_latent_demo_is_where_its_config_reads_it():
+    """`python -m qwen_edit_jax.demo --out demo_data` writes what train/configs/latent_demo.yaml reads."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = load_config(os.path.join(root, "train", "configs", "latent_demo.yaml"))
+    assert cfg.model.path == os.path.join("demo_data", cli.LATENT, latent.MODEL_DIR)
+    assert cfg.data.path == os.path.join("demo_data", cli.LATENT, latent.CACHE_DIR)
+
+
+def test_latent_demo_reuse_and_interruption(tmp_path, monkeypatch):
+    small = LatentDemo(num_layers=1, num_samples=4, latent_sizes=((4, 4),))
+    folder = write_latent_demo(tmp_path / "latent", small)
+    assert sorted(os.listdir(folder)) == sorted([".demo.json", latent.CACHE_DIR, latent.MODEL_DIR])
+    ds = CachedDataset(str(folder / latent.CACHE_DIR))
+    assert len(ds) == 4 and ds[0].sample_id == "demo-00000-edit0" and ds.metadata["source"] == latent.__name__
+    mtime = os.stat(folder / latent.MODEL_DIR / "config.json").st_mtime_ns
+    assert write_latent_demo(folder, small) == folder
+    assert os.stat(folder / latent.MODEL_DIR / "config.json").st_mtime_ns == mtime
+    with pytest.raises(FileExistsError, match="not the demo latent for .*num_samples=5"):
+        write_latent_demo(folder, LatentDemo(num_layers=1, num_samples=5, latent_sizes=((4, 4),)))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(latent, "write_latent_cache", fail)  # after the checkpoint is written
+    with pytest.raises(RuntimeError, match="killed"):
+        write_latent_demo(tmp_path / "killed", small)
+    assert os.listdir(tmp_path) == ["latent"]
+
+
 # ---- the command line --------------------------------------------------------------------------------
 def test_cli(repo, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
@@ -282,10 +320,13 @@ def test_cli(repo, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"reused tiny Qwen-Image-Edit repo: {out / cli.REPO}" in printed
     assert f"wrote 4 edit pairs: {out / cli.PAIRS}" in printed
-    assert sorted(os.listdir(out)) == sorted([cli.REPO, cli.PAIRS, cli.VALIDATION])
+    assert f"wrote latent demo (random tiny DiT, 128 cached samples): {out / cli.LATENT}" in printed
+    assert sorted(os.listdir(out)) == sorted([cli.REPO, cli.PAIRS, cli.VALIDATION, cli.LATENT])
     assert len(read_dataset(out / cli.PAIRS).samples) == 4
+    assert len(CachedDataset(str(out / cli.LATENT / latent.CACHE_DIR))) == LatentDemo().num_samples
+    assert load_transformer(str(out / cli.LATENT / latent.MODEL_DIR)).config == LatentDemo().dit_config()
     assert cli.main(["--out", str(out), "--num-pairs", "4"]) == 0
-    assert capsys.readouterr().out.count("reused") == 3
+    assert capsys.readouterr().out.count("reused") == 4
     assert cli.main(["--out", str(out), "--num-pairs", "5"]) == 2  # the pairs there were made with 4
     assert "remove it or choose another folder" in capsys.readouterr().err
 

@@ -28,10 +28,13 @@ LAYERS: list[tuple[str, int]] = [
     ("lora", 3),
     ("loading", 4), ("convert", 4), ("preprocess", 4), ("encoding", 4),
     ("sampling", 5), ("pipeline", 5),
-    ("training", 6), ("caching", 6), ("demo", 6),
+    ("training", 6), ("caching", 6), ("testing", 6),
+    ("demo", 7),
 ]
-# same-layer pairs that must never meet: models hold no I/O, weights/ never imports a model class
-FORBIDDEN = [("weights", "models"), ("models", "weights")]
+# same-layer pairs that must never meet: models hold no I/O, weights/ never imports a model class, the
+# library never imports its fixtures (only the demo's command line does)
+FORBIDDEN = [("weights", "models"), ("models", "weights")] + [
+    (name, "testing") for name, _ in LAYERS if name not in ("testing", "demo")]
 # function-level imports allowed only for optional heavy backends
 LAZY_ALLOWED = {("qwen_edit_jax.models.kernels", "qwen_edit_jax.models.kernels.splash")}
 

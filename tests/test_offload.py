@@ -16,9 +16,9 @@ import qwen_edit_jax as q
 from qwen_edit_jax.config import LoraConfig, ModelOptions
 from qwen_edit_jax.loading.dit import model_from_params, model_params
 from qwen_edit_jax.models.offload import HOST, is_offloaded, offloaded_scan
+from qwen_edit_jax.testing.batches import forward_inputs, train_batch
 from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
 from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
-from tests.test_quantization import _batch
 
 TINY = q.preset("tiny")
 SHAPES = ((1, 2, 3), (1, 3, 2))
@@ -48,18 +48,6 @@ def _pair(quantize=None, lora=True):
     return models
 
 
-def _inputs(b=2):
-    rng = np.random.default_rng(0)
-    n_img = sum(f * h * w for f, h, w in SHAPES)
-    return dict(
-        hidden_states=jnp.asarray(rng.standard_normal((b, n_img, 64)), jnp.float32),
-        encoder_hidden_states=jnp.asarray(rng.standard_normal((b, 5, TINY.joint_attention_dim)), jnp.float32),
-        encoder_hidden_states_mask=jnp.asarray(np.tile(np.arange(5) < 4, (b, 1))),
-        timestep=jnp.asarray([0.3, 0.7][:b], jnp.float32),
-        img_shapes=[list(SHAPES)] * b,
-    )
-
-
 def test_placement_kernels_on_host_the_rest_on_device():
     off = model_from_params(TINY, ModelOptions(lora=LoraConfig(rank=4), quantize="int4", offload="base"), _params())
     kinds = {k: v.get_value().sharding.memory_kind for k, v in _flat(nnx.state(off)).items()}
@@ -74,7 +62,7 @@ def test_placement_kernels_on_host_the_rest_on_device():
 def test_forward_and_lora_gradients_equal_the_device_model():
     """On an int4 base (the 16 GB setting); a float base takes the same path with other host dtypes."""
     on_device, offloaded = _pair("int4")
-    x = _inputs()
+    x = forward_inputs(SHAPES, padding=1)
     np.testing.assert_array_equal(np.asarray(offloaded(**x)), np.asarray(on_device(**x)))
 
     def grads(model):
@@ -129,7 +117,7 @@ def test_lora_training_steps_equal_the_device_model():
         step = make_train_step(graphdef, tx, ObjectiveSection())
         opt_state, losses = tx.init(params), []
         for i in range(3):
-            params, opt_state, m = step(params, opt_state, base, SHAPES, _batch(seed=i), jax.random.key(0), i)
+            params, opt_state, m = step(params, opt_state, base, SHAPES, train_batch(i), jax.random.key(0), i)
             losses.append(float(m["loss"]))
             assert np.isfinite(losses[-1]) and float(m["grad_norm"]) > 0
         # only the adapters change: every LoRA leaf moved, every base leaf is bit for bit what it was

@@ -29,7 +29,7 @@ from qwen_edit_jax.preprocess import (  # noqa: E402
     mask_or_none, pad_inputs, prompt_embeds_from_hidden,
 )
 from qwen_edit_jax.preprocess.image_processor import ImageProcessorConfig  # noqa: E402
-from qwen_edit_jax.preprocess.tiny import write_tiny_tokenizer  # noqa: E402
+from qwen_edit_jax.testing.tokenizer import write_tiny_tokenizer  # noqa: E402
 
 PIPELINES = {"t2i": hf_t2i.QwenImagePipeline, "edit": hf_edit.QwenImageEditPipeline,
              "edit_plus": hf_plus.QwenImageEditPlusPipeline}

@@ -9,7 +9,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from qwen_edit_jax.preprocess import QwenTokenizer, format_prompt  # noqa: E402
-from qwen_edit_jax.preprocess.tiny import write_tiny_tokenizer  # noqa: E402
+from qwen_edit_jax.testing.tokenizer import write_tiny_tokenizer  # noqa: E402
 from qwen_edit_jax.preprocess.tokenizer import ADDED_TOKENS, PRETOKENIZE_REGEX  # noqa: E402
 
 FRAGMENTS = [

@@ -14,6 +14,7 @@ from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.loading.dit import model_from_params
 from qwen_edit_jax.models.dit import BASE_PARAMS
 from qwen_edit_jax.models.quant import dequantize, quantize, reduced_axis
+from qwen_edit_jax.testing.batches import forward_inputs, train_batch
 from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
 from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
 
@@ -29,28 +30,6 @@ QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "int4": jnp.int4}
 
 def _flat(state):
     return {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-
-
-def _inputs(seed=0, b=2):
-    rng = np.random.default_rng(seed)
-    n_img = sum(f * h * w for f, h, w in SHAPES)
-    return dict(
-        hidden_states=jnp.asarray(rng.standard_normal((b, n_img, 64)), jnp.float32),
-        encoder_hidden_states=jnp.asarray(rng.standard_normal((b, 5, TINY.joint_attention_dim)), jnp.float32),
-        encoder_hidden_states_mask=jnp.ones((b, 5), bool),
-        timestep=jnp.asarray([0.3, 0.7][:b], jnp.float32),
-        img_shapes=[list(SHAPES)] * b,
-    )
-
-
-def _batch(seed=0, b=2, txt=5):
-    rng = np.random.default_rng(seed)
-    return {
-        "target": rng.standard_normal((1, b, 6, 64)).astype(np.float32),
-        "references": rng.standard_normal((1, b, 6, 64)).astype(np.float32),
-        "prompt_embeds": rng.standard_normal((1, b, txt, TINY.joint_attention_dim)).astype(np.float32),
-        "prompt_mask": np.tile(np.arange(txt) < txt - 1, (1, b, 1)),
-    }
 
 
 def _ref_int8(w, axis):
@@ -171,7 +150,7 @@ def test_quantized_model_layout_and_output_error(mode):
         rq, rs = _ref_int4(params[k], 1, INT4_GROUP_SIZE)
         np.testing.assert_array_equal(np.asarray(flat[k].get_value()).astype(np.int8), rq)
         np.testing.assert_array_equal(np.asarray(flat[k + "_scale"].get_value()), rs)
-    x = _inputs()
+    x = forward_inputs(SHAPES)
     y, yq = np.asarray(ref(**x)), np.asarray(qm(**x))
     rel = np.linalg.norm(yq - y) / np.linalg.norm(y)
     assert 0 < rel < TOL[mode], rel
@@ -189,7 +168,7 @@ def test_bf16_activations_on_int8_base():
     opts = dict(param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
     bf = model_from_params(TINY, ModelOptions(**opts), params)
     qm = model_from_params(TINY, ModelOptions(quantize="int8", **opts), params)
-    x = _inputs()
+    x = forward_inputs(SHAPES)
     y = np.asarray(ref(**x), np.float32)
     yb, yq = np.asarray(bf(**x), np.float32), np.asarray(qm(**x), np.float32)
     rel_b = np.linalg.norm(yb - y) / np.linalg.norm(y)
@@ -220,7 +199,7 @@ def test_only_lora_trains_on_quantized_base(mode, qkv_mode):
     key = jax.random.key(0)
     losses = []
     for i in range(3):
-        params, opt_state, m = step(params, opt_state, base, SHAPES, _batch(seed=i), key, i)
+        params, opt_state, m = step(params, opt_state, base, SHAPES, train_batch(i), key, i)
         losses.append(float(m["loss"]))
         assert np.isfinite(losses[-1]) and float(m["grad_norm"]) > 0
     # the base is the same buffers, untouched (never donated, never copied per step)
@@ -234,7 +213,7 @@ def test_only_lora_trains_on_quantized_base(mode, qkv_mode):
 def test_gradients_reach_only_the_lora():
     model = q.init_transformer(TINY, ModelOptions(quantize="int8", lora=LoraConfig(rank=4)), seed=1)
     graphdef, lora, base = nnx.split(model, nnx.LoRAParam, ...)
-    x = _inputs()
+    x = forward_inputs(SHAPES)
 
     def loss(lora, base):
         return jnp.mean(nnx.merge(graphdef, lora, base)(**x) ** 2)

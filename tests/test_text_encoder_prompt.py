@@ -2,7 +2,7 @@
 
 A tiny random diffusers-style repo is built in the test: `text_encoder/` (a random tiny
 `Qwen2_5_VLForConditionalGeneration`, `save_pretrained`), `tokenizer/` (the tiny Qwen2 tokenizer of
-`preprocess/tiny.py`) and `processor/` (the same tokenizer + a `preprocessor_config.json` with small
+`testing/tokenizer.py`) and `processor/` (the same tokenizer + a `preprocessor_config.json` with small
 pixel bounds so the images stay a few hundred patches, still several 112-px windows each).
 
 The diffusers side runs the pipelines' own `encode_prompt` (unbound, on a stand-in `self`) with
@@ -39,7 +39,7 @@ from qwen_edit_jax.errors import CheckpointError  # noqa: E402
 from qwen_edit_jax.loading.text_encoder import load_text_encoder  # noqa: E402
 from qwen_edit_jax.imaging import condition_images  # noqa: E402
 from qwen_edit_jax.preprocess import QwenTokenizer, bucket_length  # noqa: E402
-from qwen_edit_jax.preprocess.tiny import write_tiny_tokenizer  # noqa: E402
+from qwen_edit_jax.testing.tokenizer import write_tiny_processor  # noqa: E402
 
 TOL = 1e-4
 # 224² max: a 3:2 image becomes 12×18 patches = 6×9 merged cells = 2×3 windows (partial ones)
@@ -79,15 +79,9 @@ class TrainedPositions:
 def repo(tmp_path_factory):
     """A tiny diffusers-style repo folder and the torch side of it."""
     root = tmp_path_factory.mktemp("qwen_image_edit_tiny")
-    write_tiny_tokenizer(root / "tokenizer")
-    shutil.copytree(root / "tokenizer", root / "processor")
-    (root / "processor" / "preprocessor_config.json").write_text(json.dumps(IMAGE_CONFIG))
-    tok = QwenTokenizer.from_folder(root / "tokenizer")
-    ids = {k: tok.token_to_id(t) for k, t in (("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-                                               ("vision_start_token_id", "<|vision_start|>"),
-                                               ("vision_end_token_id", "<|vision_end|>"))}
-    vocab = -(-len(tok) // 64) * 64
-    model = R.make_torch_model(seed=3, text=dict(vocab_size=vocab), vision=VISION, token_ids=ids)
+    vocab = write_tiny_processor(root, IMAGE_CONFIG)
+    ids = vocab.token_ids
+    model = R.make_torch_model(seed=3, text=dict(vocab_size=vocab.vocab_size), vision=VISION, token_ids=ids)
     model.save_pretrained(root / "text_encoder")
     tokenizer = transformers.Qwen2Tokenizer.from_pretrained(root / "tokenizer")
     processor = _RefProcessor(image_processor=Qwen2VLImageProcessorPil(**{k: IMAGE_CONFIG[k] for k in (

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
+from qwen_edit_jax.testing.repo import write_tiny_edit_repo
 from qwen_edit_jax.loading.text_encoder import load_text_encoder, load_text_encoder_model
 from qwen_edit_jax.models.quant import quantize, reduced_axis
 from qwen_edit_jax.models.text_encoder import EncoderOptions, Qwen25VLConfig, Qwen25VLEncoder, TextConfig, VisionConfig

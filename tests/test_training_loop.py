@@ -22,10 +22,10 @@ from flax import nnx
 
 import qwen_edit_jax as q
 from qwen_edit_jax.training.checkpoint import KILL_DURING_SAVE_ENV, TrainCheckpointer
+from qwen_edit_jax.testing.latent import CACHE_DIR, MODEL_DIR, LatentDemo, demo_samples, write_latent_demo
 from qwen_edit_jax.training.config import ConfigError, config_from_dict, load_config
 from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.cache_format import DataError, write_cache
-from qwen_edit_jax.training.demo import DemoSection, demo_samples, write_latent_demo
 from qwen_edit_jax.training.loop import NonFiniteLossError, train
 from qwen_edit_jax.training.step import make_schedule, split_lora
 from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
@@ -39,7 +39,7 @@ def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("assets")
     tm = make_torch_model(TINY, seed=11)
     base = save_torch_model(tm, d / "base")
-    demo = DemoSection(num_samples=24, latent_sizes=((8, 8),), num_edits=3, prompt_lengths=(4, 10))
+    demo = LatentDemo(num_samples=24, latent_sizes=((8, 8),), num_edits=3, prompt_lengths=(4, 10))
     data = write_cache(d / "cache", demo_samples(demo, 16, TINY.joint_attention_dim))
     return tm, str(base), str(data)
 
@@ -221,10 +221,9 @@ def test_kill_anywhere_and_resume_is_bit_identical(assets, tmp_path):
 def test_demo_loss_falls(tmp_path):
     """The shipped demo config on the demo's inputs (one image bucket), shortened: loss of the last 20
     steps well below the first 20."""
-    write_latent_demo(str(tmp_path / "model"), str(tmp_path / "data"), DemoSection(latent_sizes=((16, 16),)),
-                      log=lambda m: None)
+    folder = write_latent_demo(tmp_path / "latent", LatentDemo(latent_sizes=((16, 16),)))
     cfg = load_config(os.path.join(ROOT, "train", "configs", "latent_demo.yaml"), [
-        f"model.path={tmp_path / 'model'}", f"data.path={tmp_path / 'data'}", "train.max_steps=120",
+        f"model.path={folder / MODEL_DIR}", f"data.path={folder / CACHE_DIR}", "train.max_steps=120",
         "train.save_every=120", "train.progress=false", "data.text_buckets=[16]"])
     res = train(cfg, tmp_path / "run", log=lambda m: None)
     losses = [r["loss"] for r in _read_metrics(tmp_path / "run")]

@@ -14,6 +14,7 @@ from flax import nnx
 
 import qwen_edit_jax as q
 from qwen_edit_jax.config import LoraConfig, ModelOptions
+from qwen_edit_jax.testing.batches import train_batch
 from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
 from qwen_edit_jax.training.objective import flow_matching_loss, timestep_table
 from qwen_edit_jax.training.step import make_optimizer, make_schedule, make_train_step, split_lora
@@ -21,16 +22,6 @@ from tests.background import Job
 
 TINY = q.preset("tiny")
 SHAPES = ((1, 2, 3), (1, 3, 2))
-
-
-def _batch(accum=1, b=2, seed=0, txt=5):
-    rng = np.random.default_rng(seed)
-    return {
-        "target": rng.standard_normal((accum, b, 6, 64)).astype(np.float32),
-        "references": rng.standard_normal((accum, b, 6, 64)).astype(np.float32),
-        "prompt_embeds": rng.standard_normal((accum, b, txt, TINY.joint_attention_dim)).astype(np.float32),
-        "prompt_mask": np.tile(np.arange(txt) < txt - 1, (accum, b, 1)),
-    }
 
 
 def _model(**opts):
@@ -57,7 +48,7 @@ def test_only_lora_params_train_and_buffers_are_donated():
     old_leaf = jax.tree.leaves(params)[0]
     key = jax.random.key(0)
     for i in range(3):
-        params, opt_state, m = step(params, opt_state, base, SHAPES, _batch(seed=i), key, i)
+        params, opt_state, m = step(params, opt_state, base, SHAPES, train_batch(i), key, i)
         assert np.isfinite(float(m["loss"])) and float(m["grad_norm"]) > 0
     assert old_leaf.is_deleted()  # LoRA params were donated to the step
     jax.tree.map(np.testing.assert_array_equal, _host(base), base0)  # frozen base untouched
@@ -69,7 +60,7 @@ def test_grad_accumulation_averages_micro_batches():
     graphdef, params, base = split_lora(_model())
     tx = optax.sgd(1.0)  # update = −mean gradient, so params reveal the gradient exactly
     objective = ObjectiveSection(timestep_sampling="uniform")
-    batch = _batch(accum=3, b=2, seed=3)
+    batch = train_batch(3, accum=3, batch=2)
     key = jax.random.key(7)
     p0 = _host(params)
     new, _, m = make_train_step(graphdef, tx, objective, donate=False)(
@@ -108,7 +99,7 @@ def test_remat_and_bf16_base():
     for remat in ("none", "full", "save_matmuls"):
         graphdef, params, base = split_lora(_model(remat=remat))
         p0 = _host(params)
-        out, _, m = make_train_step(graphdef, sgd, donate=False)(params, sgd.init(params), base, SHAPES, _batch(),
+        out, _, m = make_train_step(graphdef, sgd, donate=False)(params, sgd.init(params), base, SHAPES, train_batch(),
                                                                  jax.random.key(0), 0)
         results[remat] = (jax.tree.map(lambda new, old: old - new, _host(out), p0), float(m["loss"]))
     for remat in ("full", "save_matmuls"):
@@ -119,7 +110,7 @@ def test_remat_and_bf16_base():
     tx, _ = make_optimizer(OptimSection(learning_rate=1e-3), 10)  # the loss is that of the params before the update
     graphdef, params, base = split_lora(_model(param_dtype="bfloat16", dtype="float32", remat="full"))
     assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
-    out, _, m = make_train_step(graphdef, tx)(params, tx.init(params), base, SHAPES, _batch(), jax.random.key(0), 0)
+    out, _, m = make_train_step(graphdef, tx)(params, tx.init(params), base, SHAPES, train_batch(), jax.random.key(0), 0)
     assert {x.dtype for x in jax.tree.leaves(out)} == {jnp.dtype(jnp.float32)}
     # Reference: the fp32 model holding the same bf16-rounded weights as fp32 values. A bf16 base with fp32
     # activations must compute exactly that (weights upcast, fp32 math): measured rel 4.8e-7; 1e-5 leaves
@@ -129,7 +120,7 @@ def test_remat_and_bf16_base():
     graphdef32, params32, _ = split_lora(_model(remat="none"))
     rounded = jax.tree.map(lambda x: x.astype(jnp.float32), base)
     _, _, m32 = make_train_step(graphdef32, sgd, donate=False)(params32, sgd.init(params32), rounded, SHAPES,
-                                                               _batch(), jax.random.key(0), 0)
+                                                               train_batch(), jax.random.key(0), 0)
     assert float(m["loss"]) == pytest.approx(float(m32["loss"]), rel=1e-5)
     # and against the unrounded fp32 base: weight rounding (2^-9 relative per weight) moved it by 1.1e-4
     assert float(m["loss"]) == pytest.approx(results["none"][1], rel=2**-9)
@@ -141,15 +132,15 @@ def test_step_accepts_img_shapes_per_sample_or_once():
     tx = optax.sgd(1.0)  # the step of test_remat_and_bf16_base (remat none): the same compiled program
     step = make_train_step(graphdef, tx, donate=False)
     opt = tx.init(params)
-    flat, _, m1 = step(params, opt, base, SHAPES, _batch(), jax.random.key(0), 0)
-    nested, _, m2 = step(params, opt, base, [list(map(list, SHAPES))] * 2, _batch(), jax.random.key(0), 0)
+    flat, _, m1 = step(params, opt, base, SHAPES, train_batch(), jax.random.key(0), 0)
+    nested, _, m2 = step(params, opt, base, [list(map(list, SHAPES))] * 2, train_batch(), jax.random.key(0), 0)
     assert float(m1["loss"]) == float(m2["loss"])
     jax.tree.map(np.testing.assert_array_equal, _host(flat), _host(nested))
     assert len(step._fns) == 1  # one layout, one compiled step
     with pytest.raises(ValueError, match="share one image layout"):
-        step(params, opt, base, [list(SHAPES), [(1, 3, 2), (1, 2, 3)]], _batch(), jax.random.key(0), 0)
+        step(params, opt, base, [list(SHAPES), [(1, 3, 2), (1, 2, 3)]], train_batch(), jax.random.key(0), 0)
     with pytest.raises(ValueError, match=r"describe 18 tokens but hidden_states has 12"):
-        step(params, opt, base, [(1, 2, 3), (1, 3, 2), (1, 2, 3)], _batch(), jax.random.key(0), 0)
+        step(params, opt, base, [(1, 2, 3), (1, 3, 2), (1, 2, 3)], train_batch(), jax.random.key(0), 0)
 
 
 def test_schedules():
@@ -167,7 +158,7 @@ def test_gradient_clipping_bounds_the_update():
     p0 = _host(params)
     # plain SGD after clipping to norm 1e-3: the whole update has norm ≤ 1e-3
     tx = optax.chain(optax.clip_by_global_norm(1e-3), optax.sgd(1.0))
-    new, _, m = make_train_step(graphdef, tx)(params, tx.init(params), base, SHAPES, _batch(), jax.random.key(0), 0)
+    new, _, m = make_train_step(graphdef, tx)(params, tx.init(params), base, SHAPES, train_batch(), jax.random.key(0), 0)
     delta = np.sqrt(sum(float(np.sum((a - b) ** 2)) for a, b in zip(jax.tree.leaves(_host(new)), jax.tree.leaves(p0))))
     assert float(m["grad_norm"]) > 1e-2 and delta == pytest.approx(1e-3, rel=1e-3)
 
@@ -179,9 +170,10 @@ MESH_SCRIPT = textwrap.dedent("""
     import qwen_edit_jax as q
     from qwen_edit_jax import parallel
     from qwen_edit_jax.config import LoraConfig, ModelOptions
+    from qwen_edit_jax.testing.batches import train_batch
     from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
     from qwen_edit_jax.training.config import OptimSection
-    from tests.test_training_step import SHAPES, _batch, TINY
+    from tests.test_training_step import SHAPES, TINY
 
     tx, _ = make_optimizer(OptimSection(learning_rate=1e-3), 10)
     opts = ModelOptions(lora=LoraConfig(rank=4, alpha=8))
@@ -196,7 +188,7 @@ MESH_SCRIPT = textwrap.dedent("""
         step = make_train_step(g, tx, mesh=mesh, global_batch=4)
         losses = []
         for i in range(2):
-            p, o, m = step(p, o, b, SHAPES, _batch(b=4, seed=i), jax.random.key(0), i)
+            p, o, m = step(p, o, b, SHAPES, train_batch(i, batch=4), jax.random.key(0), i)
             losses.append(float(m["loss"]))
         if mesh is not None:
             leaf = p["transformer_blocks"]["img_mlp"]["fc1"]["lora_A"]

@@ -20,12 +20,12 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import qwen_edit_jax as q
-from qwen_edit_jax.caching.tiny import write_tiny_edit_repo
 from qwen_edit_jax.loading import save_transformer
 from qwen_edit_jax.models.dit import init_transformer
+from qwen_edit_jax.testing.latent import LatentDemo, demo_samples
+from qwen_edit_jax.testing.repo import write_tiny_edit_repo
 from qwen_edit_jax.training.config import ConfigError, config_from_dict
 from qwen_edit_jax.cache_format import write_cache
-from qwen_edit_jax.training.demo import DemoSection, demo_samples
 from qwen_edit_jax.training.loop import train
 from qwen_edit_jax.training.run_log import RunLog
 from qwen_edit_jax.training.validation import CELL_HEIGHT, ValidationImages
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("validation")
     repo = write_tiny_edit_repo(d / "repo")
     save_transformer(init_transformer(q.preset("tiny"), seed=3), repo / "transformer")
-    demo = DemoSection(num_samples=8, latent_sizes=((8, 8),), num_edits=2, prompt_lengths=(4, 10))
+    demo = LatentDemo(num_samples=8, latent_sizes=((8, 8),), num_edits=2, prompt_lengths=(4, 10))
     cache = write_cache(d / "cache", demo_samples(demo, 16, q.preset("tiny").joint_attention_dim))
     rng = np.random.default_rng(0)
     images = []

@@ -25,16 +25,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 def demo_bf16(out: str, steps: int, dtype: str) -> dict:
     import numpy as np
 
+    from qwen_edit_jax.testing.latent import CACHE_DIR, MODEL_DIR, write_latent_demo
     from qwen_edit_jax.training.config import load_config
-    from qwen_edit_jax.training.demo import write_latent_demo
     from qwen_edit_jax.training.loop import train
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.exists(f"{out}/data"):
-        write_latent_demo(f"{out}/model", f"{out}/data", log=lambda m: None)
+    latent = write_latent_demo(os.path.join(out, "latent"))  # the demo's inputs (reused when there)
     cfg = load_config(os.path.join(root, "train", "configs", "latent_demo.yaml"), [
-        f"model.path={out}/model", f"data.path={out}/data", f"model.param_dtype={dtype}", f"model.dtype={dtype}",
-        "model.remat=full", f"train.max_steps={steps}", f"train.save_every={steps}", "train.progress=false"])
+        f"model.path={latent / MODEL_DIR}", f"data.path={latent / CACHE_DIR}", f"model.param_dtype={dtype}",
+        f"model.dtype={dtype}", "model.remat=full", f"train.max_steps={steps}", f"train.save_every={steps}",
+        "train.progress=false"])
     t0 = time.perf_counter()
     res = train(cfg, os.path.join(out, "run"), log=lambda m: None)
     with open(os.path.join(out, "run", "metrics.jsonl")) as f:

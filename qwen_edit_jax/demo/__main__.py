@@ -1,7 +1,9 @@
-"""`python -m qwen_edit_jax.demo [--out demo_data] [--num-pairs 64]`: write the demo's assets once.
+"""`python -m qwen_edit_jax.demo [--out demo_data] [--num-pairs 64]`: write both demos' inputs once.
 
 OUT/tiny-qwen-image-edit/ (the repo), OUT/pairs/ (the training pairs) and OUT/pairs_validation/
-(held-out inputs, one per edit); folders already there with the same settings are reused.
+(held-out inputs, one per edit) for scripts/demo.sh and train/configs/demo.yaml; OUT/latent/tiny-dit/
+and OUT/latent/cache/ (a random tiny DiT and a synthetic cache of latents) for
+train/configs/latent_demo.yaml. Folders already there with the same settings are reused.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from ..testing.latent import LatentDemo, write_latent_demo
+from ..testing.pairs import demo_validation_prompts, write_demo_pairs
+from ..testing.repo import write_demo_repo
 from ..utils.files import check_output_dir
-from .assets import demo_validation_prompts, write_demo_pairs, write_demo_repo
 
-REPO, PAIRS, VALIDATION = "tiny-qwen-image-edit", "pairs", "pairs_validation"
+REPO, PAIRS, VALIDATION, LATENT = "tiny-qwen-image-edit", "pairs", "pairs_validation", "latent"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -25,12 +29,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=128, help="image side in pixels, a multiple of 32 (default: 128)")
     p.add_argument("--variant", choices=("edit", "edit_plus"), default="edit_plus",
                    help="pipeline class of the repo (default: edit_plus)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the scenes (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, the scenes and the latents (default: 0)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    latent = LatentDemo(model_seed=args.seed, data_seed=args.seed)
     try:
         out = check_output_dir(args.out, "--out")
         steps = (
@@ -39,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
              lambda p: write_demo_pairs(p, num_pairs=args.num_pairs, size=args.size, seed=args.seed)),
             (VALIDATION, "held-out validation inputs",
              lambda p: demo_validation_prompts(p, size=args.size, seed=args.seed, num_pairs=args.num_pairs)),
+            (LATENT, f"latent demo (random {latent.preset} DiT, {latent.num_samples} cached samples)",
+             lambda p: write_latent_demo(p, latent)),
         )
         for name, what, write in steps:
             path = os.path.join(out, name)

@@ -1,21 +1,36 @@
-"""A tiny Qwen2-style tokenizer folder for tests and demos, built offline with `tokenizers` only.
+"""A tiny Qwen2-style tokenizer folder (and the processor folder beside it), built offline with `tokenizers`.
 
 The real Qwen2.5-VL tokenizer cannot be downloaded in tests, so this trains a small byte-level BPE
 with the same normalizer and pre-tokenizer and writes it in the released layout: `vocab.json` +
 `merges.txt` + `tokenizer_config.json` (with `added_tokens_decoder`, as the Qwen repos hold it) and,
 optionally, `tokenizer.json`. The Qwen special tokens get ids right after the BPE vocabulary, in the
-same order as the real tokenizer (151643…151664 there).
+same order as the real tokenizer (151643…151664 there). `write_tiny_processor` adds the `processor/`
+folder a repo holds (the same tokenizer plus a `preprocessor_config.json`) and returns what a text
+encoder's config needs from the vocabulary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 from tokenizers import AddedToken, Tokenizer, trainers
 from tokenizers import pre_tokenizers as pre
 
-from .tokenizer import ADDED_TOKENS, SPECIAL_TOKENS, build_backend
+from ..preprocess import QwenTokenizer
+from ..preprocess.tokenizer import ADDED_TOKENS, SPECIAL_TOKENS, build_backend
+
+# small pixel bounds keep the tiny repo's images to a few vision windows
+TINY_IMAGE_PROCESSOR: dict[str, Any] = {
+    "min_pixels": 56 * 56, "max_pixels": 112 * 112, "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+    "image_processor_type": "Qwen2VLImageProcessor"}
+# the text encoder config's keys for the vision tokens
+VISION_TOKENS = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+                 "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
 
 # Varied text so that the BPE learns merges for English, Chinese, digits, punctuation and spaces.
 TINY_CORPUS = (
@@ -76,3 +91,28 @@ def write_tiny_tokenizer(folder: str | Path, *, with_tokenizer_json: bool = Fals
         tok.add_tokens([AddedToken(c, special=False, normalized=False) for c, s in ADDED_TOKENS if not s])
         tok.save(str(folder / "tokenizer.json"))
     return folder
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyVocab:
+    """What a text encoder's config takes from the tiny tokenizer."""
+
+    token_ids: dict[str, int]  # `VISION_TOKENS`' keys → their ids
+    vocab_size: int  # the tokenizer's length rounded up to a multiple of 64 (embedding tables are padded so)
+
+
+def write_tiny_processor(root: str | os.PathLike, image_config: dict[str, Any] = TINY_IMAGE_PROCESSOR) -> TinyVocab:
+    """`root/tokenizer` (the tiny tokenizer) and `root/processor` (it plus `image_config` as
+    `preprocessor_config.json`); an existing `processor/` is replaced."""
+    root = Path(root)
+    write_tiny_tokenizer(root / "tokenizer")
+    if (root / "processor").exists():
+        shutil.rmtree(root / "processor")
+    shutil.copytree(root / "tokenizer", root / "processor")
+    (root / "processor" / "preprocessor_config.json").write_text(json.dumps(image_config, indent=2))
+    tok = QwenTokenizer.from_folder(root / "tokenizer")
+    return TinyVocab({k: tok.token_to_id(t) for k, t in VISION_TOKENS.items()}, -(-len(tok) // 64) * 64)
+
+
+__all__ = ["TINY_CORPUS", "TINY_IMAGE_PROCESSOR", "TinyVocab", "VISION_TOKENS", "tokenizer_config", "train_tiny_bpe",
+           "write_tiny_processor", "write_tiny_tokenizer"]

@@ -1,21 +1,15 @@
-"""The end-to-end demo's inputs: a complete tiny Qwen-Image-Edit repo and a small synthetic edit dataset.
-
-`write_demo_repo(path)` writes a diffusers-layout repo that `QwenImageEditPipeline.from_pretrained`
-loads: the tiny tokenizer / processor / Qwen2.5-VL of `caching.tiny`, the readable VAE of
-`demo.vae` (encode → decode is exact on flat 8×8 blocks, so decoded samples are pictures, not
-noise), a random DiT of the `tiny` preset (its text width 64 is the tiny encoder's; drawn with numpy
-as `init_transformer` draws) and the released scheduler config.
+"""Synthetic edit pairs that a LoRA can learn and a person can check: one coloured square, four edits.
 
 `write_demo_pairs(folder)` writes image pairs in the "folder" layout of `caching.layouts`
 (`NNNN.png` the edited target, `NNNN.txt` its instruction, `control/NNNN.png` the input). Every
 input is a plain background with one coloured square, sides and position multiples of 8 px (what
-the readable VAE reproduces exactly); the instructions of `DEMO_EDITS` cycle over the samples, each
-drawn so that its edit visibly changes the image. `demo_validation_prompts(folder)` writes held-out
-inputs, one per edit, for validation grids during training.
+the readable VAE of `testing.vae` reproduces exactly); the instructions of `DEMO_EDITS` cycle over
+the samples, each drawn so that its edit visibly changes the image. `demo_validation_prompts(folder)`
+writes held-out inputs, one per edit, for validation grids during training.
 
 Every writer builds its output under a temporary name beside the destination and renames it when
-complete (`utils.files.atomic_path`); a destination that is already there with the same settings
-(the hidden `.demo.json` manifest says which) is reused, anything else there is an error.
+complete (`utils.files.atomic_path`); a destination that is already there with the same settings is
+reused, anything else there is an error (`testing.manifest`).
 """
 
 from __future__ import annotations
@@ -30,26 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..caching.tiny import PIPELINE_CLASS, TINY_VAE, write_model_index, write_tiny_text_parts
-from ..config import DiTConfig, preset
-from ..loading.vae import save_vae
-from ..models.vae import VAEConfig
 from ..utils.files import atomic_path
-from ..weights.keymap import torch_shapes
-from ..weights.safetensors_io import SINGLE_NAME
-from ..weights.writer import write_safetensors_file
-from .vae import readable_vae_config, readable_vae_params
-
-MANIFEST = ".demo.json"  # hidden: the folder layout reader skips dot-files
-DIT_PRESET = "tiny"
-# the released Qwen-Image(-Edit) scheduler/scheduler_config.json (see shared/reference/qwen_image_dit.md §6)
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.34.0.dev0",
-    "base_image_seq_len": 256, "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192,
-    "max_shift": 0.9, "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
-    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
-    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
-}
+from .manifest import reuse, write_manifest
 
 RGB = tuple[int, int, int]
 RED: RGB = (255, 0, 0)
@@ -139,83 +115,13 @@ def _save_png(img: np.ndarray, path: Path) -> None:
     Image.fromarray(img, "RGB").save(path)
 
 
-def _reuse(dest: Path, manifest: dict[str, Any]) -> bool:
-    """True when `dest` holds a finished demo output made with `manifest`'s settings; False when it is
-    absent; an error for anything else there (never overwritten)."""
-    if not os.path.lexists(dest):
-        return False
-    try:
-        found = json.loads((dest / MANIFEST).read_text())
-    except (OSError, ValueError):
-        found = None
-    if found != manifest:
-        settings = ", ".join(f"{k}={v!r}" for k, v in manifest.items() if k != "kind")
-        was = "it was written with other settings" if isinstance(found, dict) and found.get("kind") == \
-            manifest["kind"] else f"no {MANIFEST} of a finished demo {manifest['kind']} there"
-        raise FileExistsError(f"{dest} exists but is not the demo {manifest['kind']} for {settings} ({was}); "
-                              f"remove it or choose another folder")
-    return True
-
-
-def _write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
-    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2))
-
-
-def write_random_transformer(folder: str | os.PathLike, config: DiTConfig, seed: int = 0) -> Path:
-    """A random DiT as a diffusers `transformer/` folder (config.json + one safetensors file).
-
-    Drawn as `init_transformer` draws (kernels N(0, 1/fan_in), biases 0, norm scales 1) but with
-    numpy, straight in torch layout: JAX compiles its RNG once per tensor shape, 5–8 s on a CPU.
-    """
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for name, shape in torch_shapes(config).items():
-        if name.endswith(".bias"):
-            tensors[name] = np.zeros(shape, np.float32)
-        elif len(shape) == 1:  # RMSNorm scale
-            tensors[name] = np.ones(shape, np.float32)
-        else:  # Linear weight [out, in]
-            tensors[name] = (rng.standard_normal(shape, np.float32) / np.sqrt(shape[1])).astype(np.float32)
-    folder = Path(folder)
-    with atomic_path(folder, is_dir=True) as tmp:
-        config.to_json(os.path.join(tmp, "config.json"))
-        write_safetensors_file(os.path.join(tmp, SINGLE_NAME), tensors, metadata={"format": "pt"})
-    return folder
-
-
-def demo_vae_config() -> VAEConfig:
-    """The tiny VAE architecture (`caching.tiny.TINY_VAE`) with unit latent normalisation."""
-    return readable_vae_config(VAEConfig(**TINY_VAE))
-
-
-def write_demo_repo(path: str | os.PathLike, *, variant: str = "edit_plus", seed: int = 0) -> Path:
-    """The complete tiny repo (see the module docstring) at `path`; an existing one is reused."""
-    if variant not in PIPELINE_CLASS:
-        raise ValueError(f"variant must be one of {sorted(PIPELINE_CLASS)}, got {variant!r}")
-    dest = Path(path).absolute()
-    manifest = {"kind": "repo", "variant": variant, "seed": seed, "dit_preset": DIT_PRESET}
-    if _reuse(dest, manifest):
-        return dest
-    with atomic_path(dest, is_dir=True) as tmp:
-        root = Path(tmp)
-        write_tiny_text_parts(root, seed)
-        config = demo_vae_config()
-        save_vae(readable_vae_params(config), root / "vae", config=config)
-        write_random_transformer(root / "transformer", preset(DIT_PRESET), seed)
-        (root / "scheduler").mkdir()
-        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
-        write_model_index(root, variant, transformer=True, scheduler=True)
-        _write_manifest(root, manifest)
-    return dest
-
-
 def write_demo_pairs(folder: str | os.PathLike, *, num_pairs: int = 64, size: int = 128, seed: int = 0) -> Path:
     """`num_pairs` edit pairs in the folder layout (see the module docstring); an existing set is reused."""
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be at least 1, got {num_pairs}")
     dest = Path(folder).absolute()
     manifest = {"kind": "pairs", "num_pairs": num_pairs, "size": size, "seed": seed}
-    if _reuse(dest, manifest):
+    if reuse(dest, manifest):
         return dest
     samples = edit_scenes(num_pairs, size, seed)  # checks the size before anything is made
     with atomic_path(dest, is_dir=True) as tmp:
@@ -225,7 +131,7 @@ def write_demo_pairs(folder: str | os.PathLike, *, num_pairs: int = 64, size: in
             _save_png(edited.render(), root / f"{i:04d}.png")
             (root / f"{i:04d}.txt").write_text(prompt + "\n")
             _save_png(scene.render(), root / "control" / f"{i:04d}.png")
-        _write_manifest(root, manifest)
+        write_manifest(root, manifest)
     return dest
 
 
@@ -244,7 +150,7 @@ def demo_validation_prompts(folder: str | os.PathLike, *, size: int = 128, seed:
     """
     dest = Path(folder).absolute()
     manifest = {"kind": "validation", "size": size, "seed": seed, "num_pairs": num_pairs}
-    if not _reuse(dest, manifest):
+    if not reuse(dest, manifest):
         held_out = training_scenes(num_pairs, size, seed)
         samples = edit_scenes(len(DEMO_EDITS), size, (seed, VALIDATION_STREAM), exclude=held_out)
         with atomic_path(dest, is_dir=True) as tmp:
@@ -255,12 +161,11 @@ def demo_validation_prompts(folder: str | os.PathLike, *, size: int = 128, seed:
                 _save_png(edited.render(), root / f"{i:02d}_expected.png")
                 listing.append({"prompt": prompt, "images": [f"{i:02d}.png"], "expected": f"{i:02d}_expected.png"})
             (root / "prompts.json").write_text(json.dumps(listing, indent=2))
-            _write_manifest(root, manifest)
+            write_manifest(root, manifest)
     listing = json.loads((dest / "prompts.json").read_text())
     return [{"prompt": e["prompt"], "images": [str(dest / p) for p in e["images"]],
              "expected": str(dest / e["expected"])} for e in listing]
 
 
-__all__ = ["BACKGROUNDS", "DEMO_EDITS", "MANIFEST", "SCHEDULER_CONFIG", "SQUARE_COLOURS", "Scene",
-           "demo_validation_prompts", "demo_vae_config", "edit_scenes", "training_scenes", "write_demo_pairs",
-           "write_demo_repo", "write_random_transformer"]
+__all__ = ["BACKGROUNDS", "DEMO_EDITS", "SQUARE_COLOURS", "Scene", "demo_validation_prompts", "edit_scenes",
+           "training_scenes", "write_demo_pairs"]

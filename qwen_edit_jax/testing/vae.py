@@ -1,7 +1,9 @@
-"""A *readable* Qwen-Image VAE: hand-set weights whose encode → decode reproduces blocky images exactly.
+"""The tiny Qwen-Image VAE of the fixture repos: random weights (`write_tiny_vae`), or *readable* ones.
 
-A random VAE decodes to noise, so a demo could not show what a LoRA learned. These weights make the
-VAE an exact block-mean codec: `decode(encode(x))` equals x averaged over 8×8 pixel blocks (to ~1e-5
+`TINY_VAE` is the architecture: 4 levels, so the spatial factor is 8 as released, z_dim 16 as the DiT
+packs. The readable weights (`readable_vae_params`, saved with `demo_vae_config`) are hand-set: a random
+VAE decodes to noise, so a demo could not show what a LoRA learned. They make the VAE an exact
+block-mean codec: `decode(encode(x))` equals x averaged over 8×8 pixel blocks (to ~1e-5
 in fp32), so an image made of flat 8×8 blocks comes back as it went in. The construction:
 
 - Signal path: every feature map carries each colour twice with opposite signs plus a constant
@@ -28,17 +30,39 @@ Colours must lie in [−1, 1] (the decoder clamps its output there, as diffusers
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 import re
+from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from ..loading.vae import expected_tensors
 from ..models.vae import VAEConfig
 from ..weights.vae_keys import vae_keys
+from .random_weights import random_tensor
+
+TINY_VAE = dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                temperal_downsample=[False, True, True])
 
 K = 1024.0  # the constant channel; a power of two, so K and the encoder's γ = K/4 are exact in bf16 too
 LOGVAR = -20.0  # the posterior's log-variance (diffusers clamps at −30): std e^−10, sampling ≈ the mode
 COLOUR_CHANNELS = 3
+
+
+def write_tiny_vae(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A random `TINY_VAE` (random latent normalisation too) as a diffusers `vae/` folder; returns it."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    config = VAEConfig(**TINY_VAE, latents_mean=tuple(rng.normal(0, 0.5, 16).round(3)),
+                       latents_std=tuple(rng.uniform(0.5, 2.0, 16).round(3)))
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    tensors = {name: random_tensor(tuple(shape), name, rng) for name, shape in sorted(expected_tensors(config).items())}
+    save_file(tensors, str(folder / "diffusion_pytorch_model.safetensors"))
+    return folder
 
 
 def latent_matrix(z_dim: int, channels: int = COLOUR_CHANNELS) -> np.ndarray:
@@ -122,12 +146,10 @@ def readable_vae_config(config: VAEConfig) -> VAEConfig:
     return dataclasses.replace(config, latents_mean=(0.0,) * config.z_dim, latents_std=(1.0,) * config.z_dim)
 
 
-def block_means(images: np.ndarray, block: int = 8) -> np.ndarray:
-    """[B, C, H, W] → the same shape with every block×block tile replaced by its mean (what the
-    readable VAE reconstructs)."""
-    b, c, h, w = images.shape
-    tiles = images.reshape(b, c, h // block, block, w // block, block).mean(axis=(3, 5), keepdims=True)
-    return np.broadcast_to(tiles, (b, c, h // block, block, w // block, block)).reshape(b, c, h, w)
+def demo_vae_config() -> VAEConfig:
+    """`TINY_VAE` with unit latent normalisation: the config the readable weights are saved with."""
+    return readable_vae_config(VAEConfig(**TINY_VAE))
 
 
-__all__ = ["K", "LOGVAR", "block_means", "latent_matrix", "readable_vae_config", "readable_vae_params"]
+__all__ = ["K", "LOGVAR", "TINY_VAE", "demo_vae_config", "latent_matrix", "readable_vae_config", "readable_vae_params",
+           "write_tiny_vae"]
