@@ -79,7 +79,8 @@ def aot_rows(args, target: str) -> list[dict]:
     mesh = parallel.make_mesh(1, 1, 1, devices=tpu_target(target).devices[:1])
     workload = Workload.square(cfg, args.size, 1, text_len=args.text_len)
     rows = []
-    for name, grads in VARIANTS.items():
+    for name in args.variants:
+        grads = VARIANTS[name]
         opts = ModelOptions(param_dtype="bfloat16", dtype="bfloat16", remat=args.remat,
                             lora=LoraConfig(rank=args.rank), custom_grads=grads)
         stats = compile_stats(build_step(cfg, opts, mesh, workload).lower())
@@ -106,7 +107,8 @@ def cpu_rows(args) -> tuple[list[dict], dict]:
               "prompt_mask": jnp.ones((1, 1, 128), bool)}
     tx, _ = make_optimizer(OptimSection(), 1000)
     steps, rows = {}, []
-    for name, grads in VARIANTS.items():
+    for name in args.variants:
+        grads = VARIANTS[name]
         opts = ModelOptions(remat=args.remat, lora=LoraConfig(rank=args.rank), custom_grads=grads)
         graphdef, params, base = split_lora(q.init_transformer(cfg, opts, seed=0))
         step = make_train_step(graphdef, tx, ObjectiveSection(), donate=False)
@@ -152,8 +154,13 @@ def main(argv=None) -> int:
     p.add_argument("--time-layers", type=int, default=2, help="blocks of the width-512 model run on the CPU")
     p.add_argument("--time-tokens", type=int, default=1024, help="target (= reference) tokens of the CPU step")
     p.add_argument("--runs", type=int, default=3, help="interleaved timed rounds on the CPU (0: no CPU part)")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="which of plain (autodiff), lora (its VJP), gelu (its derivative), both")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if not set(args.variants) <= set(VARIANTS):
+        p.error(f"--variants: choose from {list(VARIANTS)}")
 
     rows = [r for t in args.targets.split(",") if t.strip() for r in aot_rows(args, t.strip())]
     timing = None

@@ -34,9 +34,9 @@ def test_lora_delta_vjp_equals_autodiff():
     v0, g0 = jax.value_and_grad(loss(lora_product), argnums=(0, 1, 2))(x, a, b)
     v1, g1 = jax.value_and_grad(loss(lora_delta), argnums=(0, 1, 2))(x, a, b)
     assert float(v0) == float(v1)  # the same forward
-    # measured: ≤ 4e-7 of each gradient's largest entry (fp32 summation order)
+    # measured: x and A equal, B 3.1e-7 of its largest entry (fp32 summation order)
     for d0, d1 in zip(g0, g1):
-        assert _rel(d1, d0) <= 4e-6
+        assert _rel(d1, d0) <= 3e-6
 
 
 def test_gelu_derivative_equals_autodiff():
@@ -44,7 +44,7 @@ def test_gelu_derivative_equals_autodiff():
     y0, g0 = jax.vmap(jax.value_and_grad(lambda v: gelu(v, False)))(x)
     y1, g1 = jax.vmap(jax.value_and_grad(lambda v: gelu(v, True)))(x)
     np.testing.assert_array_equal(np.asarray(y1), np.asarray(y0))
-    assert float(jnp.max(jnp.abs(g1 - g0))) <= 2e-6  # measured: 2.4e-7
+    assert float(jnp.max(jnp.abs(g1 - g0))) <= 7e-6  # measured: 7.4e-7 (fp32 derivative vs autodiff's)
 
 
 def test_model_gradients_equal_with_and_without_custom_grads():
@@ -68,9 +68,9 @@ def test_model_gradients_equal_with_and_without_custom_grads():
         out[grads] = jax.value_and_grad(loss)(lora)
     (v0, g0), (v1, g1) = out[()], out[("gelu", "lora")]
     assert float(v1) == pytest.approx(float(v0), rel=1e-6)
-    # measured: ≤ 3e-7 of each leaf's largest entry
+    # measured: ≤ 4.5e-7 of each leaf's largest entry
     for d0, d1 in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        assert _rel(d1, d0) <= 3e-6
+        assert _rel(d1, d0) <= 4.5e-6
 
 
 def test_platform_choice():
