@@ -3,17 +3,23 @@ equal autodiff's, and "auto" picks them per platform as measured (benchmarks/aut
 
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import pytest
-from flax import nnx
+import os
 
-import qwen_edit_jax as q
-from qwen_edit_jax import parallel
-from qwen_edit_jax.config import LoraConfig, ModelOptions
-from qwen_edit_jax.models.dit.layers import (CUSTOM_GRADS_BY_PLATFORM, custom_grads, gelu, lora_delta,
-                                             lora_product)
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other local jax processes may hold the libtpu lock
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import qwen_edit_jax as q  # noqa: E402
+from qwen_edit_jax import parallel  # noqa: E402
+from qwen_edit_jax.config import LoraConfig, ModelOptions  # noqa: E402
+from qwen_edit_jax.models.dit import layers  # noqa: E402
+
+CUSTOM_GRADS_BY_PLATFORM, custom_grads, gelu = layers.CUSTOM_GRADS_BY_PLATFORM, layers.custom_grads, layers.gelu
+lora_delta, lora_product = layers.lora_delta, layers.lora_product
 
 
 def _rel(a, b) -> float:
@@ -75,9 +81,8 @@ def test_model_gradients_equal_with_and_without_custom_grads():
 
 def test_platform_choice():
     assert custom_grads("auto", "cpu") == {"lora", "gelu"}
-    assert custom_grads("auto", "tpu") == CUSTOM_GRADS_BY_PLATFORM["tpu"] == {"lora", "gelu"}
-    for gpu in ("gpu", "cuda", "rocm"):  # unmeasured: plain autodiff
-        assert custom_grads("auto", gpu) == frozenset()
+    for platform in ("tpu", "gpu", "cuda", "rocm"):  # TPU: no gain measured; GPU: unmeasured
+        assert custom_grads("auto", platform) == frozenset()
     assert custom_grads(("lora",), "cpu") == {"lora"} and custom_grads((), "cpu") == frozenset()
     assert custom_grads() == CUSTOM_GRADS_BY_PLATFORM[jax.default_backend()]
     assert ModelOptions(custom_grads=["lora", "gelu", "lora"]).custom_grads == ("gelu", "lora")
@@ -94,4 +99,4 @@ def test_auto_follows_the_mesh_platform_of_an_aot_target():
     seen, arg = [], jax.ShapeDtypeStruct((2,), jnp.float32)
     with jax.set_mesh(mesh):  # as the planner's AOT lowering traces the step
         jax.make_jaxpr(lambda v: seen.append(custom_grads()) or v)(arg)
-    assert seen == [CUSTOM_GRADS_BY_PLATFORM["tpu"]]
+    assert seen == [frozenset()] and custom_grads() == CUSTOM_GRADS_BY_PLATFORM["cpu"]  # the host's, outside

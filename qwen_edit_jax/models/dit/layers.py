@@ -44,11 +44,11 @@ def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 # The written-out backward passes that `custom_grads="auto"` uses per platform (the mesh's when AOT-compiling for
-# a TPU on a CPU host). They were written for XLA:CPU; benchmarks/autodiff_variants.py compares the step compiled
-# with and without them (measured in docs/training.md). Platforms not listed (GPUs: unmeasured) use autodiff.
+# a TPU on a CPU host). They were written for XLA:CPU, where they cut the step's bytes and peak; compiled for TPU
+# they gain nothing (v5e) or add copies (v6e), so TPU and the unmeasured GPUs use autodiff
+# (benchmarks/autodiff_variants.py, measured in docs/training.md).
 CUSTOM_GRADS_BY_PLATFORM: dict[str, frozenset[str]] = {
     "cpu": frozenset({"lora", "gelu"}),
-    "tpu": frozenset({"lora", "gelu"}),
 }
 
 
