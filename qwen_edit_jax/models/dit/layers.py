@@ -44,11 +44,12 @@ def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 # The written-out backward passes that `custom_grads="auto"` uses per platform (the mesh's when AOT-compiling for
-# a TPU on a CPU host). They were written for XLA:CPU, where they cut the step's bytes and peak; compiled for TPU
-# they gain nothing (v5e) or add copies (v6e), so TPU and the unmeasured GPUs use autodiff
-# (benchmarks/autodiff_variants.py, measured in docs/training.md).
+# a TPU on a CPU host). They were written for XLA:CPU, where they cut the step's bytes and peak. Compiled for TPU
+# the GELU derivative costs nothing (a little less peak), the LoRA VJP adds copies on v6e: TPU keeps "gelu" only.
+# GPUs (unmeasured) use autodiff. benchmarks/autodiff_variants.py; measured in docs/training.md.
 CUSTOM_GRADS_BY_PLATFORM: dict[str, frozenset[str]] = {
     "cpu": frozenset({"lora", "gelu"}),
+    "tpu": frozenset({"gelu"}),
 }
 
 
