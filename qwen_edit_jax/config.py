@@ -149,6 +149,9 @@ QKVMode = Literal["split", "shared"]
 QuantizeMode = Literal["int8", "fp8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = QuantizeMode.__args__
 OffloadMode = Literal["none", "base"]
+# written-out backward passes (models/dit/layers.py): "lora" = `lora_delta`'s VJP, "gelu" = tanh-GELU's derivative
+CustomGrad = Literal["lora", "gelu"]
+CUSTOM_GRADS: tuple[str, ...] = CustomGrad.__args__
 # int4 scales are per group of this many input rows (one per output column and group); int8 / fp8 use one
 # scale per output column. 64 and 128 compared in docs/results.md: 64 cuts the int4 error by a fifth for
 # 0.6 GB more scales on the 20.4B model.
@@ -243,8 +246,17 @@ class ModelOptions:
     # "base": the blocks' frozen weights live in host memory and stream to the device one layer at a time
     # inside the scan (models/offload.py); the backward recomputes each layer (full remat of the blocks)
     offload: OffloadMode = "none"
+    # which written-out backward passes replace autodiff: a tuple of CUSTOM_GRADS, or "auto" = the set measured to
+    # pay off on the platform the step is traced for (models/dit/layers.py `CUSTOM_GRADS_BY_PLATFORM`)
+    custom_grads: Literal["auto"] | tuple[CustomGrad, ...] = "auto"
 
     def __post_init__(self):
+        if self.custom_grads != "auto":
+            grads = (self.custom_grads,) if isinstance(self.custom_grads, str) else tuple(self.custom_grads)
+            if not set(grads) <= set(CUSTOM_GRADS):
+                raise ValueError(f"custom_grads must be 'auto' or a tuple of {list(CUSTOM_GRADS)}, "
+                                 f"got {self.custom_grads!r}")
+            object.__setattr__(self, "custom_grads", tuple(sorted(set(grads))))
         object.__setattr__(self, "param_dtype", as_dtype(self.param_dtype))
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise ValueError(f"quantize must be None or one of {list(QUANTIZE_MODES)}, got {self.quantize!r}")

@@ -15,6 +15,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from ...config import ModelOptions
+from ...parallel.mesh import current_mesh
+from ..kernels.platform import platform_of
 from ..quant import dequantize, quantize
 
 EPS = 1e-6
@@ -41,11 +43,35 @@ def _matmul_t(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(jax.lax.optimization_barrier(a.T), b, preferred_element_type=F32)
 
 
+# The written-out backward passes that `custom_grads="auto"` uses per platform (the mesh's when AOT-compiling for
+# a TPU on a CPU host). They were written for XLA:CPU, where they cut the step's bytes and peak. Compiled for TPU
+# the GELU derivative costs nothing (a little less peak), the LoRA VJP adds copies on v6e: TPU keeps "gelu" only.
+# GPUs (unmeasured) use autodiff. benchmarks/autodiff_variants.py; measured in docs/training.md.
+CUSTOM_GRADS_BY_PLATFORM: dict[str, frozenset[str]] = {
+    "cpu": frozenset({"lora", "gelu"}),
+    "tpu": frozenset({"gelu"}),
+}
+
+
+def custom_grads(choice: str | tuple[str, ...] = "auto", platform: str | None = None) -> frozenset[str]:
+    """The written-out backward passes in use: `choice` (`ModelOptions.custom_grads`), or for "auto" those of
+    `platform` (default: the platform being traced for) in `CUSTOM_GRADS_BY_PLATFORM`."""
+    if choice != "auto":
+        return frozenset(choice)
+    return CUSTOM_GRADS_BY_PLATFORM.get(platform or platform_of(current_mesh()), frozenset())
+
+
+def lora_product(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    """`(x·A)·B` as `lora_delta` computes it, differentiated by autodiff."""
+    return _lora_fwd(x, a, b)[0]
+
+
 @jax.custom_vjp
 def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     """`(x·A)·B` for x `[..., in]`, A `[in, r]`, B `[r, out]`, fp32 result; `x·A` rounds to x's dtype.
 
-    The backward is written out so that every product is a plain matmul on XLA:CPU (`_matmul_t`).
+    The backward is written out so that every product is a plain matmul on XLA:CPU (`_matmul_t`). Used where
+    `custom_grads` includes "lora"; elsewhere `lora_product` (the same forward under autodiff).
     """
     return _lora_fwd(x, a, b)[0]
 
@@ -112,6 +138,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros(out_shape, options.param_dtype), out_sharding=axes[1:])
         self.lora_scale = 0.0
         self.lora_grouped = False
+        self.custom_grads = options.custom_grads
         lora = options.lora
         if lora is not None and name and lora.targets_module(name):
             r = lora.rank
@@ -146,10 +173,11 @@ class Linear(nnx.Module):
         if self.has_lora:
             a = self.lora_A[...].astype(self.dtype)
             b = self.lora_B[...].astype(self.dtype)
+            product = lora_delta if "lora" in custom_grads(self.custom_grads) else lora_product
             if self.lora_grouped:  # one adapter per q/k/v slice: [..., 3, inner]
-                delta = jnp.stack([lora_delta(x, a[g], b[g]) for g in range(a.shape[0])], axis=-2)
+                delta = jnp.stack([product(x, a[g], b[g]) for g in range(a.shape[0])], axis=-2)
             else:
-                delta = lora_delta(x, a, b.reshape(b.shape[0], -1)).reshape(y.shape)
+                delta = product(x, a, b.reshape(b.shape[0], -1)).reshape(y.shape)
             y = y + self.lora_scale * delta
         return checkpoint_name(y.astype(self.dtype), MATMUL_CHECKPOINT_NAME)
 
@@ -202,8 +230,8 @@ def gelu_tanh(x: jax.Array) -> jax.Array:
 
     Its derivative is written out (`_gelu_tanh_jvp`) so that the backward keeps only `x`, not the
     four intermediates autodiff would save, and computes the gradient in one fused pass: on XLA:CPU
-    the saved intermediates were read back transposed for the LoRA weight gradient (0.14 s per block
-    at 2,048 × 2,048 in `benchmarks/train_step.py`).
+    the saved intermediates were read back transposed for the LoRA weight gradient (docs/training.md).
+    Used where `custom_grads` includes "gelu" (`gelu`).
     """
     return jax.nn.gelu(x, approximate=True)
 
@@ -215,6 +243,11 @@ def _gelu_tanh_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tup
     t = jnp.tanh(_GELU_C * (xf + _GELU_A * xf**3))
     grad = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * _GELU_C * (1 + 3 * _GELU_A * xf * xf)
     return gelu_tanh(x), (grad * dx.astype(F32)).astype(dx.dtype)
+
+
+def gelu(x: jax.Array, custom_grad: bool) -> jax.Array:
+    """tanh-GELU: `gelu_tanh` (written-out derivative) or `jax.nn.gelu` differentiated by autodiff."""
+    return gelu_tanh(x) if custom_grad else jax.nn.gelu(x, approximate=True)
 
 
 class TimestepEmbedder(nnx.Module):
@@ -244,6 +277,7 @@ class FeedForward(nnx.Module):
     def __init__(self, dim: int, *, options: ModelOptions, rngs: nnx.Rngs, name: str):
         self.fc1 = Linear(dim, 4 * dim, axes=("embed", "mlp"), options=options, rngs=rngs, name=f"{name}.fc1")
         self.fc2 = Linear(4 * dim, dim, axes=("mlp", "embed"), options=options, rngs=rngs, name=f"{name}.fc2")
+        self.custom_grads = options.custom_grads
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        return self.fc2(gelu(self.fc1(x), "gelu" in custom_grads(self.custom_grads)))
