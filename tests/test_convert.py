@@ -18,7 +18,8 @@ from qwen_edit_jax.lora import read_lora, read_lora_file
 from qwen_edit_jax.weights import checkpoint, keymap
 from qwen_edit_jax.convert import convert
 from qwen_edit_jax.weights.safetensors_io import TensorSource
-from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
+from tests.compare import assert_close, rel_err
+from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
 TINY = q.preset("tiny")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,7 +23,8 @@ from qwen_edit_jax.errors import LoraError
 from qwen_edit_jax.lora import load_lora_into_adapters, read_lora, read_lora_file, save_lora
 from qwen_edit_jax.weights import keymap
 from qwen_edit_jax.weights.safetensors_io import CheckpointError
-from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
+from tests.compare import assert_close, rel_err
+from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
 TOL = 1e-4
 TINY = q.preset("tiny")

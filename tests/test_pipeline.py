@@ -31,6 +31,7 @@ from qwen_edit_jax.pipeline import (  # noqa: E402
     COMPONENTS, QwenImageEditPipeline, output_dims, pipeline_variant, plan_sizes, scheduler_from_json,
 )
 from tests import pipeline_reference as P  # noqa: E402
+from tests.compare import assert_close, rel_err  # noqa: E402
 
 STEPS, CFG = 2, 4.0
 EMBED_TOL, IMAGE_TOL = 1e-4, 1e-3
@@ -39,11 +40,6 @@ IMAGES = {"edit": [P.random_image(84, 56, 0)], "edit_plus": [P.random_image(84, 
 IMAGES["2511"] = IMAGES["edit_plus"]
 MEASURED: dict[str, float] = {}  # printed with -s: the parity numbers quoted in docs/pipeline.md
 
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +94,8 @@ def test_matches_diffusers(variant, parts, repos, monkeypatch):
             ref_embeds, ref_mask = ref.encode_prompt(prompt=[text], image=condition, device=torch.device("cpu"))
         embeds, mask = pipe.encode_prompt([text], images)
         assert ref_mask is None and np.asarray(mask).all()  # one prompt: no padding, diffusers drops the mask
-        err = rel_err(embeds, ref_embeds.numpy())
-        MEASURED[f"{variant} embeds {text!r}"] = err
-        assert err <= EMBED_TOL
+        MEASURED[f"{variant} embeds {text!r}"] = assert_close(embeds, ref_embeds.numpy(), EMBED_TOL,
+                                                               f"{variant} prompt embeds {text!r}")
 
     w, h = plan_sizes(images, pipe.variant, vae_area=P.VAE_AREA).output
     noise = np.random.default_rng(3).standard_normal((1, (h // 16) * (w // 16), 64), dtype=np.float32)
@@ -112,11 +107,10 @@ def test_matches_diffusers(variant, parts, repos, monkeypatch):
                latents=noise, output_type="np").images
     assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == expected.shape == (1, h, w, 3)
     assert 0.0 <= out.min() and out.max() <= 1.0 and out.std() > 0.05  # a real image, not a constant
-    err = float(np.abs(out - expected).max())
-    MEASURED[f"{variant} image max abs"] = err
+    MEASURED[f"{variant} image"] = rel_err(out, expected)
     print(f"\n{variant}: " + ", ".join(f"{k.split(' ', 1)[1]} {v:.2e}" for k, v in MEASURED.items()
                                        if k.startswith(variant + " ")))
-    assert err <= IMAGE_TOL
+    assert_close(out, expected, IMAGE_TOL, f"{variant} image")
 
 
 def test_output_types_seed_and_release(parts, repos):

@@ -19,7 +19,8 @@ import qwen_edit_jax as q
 from qwen_edit_jax import sampling
 from qwen_edit_jax.training.data import CachedDataset, CachedSample, write_cache
 from tests.sampling_reference import diffusers_edit_loop
-from tests.torch_reference import make_torch_model, rel_err, save_torch_model
+from tests.compare import assert_close, rel_err
+from tests.torch_reference import make_torch_model, save_torch_model
 
 TOL = 1e-4
 TINY = q.preset("tiny")

@@ -34,6 +34,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 import jax.numpy as jnp  # noqa: E402
 
 import text_encoder_reference as R  # noqa: E402
+from tests.compare import assert_close, assert_differs  # noqa: E402
 from qwen_edit_jax.encoding import bucket_key  # noqa: E402
 from qwen_edit_jax.errors import CheckpointError  # noqa: E402
 from qwen_edit_jax.loading.text_encoder import load_text_encoder  # noqa: E402
@@ -120,7 +121,7 @@ def image(w: int, h: int, seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
-def assert_close(ours, ref):
+def assert_encoded_close(ours, ref, what: str):
     """fp32 relative error ≤ TOL on embeds; masks equal (diffusers' None = all ones)."""
     (embeds, mask), (ref_embeds, ref_mask) = ours, ref
     embeds, mask = np.asarray(embeds), np.asarray(mask)
@@ -129,7 +130,7 @@ def assert_close(ours, ref):
     assert embeds.shape == ref_embeds.shape and embeds.shape[-1] == 64
     np.testing.assert_array_equal(mask, ref_mask)
     assert np.isfinite(embeds).all()
-    assert R.rel_err(embeds, ref_embeds) <= TOL
+    assert_close(embeds, ref_embeds, TOL, what)
     assert not embeds[mask == 0].any()
 
 
@@ -144,7 +145,7 @@ def test_edit_batch_matches_diffusers(enc, repo):
     assert ref[1] is not None and not ref[1].all()  # really padded
     ours = enc.encode_prompt(PROMPTS, EDIT_IMAGES, variant="edit")
     assert ours[0].dtype == jnp.float32
-    assert_close(ours, ref)
+    assert_encoded_close(ours, ref, "edit batch")
 
 
 def test_edit_plus_rows_match_diffusers(enc, repo):
@@ -157,7 +158,7 @@ def test_edit_plus_rows_match_diffusers(enc, repo):
         ref = reference("edit_plus", repo)(prompt=prompt, image=[condition_image(im, "edit_plus") for im in images])
         n = ref[0].shape[1]
         lengths.append(n)
-        assert_close((embeds[i:i + 1, :n], mask[i:i + 1, :n]), ref)
+        assert_encoded_close((embeds[i:i + 1, :n], mask[i:i + 1, :n]), ref, f"edit_plus row {i}")
         assert not mask[i, n:].any() and not embeds[i, n:].any()
     assert embeds.shape[1] == max(lengths) and lengths[0] != lengths[1]
 
@@ -165,7 +166,8 @@ def test_edit_plus_rows_match_diffusers(enc, repo):
 @pytest.mark.parametrize("max_sequence_length", [1024, 20])
 def test_t2i_batch_matches_diffusers(enc, repo, max_sequence_length):
     ref = reference("t2i", repo)(prompt=PROMPTS, max_sequence_length=max_sequence_length)
-    assert_close(enc.encode_prompt(PROMPTS, variant="t2i", max_sequence_length=max_sequence_length), ref)
+    assert_encoded_close(enc.encode_prompt(PROMPTS, variant="t2i", max_sequence_length=max_sequence_length), ref,
+                         f"t2i batch, max length {max_sequence_length}")
 
 
 def test_one_dimensional_positions_differ(enc, repo):
@@ -175,7 +177,8 @@ def test_one_dimensional_positions_differ(enc, repo):
     ref1d = reference("edit", repo, fix=False)(prompt=PROMPTS, image=images)[0].numpy()
     ref3d = reference("edit", repo)(prompt=PROMPTS, image=images)[0].numpy()
     ours = np.asarray(enc.encode_prompt(PROMPTS, EDIT_IMAGES, variant="edit")[0])
-    assert R.rel_err(ref1d, ref3d) > 10 * TOL and R.rel_err(ours, ref1d) > 10 * TOL
+    assert_differs(ref1d, ref3d, 10 * TOL, "diffusers 1D vs 3D positions")
+    assert_differs(ours, ref1d, 10 * TOL, "ours vs diffusers 1D positions")
 
 
 def test_one_program_per_bucket(enc):
@@ -224,7 +227,7 @@ def test_edit_batch_on_a_mesh_matches_diffusers(repo, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     out = np.load(tmp_path / "out.npz")
     ref = reference("edit", repo)(prompt=PROMPTS, image=[condition_image(r, "edit") for r in EDIT_IMAGES])
-    assert_close((out["embeds"], out["mask"]), ref)
+    assert_encoded_close((out["embeds"], out["mask"]), ref, "edit batch on a 2×2 mesh")
 
 
 # ---- loading errors --------------------------------------------------------------------------------

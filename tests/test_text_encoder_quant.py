@@ -20,7 +20,8 @@ from qwen_edit_jax.models.quant import quantize, reduced_axis
 from qwen_edit_jax.models.text_encoder import EncoderOptions, Qwen25VLConfig, Qwen25VLEncoder, TextConfig, VisionConfig
 from qwen_edit_jax.parallel import make_mesh
 from qwen_edit_jax.training.data import CachedDataset
-from test_caching import folder_dataset, rel
+from test_caching import folder_dataset
+from tests.compare import rel_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "train"))
@@ -125,7 +126,7 @@ def test_int8_embeddings_close_to_float(repo):
     q = load_text_encoder_model(te, dtype=jnp.float32, quantize="int8")
     ids, pixels, grid = _prompt(f.config)
     a, b = np.asarray(f(ids, None, pixels, grid)), np.asarray(q(ids, None, pixels, grid))
-    err = rel(b, a)
+    err = rel_err(b, a)
     assert 1e-4 < err < INT8_REL_TOL, err
 
 
@@ -156,7 +157,7 @@ def test_cache_dataset_quantize_int8_end_to_end(tmp_path, repo, capsys):
         assert a.sample_id == b.sample_id
         np.testing.assert_array_equal(a.target, b.target)
         np.testing.assert_array_equal(a.prompt_mask, b.prompt_mask)
-        err = rel(b.prompt_embeds[b.prompt_mask], a.prompt_embeds[a.prompt_mask])
+        err = rel_err(b.prompt_embeds[b.prompt_mask], a.prompt_embeds[a.prompt_mask])
         assert 1e-4 < err < INT8_REL_TOL, err
 
 

@@ -28,7 +28,8 @@ from qwen_edit_jax.training.data import DataError, write_cache
 from qwen_edit_jax.training.demo import demo_samples
 from qwen_edit_jax.training.loop import NonFiniteLossError, train
 from qwen_edit_jax.training.step import make_schedule, split_lora
-from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
+from tests.compare import assert_close, rel_err
+from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = q.preset("tiny")

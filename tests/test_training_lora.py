@@ -18,7 +18,8 @@ from flax import nnx
 import qwen_edit_jax as q
 from qwen_edit_jax.config import LoraConfig, ModelOptions
 from qwen_edit_jax.weights import keymap
-from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
+from tests.compare import assert_close, rel_err
+from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
 TOL = 1e-4
 TINY = q.preset("tiny")

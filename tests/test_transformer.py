@@ -10,7 +10,8 @@ from flax import nnx
 
 import qwen_edit_jax as q
 from qwen_edit_jax.models.kernels import get_attention
-from tests.torch_reference import rel_err, torch_forward
+from tests.compare import assert_close, rel_err
+from tests.torch_reference import torch_forward
 
 TINY = q.preset("tiny")
 SHAPES = [(1, 4, 4), (1, 3, 5)]

@@ -23,11 +23,10 @@ from flax import nnx
 
 from qwen_edit_jax.loading.vae import vae_from_tensors
 from qwen_edit_jax.models.vae import AutoencoderKLQwenImage, VAEConfig
+from tests.compare import assert_close, rel_err, rms_err
 from tests.vae_reference import (
     TINY_CONFIGS,
     numpy_state,
-    rel_err,
-    rms_err,
     to_bf16,
     torch_decode,
     torch_encode,
@@ -35,6 +34,7 @@ from tests.vae_reference import (
 )
 
 FP32_TOL = 1e-4
+RELEASED_FP32_TOL = 1e-4
 BF16_RMS_MARGIN = 1.25  # ours ≤ 1.25 × diffusers' bf16 RMS error (both against the fp32 reference)
 BF16_MAX_MARGIN = 2.0  # ours ≤ 2 × diffusers' bf16 max error
 BF16_AGREE = 4e-2  # ours bf16 vs diffusers bf16, max-relative
@@ -62,12 +62,13 @@ def test_fp32_parity_tiny(name, batch, h, w, normalize):
     x = images(cfg, batch, h, w)
     lat = vae.encode(x, normalize=normalize)
     assert lat.shape == (batch, vae.config.z_dim, h // f, w // f) and lat.dtype == jnp.float32
-    assert rel_err(lat, torch_encode(ref, x, normalize)) <= FP32_TOL
+    assert_close(lat, torch_encode(ref, x, normalize), FP32_TOL, f"{name} encode")
     z = latents(cfg, batch, h // f + 1, w // f)  # any latent size, also one no image encodes to
     out = vae.decode(z, normalized=normalize)
     want = torch_decode(ref, z, normalize)
     assert np.mean(np.abs(want) >= 1.0) < 0.05  # the clamp does not hide the comparison
-    assert out.shape == want.shape and out.dtype == jnp.float32 and rel_err(out, want) <= FP32_TOL
+    assert out.dtype == jnp.float32
+    assert_close(out, want, FP32_TOL, f"{name} decode")
 
 
 def test_attention_block_chunked_matches_torch():
@@ -92,7 +93,7 @@ def test_attention_block_chunked_matches_torch():
         mine.kernel[...] = jnp.asarray(theirs.weight.detach().numpy().transpose(2, 3, 1, 0))
         mine.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
     out = blk(jnp.asarray(x[:, :, 0].transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
-    assert rel_err(out, want) <= FP32_TOL
+    assert_close(out, want, FP32_TOL, "chunked attention block")
 
 
 def _bf16_check(cfg: dict | None, batch: int, h: int, w: int, seed: int) -> dict[str, float]:
@@ -126,8 +127,8 @@ def test_released_architecture_fp32_and_bf16():
     ref = torch_vae(None, seed=7)
     vae = vae_from_tensors(numpy_state(ref), VAEConfig(), dtype=jnp.float32)
     x, z = images({}, 3, 64, 48), latents({}, 3, 8, 6)
-    assert rel_err(vae.encode(x), torch_encode(ref, x)) <= FP32_TOL
-    assert rel_err(vae.decode(z), torch_decode(ref, z)) <= FP32_TOL
+    assert_close(vae.encode(x), torch_encode(ref, x), RELEASED_FP32_TOL, "released encode")
+    assert_close(vae.decode(z), torch_decode(ref, z), RELEASED_FP32_TOL, "released decode")
     del vae
     _bf16_check(None, 1, 48, 64, seed=7)
 

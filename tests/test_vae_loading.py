@@ -24,7 +24,8 @@ from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.loading.vae import check_image_shape, init_vae, load_vae
 from qwen_edit_jax.models.vae import VAEConfig
 from tests.background import Job
-from tests.vae_reference import TINY_CONFIGS, numpy_state, rel_err, to_bf16, torch_decode, torch_encode, torch_vae
+from tests.compare import assert_close, assert_err
+from tests.vae_reference import TINY_CONFIGS, numpy_state, to_bf16, torch_decode, torch_encode, torch_vae
 
 CFG = TINY_CONFIGS["two_levels_rgba"]  # has the unused time_conv tensors (3D resample modes)
 WORKER = Path(__file__).with_name("vae_sharding_worker.py")
