@@ -156,7 +156,7 @@ def scenario_train(_arg):
                if tuple(getattr(k, "key", None) for k in path[-4:]) == want]
         out[str(m)] = {
             "losses": losses,
-            "loss_rel_err": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+            "loss_rel_err": rel_err(losses, ref_losses),
             "params_rel_err": max(rel_err(a, b) for a, b in zip(flat, ref_flat)),
             "lora_a_shard": list(qkv_a.addressable_shards[0].data.shape),
             "lora_a_shape": list(qkv_a.shape),
@@ -179,7 +179,7 @@ def scenario_splash(_arg):
     out["mesh_rel_err"] = rel_err(shd.sharded_forward(model, mesh, IMG_SHAPES)(*x), ref)
     ref_losses, ref_params, _ = run_steps(None, n=2, batch=4)
     losses, params, _ = run_steps(mesh, n=2, attention="splash", remat="full", batch=4)
-    out["train_loss_rel_err"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
+    out["train_loss_rel_err"] = rel_err(losses, ref_losses)
     out["train_params_rel_err"] = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
     return out
 
