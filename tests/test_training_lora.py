@@ -18,7 +18,7 @@ from flax import nnx
 import qwen_edit_jax as q
 from qwen_edit_jax.config import LoraConfig, ModelOptions
 from qwen_edit_jax.weights import keymap
-from tests.compare import assert_close, rel_err
+from tests.compare import assert_close, assert_differs, rel_err
 from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
 TOL = 1e-4
@@ -70,7 +70,7 @@ def test_zero_initialised_lora_is_a_no_op(base, qkv_mode):
     assert len(a) == len(b) == 10 and all(np.abs(np.asarray(x[...])).max() > 0 for x in a)  # A random
     assert all(not np.asarray(x[...]).any() for x in b)  # B zero
     # unchanged up to fp32 rounding (XLA fuses the extra +0 differently, ~1e-7)
-    assert rel_err(_ours(with_lora), _ours(plain)) <= 1e-6
+    assert_close(_ours(with_lora), _ours(plain), 1e-6, "zero initialised lora is a no op")
 
 
 def _peft_model(tm, rank, alpha, seed, tie_qkv_A=False):
@@ -125,8 +125,8 @@ def test_lora_equals_peft_qkv_loras(base, qkv_mode):
                                                                           qkv_mode=qkv_mode)))
     _copy_into_ours(model, mods)
     ours, ref = _ours(model), _theirs(t)
-    assert rel_err(ours, _theirs(tm)) > 1e-2  # the adapters matter
-    assert rel_err(ours, ref) <= TOL
+    assert_differs(ours, _theirs(tm), 1e-2, "lora equals peft qkv loras")  # the adapters matter
+    assert_close(ours, ref, TOL, "lora equals peft qkv loras")
 
 
 def _torch_grad(weight) -> np.ndarray:
