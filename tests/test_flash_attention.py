@@ -13,8 +13,12 @@ from qwen_edit_jax.models.kernels.flash import _block, flash_attention
 from qwen_edit_jax.models.kernels.xla import xla_attention
 from tests.compare import assert_close, rel_err
 
-BF16_TOL = 1.6e-2
-TOL = 1e-5  # fp32: max |flash − xla| / max |xla| (measured ≤ 1.4e-6 for these cases)
+# fp32 tolerances ≈ 10× the error measured on 2026-12-07 (2-core CPU; tests/compare.py says how to re-measure).
+TOL = 2e-5  # flash vs xla, output and gradients: measured ≤ 1.5e-6 over CASES
+REMAT_TOL = 5e-6  # measured 4.2e-7
+XLA_TOL = 4e-6  # xla_attention vs a plain softmax attention, output and gradients: measured ≤ 3.7e-7
+BF16_TOL = 1.6e-2  # bf16 vs fp32: measured ≤ 3.1e-3, 5× (bf16 eps 7.8e-3; the check against xla's own bf16 error
+#                    below is the sharper one)
 
 
 def inputs(seed: int, b: int, sq: int, sk: int, h: int, d: int, dtype=np.float32):
@@ -114,8 +118,8 @@ def test_remat_scan_like_the_model():
     flash = lambda q, k, v, m: flash_attention(q, k, v, m, block_q=32, block_k=16)  # noqa: E731
     gw, gx = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(w, x0, flash)
     rw, rx = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(w, x0, xla_attention)
-    assert_close(gw, rw, TOL, "remat scan, weight gradient")
-    assert_close(gx, rx, TOL, "remat scan, input gradient")
+    assert_close(gw, rw, REMAT_TOL, "remat scan, weight gradient")
+    assert_close(gx, rx, REMAT_TOL, "remat scan, input gradient")
 
 
 def test_block_choice():
@@ -164,6 +168,6 @@ def test_xla_closed_form_backward_equals_autodiff():
     ct = jnp.asarray(rng.standard_normal((3, 33, 2, 8)), jnp.float32)
     out, vjp = jax.vjp(lambda *a: xla_attention(*a, mask), q, k, v)
     ref_out, ref_vjp = jax.vjp(lambda *a: plain(*a, mask), q, k, v)
-    assert_close(out, ref_out, 1e-6, "xla vs plain attention")
+    assert_close(out, ref_out, XLA_TOL, "xla vs plain attention")
     for name, g, r in zip("qkv", vjp(ct), ref_vjp(ct)):
-        assert_close(g, r, 1e-5, f"xla closed-form d{name} vs autodiff")
+        assert_close(g, r, XLA_TOL, f"xla closed-form d{name} vs autodiff")

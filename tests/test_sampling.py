@@ -1,4 +1,4 @@
-"""Sampling parity with diffusers: scheduler sigmas (|Δ| ≤ 1e-6) and the edit denoising loop (fp32, rel err ≤ 1e-4)."""
+"""Sampling parity with diffusers: scheduler sigmas (bitwise) and the edit denoising loop (fp32, rel err ≤ 2e-5)."""
 
 import dataclasses
 
@@ -12,10 +12,11 @@ from tests.sampling_reference import QWEN_SCHEDULER_CONFIG, diffusers_edit_loop,
 from tests.compare import assert_close, assert_differs, rel_err
 from tests.torch_reference import make_torch_model, save_torch_model
 
-TOL = 1e-4
-SIGMA_TOL = 1e-6
-PAD_TOL = 1e-5
-BF16_TOL = 3e-2
+# Tolerances ≈ 10× the error measured on 2026-12-07 (2-core CPU; tests/compare.py says how to re-measure).
+TOL = 2e-5  # fp32 loop vs diffusers: measured ≤ 1.3e-6
+PAD_TOL = 2e-5  # extra masked padding vs none: measured 1.1e-6
+BF16_TOL = 5e-2  # bf16 loop vs diffusers' bf16 loop: measured 1.6e-2, 3× (rounding noise, not a precision bar;
+#                  the check that ours is nearer diffusers' bf16 than to fp32 is the real one)
 TINY = q.preset("tiny")
 
 
@@ -29,9 +30,9 @@ def test_sigmas_equal_diffusers(steps, hw):
     ours = sampling.flow_match_sigmas(steps, n_tokens)
     ref = diffusers_sigmas(steps, n_tokens)
     assert ours.dtype == np.float32 and ours.shape == (steps + 1,)
-    assert_close(ours, ref, SIGMA_TOL, f"sigmas, {steps} steps, {hw}")
-    assert ours[-1] == 0.0 and ours[0] == pytest.approx(1.0, abs=SIGMA_TOL)
-    assert ours[-2] == pytest.approx(QWEN_SCHEDULER_CONFIG["shift_terminal"], abs=SIGMA_TOL)
+    np.testing.assert_array_equal(ours, ref)  # measured: bitwise equal in every case
+    assert ours[-1] == 0.0 and ours[0] == pytest.approx(1.0, abs=1e-6)
+    assert ours[-2] == pytest.approx(QWEN_SCHEDULER_CONFIG["shift_terminal"], abs=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
