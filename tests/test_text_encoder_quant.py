@@ -40,8 +40,8 @@ QUANTIZED = {f"language_model.layers.{m}.kernel" for m in (
         "attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")} | {
     "visual.merger.mlp_0.kernel", "visual.merger.mlp_2.kernel"}
 # measured (CPU, jax 0.10.2): int8 weights with fp32 activations against fp32 on the tiny repo, relative L2
-# error (tests/compare.py's rms_err) of the prompt embeddings: 0.023 for `_prompt` (text + one image), 0.023 / 0.023 for the two cached
-# samples below; tolerance ~10x (a wrong scale or axis gives ~1)
+# error (tests/compare.py's rms_err) of the prompt embeddings: 0.023 for `_prompt` (text + one image),
+# 0.023 / 0.023 for the two cached samples below; tolerance ~10x (a wrong scale or axis gives ~1)
 INT8_REL_TOL = 0.25
 
 
