@@ -180,7 +180,8 @@ def scenario_splash(_arg):
     ref_losses, ref_params, _ = run_steps(None, n=2, batch=4)
     losses, params, _ = run_steps(mesh, n=2, attention="splash", remat="full", batch=4)
     out["train_loss_rel_err"] = rel_err(losses, ref_losses)
-    out["train_params_rel_err"] = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    out["train_params_rel_err"] = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                                    jax.tree.leaves(ref_params)))
     return out
 
 

@@ -470,8 +470,8 @@ def test_edit_plus_metadata_cache_equals_components(tmp_path, repos, encoders, d
     for r in rows:
         refs = r["edit_image"] if isinstance(r["edit_image"], list) else [r["edit_image"]]
         expected[os.path.splitext(r["image"])[0]] = reference(
-            encoders["edit_plus"], diffusers_vae, "edit_plus", os.path.join(root, r["image"]), [os.path.join(root, p) for p in refs],
-            r["prompt"], sizing, negative="ugly")
+            encoders["edit_plus"], diffusers_vae, "edit_plus", os.path.join(root, r["image"]),
+            [os.path.join(root, p) for p in refs], r["prompt"], sizing, negative="ugly")
     assert_matches(ds, expected)
     assert [len(ds[i].references) for i in range(2)] != [1, 1]
 

@@ -174,7 +174,7 @@ def test_import_comfyui_model_prefix_and_fused_original(base, tmp_path):
     prefixed = {"model." + k: v for k, v in to_style(lora, "comfyui").items()}
     p1 = str(tmp_path / "model_prefix.safetensors")
     save_file(prefixed, p1)
-    assert_close(_ours(q.load_transformer(base_path, lora=p1)), ref, TOL, "import comfyui model prefix and fused original")
+    assert_close(_ours(q.load_transformer(base_path, lora=p1)), ref, TOL, "ComfyUI prefix, fused original")
 
     # Original merged-QKV layout: one shared A per fused projection, B stacked by rows. Build the
     # equivalent standard LoRA (A copied, B split by rows) for diffusers.
@@ -195,7 +195,7 @@ def test_import_comfyui_model_prefix_and_fused_original(base, tmp_path):
     save_file(to_style(split, "diffsynth"), p3)
     assert read_lora_file(p2).fused_modules
     ref2 = _ref(diffusers_with_lora(tm, p3))
-    assert_close(_ours(q.load_transformer(base_path, lora=p2)), ref2, TOL, "import comfyui model prefix and fused original")
+    assert_close(_ours(q.load_transformer(base_path, lora=p2)), ref2, TOL, "ComfyUI prefix, fused original")
 
 
 def test_multiple_loras_with_strengths(base, tmp_path):

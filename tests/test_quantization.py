@@ -20,9 +20,9 @@ from tests.compare import assert_close, assert_err, rms_err
 
 TINY = q.preset("tiny")
 SHAPES = ((1, 2, 3), (1, 3, 2))
-# Relative output error (‖y_q − y‖ / ‖y‖ = tests/compare.py's rms_err) of the whole tiny model vs the fp32 model: int8 per-channel
-# rounding error is ≤ scale/2 per weight (~0.4 % of the column max), fp8 e4m3 keeps 3 mantissa bits
-# (~2–3 %), int4 has 15 levels per group of 64 rows. Measured on this model (forward / 3-step sampling):
+# Relative output error (‖y_q − y‖ / ‖y‖, tests/compare.py's rms_err) of the whole tiny model vs the fp32
+# model: int8 per-channel rounding error is ≤ scale/2 per weight (~0.4 % of the column max), fp8 e4m3 keeps
+# 3 mantissa bits (~2–3 %), int4 has 15 levels per group of 64 rows. Measured on this model (forward / 3-step sampling):
 # int8 0.32 % / 0.33 %, fp8 1.2 % / 1.3 %, int4 5.0 % / 5.4 %.
 TOL = {"int8": 0.02, "fp8": 0.08, "int4": 0.25}
 DEQUANT_TOL = 2e-4

@@ -8,7 +8,8 @@ import pytest
 
 import qwen_edit_jax as q
 from qwen_edit_jax import sampling
-from tests.sampling_reference import QWEN_SCHEDULER_CONFIG, diffusers_edit_loop, diffusers_sigmas, run_edit_plus_pipeline
+from tests.sampling_reference import (QWEN_SCHEDULER_CONFIG, diffusers_edit_loop, diffusers_sigmas,
+                                      run_edit_plus_pipeline)
 from tests.compare import assert_close, assert_differs, rel_err
 from tests.torch_reference import make_torch_model, save_torch_model
 
