@@ -1,4 +1,4 @@
-"""Parity of QwenImageTransformer against diffusers `QwenImageTransformer2DModel` (fp32, rel err ≤ 1e-4)."""
+"""Parity of QwenImageTransformer against diffusers `QwenImageTransformer2DModel` (fp32, rel err ≤ 2e-5)."""
 
 import dataclasses
 
@@ -10,7 +10,7 @@ import qwen_edit_jax as q
 from tests.compare import assert_close, assert_differs
 from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
-TOL = 1e-4
+TOL = 2e-5  # ≈ 10× the error measured on 2026-12-07 (≤ 1.2e-6 over every case, two runs, 2-core CPU)
 TINY = q.preset("tiny")
 
 

@@ -1,7 +1,8 @@
 """VAE parity with diffusers' `AutoencoderKLQwenImage` (every parameter random), on single frames as the
 edit pipelines use it: encode → posterior mode → (z − mean)/std, and the inverse + decode + clamp.
 
-fp32: max|ours − ref| / max|ref| ≤ 1e-4 (measured 0.4–2e-6).
+fp32: max|ours − ref| / max|ref| ≤ 1e-5, ≈ 10× the measured 2e-7 – 1e-6; the four-level decoder with
+base_dim 4 (12 channels at the widest) measures 1.2e-5, its bar is 2e-4.
 
 bf16: both implementations round every layer's output to bf16, in different places (XLA fuses
 elementwise chains, torch rounds after each op), so neither equals the other bit for bit. The check
@@ -33,8 +34,11 @@ from tests.vae_reference import (
     torch_vae,
 )
 
-FP32_TOL = 1e-4
-RELEASED_FP32_TOL = 1e-4
+# fp32 tolerances ≈ 10× the error measured on 2026-12-07 (two runs, 2-core CPU; tests/compare.py says how)
+FP32_TOL = 1e-5  # tiny encoders and decoders: measured ≤ 9.3e-7
+FP32_TOL_CASE = {("four_levels", "decode"): 2e-4}  # measured 1.2e-5
+ATTENTION_TOL = 2e-6  # the chunked mid-block attention: measured 2.0e-7
+RELEASED_FP32_TOL = 1e-5  # the released architecture: measured 9.3e-7 (encode), 1.0e-6 (decode)
 BF16_RMS_MARGIN = 1.25  # ours ≤ 1.25 × diffusers' bf16 RMS error (both against the fp32 reference)
 BF16_MAX_MARGIN = 2.0  # ours ≤ 2 × diffusers' bf16 max error
 BF16_AGREE = 4e-2  # ours bf16 vs diffusers bf16, max-relative
@@ -62,13 +66,13 @@ def test_fp32_parity_tiny(name, batch, h, w, normalize):
     x = images(cfg, batch, h, w)
     lat = vae.encode(x, normalize=normalize)
     assert lat.shape == (batch, vae.config.z_dim, h // f, w // f) and lat.dtype == jnp.float32
-    assert_close(lat, torch_encode(ref, x, normalize), FP32_TOL, f"{name} encode")
+    assert_close(lat, torch_encode(ref, x, normalize), FP32_TOL_CASE.get((name, "encode"), FP32_TOL), f"{name} encode")
     z = latents(cfg, batch, h // f + 1, w // f)  # any latent size, also one no image encodes to
     out = vae.decode(z, normalized=normalize)
     want = torch_decode(ref, z, normalize)
     assert np.mean(np.abs(want) >= 1.0) < 0.05  # the clamp does not hide the comparison
     assert out.dtype == jnp.float32
-    assert_close(out, want, FP32_TOL, f"{name} decode")
+    assert_close(out, want, FP32_TOL_CASE.get((name, "decode"), FP32_TOL), f"{name} decode")
 
 
 def test_attention_block_chunked_matches_torch():
@@ -93,7 +97,7 @@ def test_attention_block_chunked_matches_torch():
         mine.kernel[...] = jnp.asarray(theirs.weight.detach().numpy().transpose(2, 3, 1, 0))
         mine.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
     out = blk(jnp.asarray(x[:, :, 0].transpose(0, 2, 3, 1))).transpose(0, 3, 1, 2)
-    assert_close(out, want, FP32_TOL, "chunked attention block")
+    assert_close(out, want, ATTENTION_TOL, "chunked attention block")
 
 
 def _bf16_check(cfg: dict | None, batch: int, h: int, w: int, seed: int) -> dict[str, float]:
