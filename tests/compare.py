@@ -5,9 +5,13 @@
 element among many is not averaged away). A reference that is all zeros makes it the absolute max error.
 `mask` keeps the valid positions only (e.g. the real tokens of a padded batch).
 
-`rms_err(ours, ref)` = RMS(ours − ref) / RMS(ref): the second metric, only where an error is compared with
-another error rather than with a tolerance (test_vae's bf16 check: ours vs diffusers' own bf16 rounding error),
-because there the max over a few thousand rounding errors is too noisy to compare.
+`rms_err(ours, ref)` = RMS(ours − ref) / RMS(ref) (= ‖ours − ref‖ / ‖ref‖): the second metric, only for
+errors that are noise by design — bf16 rounding (test_vae compares ours with diffusers' own bf16 error) and
+weight quantization (test_quantization, test_text_encoder_quant) — where the max over thousands of rounding
+errors is too noisy a number to compare or to bound.
+
+`assert_close` (≤ tol) and `assert_differs` (> a floor: a guard that a setting really changes the output) take
+arrays; `assert_err` takes an error already measured (e.g. by a subprocess worker with `rel_err`).
 
 Tolerances: each assertion states its tolerance next to the error measured when it was set, about 10× above
 it (rounded up to one significant figure), e.g.
