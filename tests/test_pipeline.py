@@ -126,7 +126,8 @@ def test_output_types_seed_and_release(parts, repos):
     np.testing.assert_array_equal(np.asarray(pil[0]), (np_out[0] * 255).round().astype(np.uint8))
     assert lat.shape == (1, (np_out.shape[1] // 16) * (np_out.shape[2] // 16), 64)
     decoded = np.asarray(pipe.decode_latents(lat, *np_out.shape[1:3]))
-    assert_close(np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1), np_out, 1e-6, "decoded latents vs np output")
+    assert_close(np.clip(decoded / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1), np_out, 1e-6,
+                 "decoded latents vs np output")  # measured 0: a float-rounding bar
     other = pipe(**{**kw, "seed": 6}, output_type="np").images
     assert np.abs(other - np_out).max() > 1e-3
 
@@ -140,7 +141,7 @@ def test_output_types_seed_and_release(parts, repos):
         again = pipe(image=kw["image"], prompt_embeds=embeds[0], prompt_embeds_mask=embeds[1],
                      negative_prompt_embeds=neg[0], negative_prompt_embeds_mask=neg[1], num_inference_steps=STEPS,
                      seed=5, output_type="np").images
-        assert_close(again, np_out, 1e-6, "given embeddings vs prompts")
+        assert_close(again, np_out, 1e-6, "given embeddings vs prompts")  # measured 0: a float-rounding bar
         vae, pipe.vae = pipe.vae, None
         with pytest.raises(RuntimeError, match="pipe.vae is not loaded") as e:
             pipe(image=kw["image"], prompt_embeds=embeds[0], num_inference_steps=STEPS, seed=5, true_cfg_scale=1.0)
@@ -165,7 +166,7 @@ def test_batches_and_images_per_prompt(repos):
     for i in (0, 3):  # rows are (prompt 0, prompt 0, prompt 1, prompt 1)
         alone = pipe(image=images, prompt=prompts[i // 2], negative_prompt=NEGATIVE, num_inference_steps=STEPS,
                      latents=noise[i:i + 1], output_type="np").images
-        assert_close(out[i], alone[0], 1e-5, f"batch row {i} vs alone")
+        assert_close(out[i], alone[0], 2e-5, f"batch row {i} vs alone")  # measured ≤ 1.2e-6
 
 
 def test_sizes_follow_diffusers():
