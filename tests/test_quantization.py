@@ -23,9 +23,11 @@ SHAPES = ((1, 2, 3), (1, 3, 2))
 # Relative output error (‖y_q − y‖ / ‖y‖, tests/compare.py's rms_err) of the whole tiny model vs the fp32
 # model: int8 per-channel rounding error is ≤ scale/2 per weight (~0.4 % of the column max), fp8 e4m3 keeps
 # 3 mantissa bits (~2–3 %), int4 has 15 levels per group of 64 rows. Measured on this model (forward / 3-step sampling):
-# int8 0.32 % / 0.33 %, fp8 1.2 % / 1.3 %, int4 5.0 % / 5.4 %.
+# int8 0.32 % / 0.33 %, fp8 1.2 % / 1.3 %, int4 5.0 % / 5.4 % (re-measured 2026-12-07: the same). The bars sit
+# 5–6× above: the error is deterministic for these weights (fixed seeds), and a wrong scale or axis gives ~100 %.
 TOL = {"int8": 0.02, "fp8": 0.08, "int4": 0.25}
-DEQUANT_TOL = 2e-4
+DEQUANT_TOL = 4e-6  # quantized model vs fp32 on the dequantized weights: measured ≤ 3.7e-7 (int4: 0)
+BF16_INT8_TOL = 7e-2  # bf16 on an int8 base vs bf16 on the float base (RMS): measured 6.4e-3
 QDTYPE = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "int4": jnp.int4}
 
 
@@ -195,7 +197,7 @@ def test_bf16_activations_on_int8_base():
     yb, yq = np.asarray(bf(**x), np.float32), np.asarray(qm(**x), np.float32)
     rel_b, rel_q = rms_err(yb, y), rms_err(yq, y)
     # in bf16 the int8 base adds little on top of bf16's own rounding (which is large on a tiny random model)
-    assert_err(rms_err(yq, yb), 0.15, "bf16 int8 base vs bf16 (RMS)")
+    assert_err(rms_err(yq, yb), BF16_INT8_TOL, "bf16 int8 base vs bf16 (RMS)")
     assert rel_q < rel_b + TOL["int8"], (rel_q, rel_b)
 
 
