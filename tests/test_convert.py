@@ -188,7 +188,7 @@ def test_merged_checkpoint_loads_and_matches_diffusers(fp32_single, torch_model,
     sigma = np.array([0.4], np.float32)
     ref = torch_forward(torch_model, hidden, enc, None, sigma, [shapes])
     ours = model(hidden_states=hidden, encoder_hidden_states=enc, timestep=sigma, img_shapes=[shapes])
-    assert_close(ours, ref, 1e-4, "merged checkpoint loads and matches diffusers")
+    assert_close(ours, ref, 6e-6, "merged checkpoint vs diffusers")  # measured 5.5e-7 (2026-12-07), ≈ 10×
 
 
 def test_load_merged_params_partial_and_cast(fp32_single, tmp_path):

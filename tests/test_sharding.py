@@ -1,6 +1,6 @@
 """Sharding: mesh and rule table (in-process), and on 8 simulated CPU devices (subprocess, because
 `--xla_force_host_platform_device_count` must be set before jax is imported): sharded forward and
-real LoRA training step equal the single-device ones (fp32 rel err ≤ 1e-5) on several mesh
+real LoRA training step equal the single-device ones (fp32 rel err ≤ 7e-6) on several mesh
 shapes, parameters / LoRA / Adam state are really split, sharded loading reads only per-device
 slices, and splash attention equals the XLA kernel."""
 
@@ -24,7 +24,7 @@ from tests.background import Job
 from tests.compare import assert_err
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
-TOL = 1e-5
+TOL = 7e-6  # ≈ 10× the error measured on 2026-12-07 (≤ 6.4e-7 over every mesh and scenario, 2-core CPU)
 MESHES = ["(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)", "(2, 4, 1)"]
 
 
