@@ -26,7 +26,7 @@ from qwen_edit_jax.weights.safetensors_io import CheckpointError
 from tests.compare import assert_close, assert_differs
 from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
-TOL = 1e-4
+TOL = 2e-5  # ours vs diffusers / PEFT with the LoRA: ≈ 10× the measured ≤ 1.0e-6 (2026-12-07, 2-core CPU)
 TINY = q.preset("tiny")
 SHAPES = [(1, 4, 4), (1, 2, 4)]
 ALL_TARGETS = ("to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp", "img_mod", "txt_mod")
@@ -250,7 +250,7 @@ def test_export_loads_in_diffusers(base, tmp_path, qkv_mode):
     tm, base_path = base
     model = _model_with_adapters(base_path, qkv_mode, seed=1)
     ours = _ours(model)
-    assert_differs(ours, _ours(q.load_transformer(base_path)), 1e-2, "export loads in diffusers")
+    assert_differs(ours, _ours(q.load_transformer(base_path)), 2e-3, "LoRA vs base")  # measured 1.7e-2
     for fmt in ("diffusers", "comfyui", "kohya", "diffsynth"):
         path = save_lora(model, tmp_path / f"{qkv_mode}_{fmt}.safetensors", format=fmt)
         assert read_lora_file(path).style == fmt
@@ -280,7 +280,7 @@ def test_load_lora_into_adapters_roundtrip(base, tmp_path, src_mode, dst_mode):
     path = save_lora(src, tmp_path / "x.safetensors", format="kohya")
     dst = _model_with_adapters(base_path, dst_mode, seed=9)
     load_lora_into_adapters(dst, path)
-    assert_close(_ours(dst), _ours(src), 1e-6, "load lora into adapters roundtrip")
+    assert_close(_ours(dst), _ours(src), 1e-6, "load lora into adapters roundtrip")  # measured 0
     if src_mode == dst_mode:  # same parameterisation: identical parameters (scale 2 is a power of two)
         for (p1, v1), (p2, v2) in zip(nnx.to_flat_state(nnx.state(src, nnx.LoRAParam)),
                                       nnx.to_flat_state(nnx.state(dst, nnx.LoRAParam))):
