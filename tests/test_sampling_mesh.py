@@ -84,7 +84,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
-MESH_TOL = 1e-5
+MESH_TOL = 2e-5  # ≈ 10× the measured ≤ 1.3e-6 (2026-12-07, 2-core CPU)
 
 JOB = Job("sampling on a mesh", [sys.executable, "-c", SCRIPT], timeout=600,
           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
