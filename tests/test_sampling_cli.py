@@ -22,7 +22,7 @@ from tests.sampling_reference import diffusers_edit_loop
 from tests.compare import assert_close, assert_differs
 from tests.torch_reference import make_torch_model, save_torch_model
 
-TOL = 1e-4
+TOL = 3e-5  # the command's latents vs diffusers: ≈ 10× the measured ≤ 2.2e-6 (2026-12-07, 2-core CPU)
 TINY = q.preset("tiny")
 STEPS, CFG, SEED = 3, 4.0, 7
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +230,7 @@ def test_batching_does_not_change_samples(setup):
     kw = {"num_inference_steps": STEPS, "true_cfg_scale": CFG, "seed": SEED}
     batched = sampling.sample_cached_batch(model, pair, **kw)
     for s, b in zip(pair, batched):
-        assert_close(b, sampling.sample_cached(model, s, **kw), 1e-5, "batching does not change samples")
+        assert_close(b, sampling.sample_cached(model, s, **kw), 2e-5, "batched vs alone")  # measured ≤ 1.4e-6
     with pytest.raises(ValueError, match="do not share one image layout"):
         sampling.sample_cached_batch(model, [ds[0], ds[2]], **kw)
 

@@ -147,6 +147,7 @@ def test_bf16_load_runs_close_to_reference(torch_model, folders):
     assert all(x.dtype == jnp.bfloat16 for x in leaves)
     ids, mask, pv, grid = R.make_inputs("right")
     ours = np.asarray(model(ids, mask, pv, grid)).astype(np.float32)
+    # measured 2.8e-2 (2026-12-07); 3.6×: bf16 rounding noise, a sanity bar
     assert_close(ours, R.torch_hidden(torch_model, ids, mask, pv, grid), 0.1, "bf16 load vs fp32 transformers", mask)
 
 
@@ -185,7 +186,7 @@ def test_sharded_load_and_forward_on_four_devices(torch_model, folders, tmp_path
                        timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stderr[-3000:]
     ids, mask, pv, grid = R.make_inputs("right")
-    assert_close(np.load(out_file), R.torch_hidden(torch_model, ids, mask, pv, grid), 1e-4,
+    assert_close(np.load(out_file), R.torch_hidden(torch_model, ids, mask, pv, grid), 3e-5,  # measured 2.7e-6
                  "sharded load and forward on four devices vs transformers", mask)
 
 

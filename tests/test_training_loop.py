@@ -106,7 +106,7 @@ def test_outputs_and_export_match_diffusers(assets, tmp_path):
     t = copy.deepcopy(tm)
     t.load_lora_adapter(sd, prefix="transformer", adapter_name="trained", metadata=meta)
     ref = torch_forward(t, hidden, enc, None, sigma, [shapes])
-    assert_close(ours, ref, 1e-4, "outputs and export match diffusers")
+    assert_close(ours, ref, 8e-6, "trained LoRA in diffusers vs ours")  # measured 7.2e-7 (2026-12-07), ≈ 10×
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):
