@@ -197,6 +197,7 @@ def test_two_hosts_write_the_same_cache(reference):
     for i in range(len(a)):
         x, y = a[i], by_id[a.infos[i].sample_id]
         for name in ("target", "prompt_embeds", "negative_prompt_embeds"):
-            assert_close(getattr(y, name), getattr(x, name), 2e-5, f"two hosts vs one: {x.sample_id} {name}")  # ≤ 1.7e-6
+            # measured ≤ 1.7e-6 (2026-12-07), ≈ 10×
+            assert_close(getattr(y, name), getattr(x, name), 2e-5, f"two hosts vs one: {x.sample_id} {name}")
         for r, t in zip(x.references, y.references):
             assert_close(t, r, 2e-5, f"two hosts vs one: {x.sample_id} reference latents")
