@@ -22,7 +22,8 @@ import numpy as np  # noqa: E402
 
 import qwen_edit_jax as q  # noqa: E402
 from benchmarks.train_step import grid  # noqa: E402
-from tests.torch_reference import make_torch_model, rel_err, save_torch_model  # noqa: E402
+from tests.compare import rel_err  # noqa: E402
+from tests.torch_reference import make_torch_model, save_torch_model  # noqa: E402
 
 
 def main() -> dict:

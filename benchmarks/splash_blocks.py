@@ -135,8 +135,6 @@ def model_time(kind: str, sp: int, h: int, d: int, bq: int, bkv: int, bkvc: int,
 
 
 def search(args) -> dict:
-    import jax
-    import numpy as np
     from jax.experimental import topologies
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 

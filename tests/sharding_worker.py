@@ -25,16 +25,13 @@ import qwen_edit_jax as q  # noqa: E402
 from qwen_edit_jax import parallel  # noqa: E402
 from qwen_edit_jax.config import LoraConfig, ModelOptions  # noqa: E402
 from qwen_edit_jax.sampling import sharded_forward  # noqa: E402
+from tests.compare import rel_err  # noqa: E402
 
 MESHES = [(1, 8, 1), (2, 2, 2), (1, 2, 4), (2, 4, 1)]
 CFG = q.preset("tiny")
 IMG_SHAPES = [(1, 4, 4), (1, 2, 6)]  # target + one reference: 28 image tokens
 N_IMG, TXT = 28, 9
 
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
 def options(attention="xla", remat="none") -> ModelOptions:
@@ -99,7 +96,7 @@ def scenario_forward(_arg):
         fwd = sharded_forward(model, mesh, IMG_SHAPES)
         for batch, x, ref in ((8, x8, ref8), (3, x3, ref3))[:2 if m in MESHES[:2] else 1]:
             y = fwd(*x)
-            out[f"{m}/b{batch}"] = {"rel_err": rel(y, ref), "out_spec": str(y.sharding.spec)}
+            out[f"{m}/b{batch}"] = {"rel_err": rel_err(y, ref), "out_spec": str(y.sharding.spec)}
         # where the big weights live
         flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
         shapes = {k: [list(a.shape), list(a.addressable_shards[0].data.shape)] for k, a in flat.items()}
@@ -159,8 +156,8 @@ def scenario_train(_arg):
                if tuple(getattr(k, "key", None) for k in path[-4:]) == want]
         out[str(m)] = {
             "losses": losses,
-            "loss_rel_err": max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
-            "params_rel_err": max(rel(a, b) for a, b in zip(flat, ref_flat)),
+            "loss_rel_err": rel_err(losses, ref_losses),
+            "params_rel_err": max(rel_err(a, b) for a, b in zip(flat, ref_flat)),
             "lora_a_shard": list(qkv_a.addressable_shards[0].data.shape),
             "lora_a_shape": list(qkv_a.shape),
             "adam_shards": [list(x.addressable_shards[0].data.shape) for x in mus],
@@ -176,14 +173,15 @@ def scenario_splash(_arg):
     ref = np.asarray(ref_model(*x, IMG_SHAPES))
     out = {}
     single = fresh(state, "splash")
-    out["single_rel_err"] = rel(single(*x, IMG_SHAPES), ref)
+    out["single_rel_err"] = rel_err(single(*x, IMG_SHAPES), ref)
     mesh = parallel.make_mesh(2, 2, 2)
     model = fresh(state, "splash", "full", mesh)
-    out["mesh_rel_err"] = rel(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref)
+    out["mesh_rel_err"] = rel_err(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref)
     ref_losses, ref_params, _ = run_steps(None, n=2, batch=4)
     losses, params, _ = run_steps(mesh, n=2, attention="splash", remat="full", batch=4)
-    out["train_loss_rel_err"] = max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses))
-    out["train_params_rel_err"] = max(rel(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+    out["train_loss_rel_err"] = rel_err(losses, ref_losses)
+    out["train_params_rel_err"] = max(rel_err(a, b) for a, b in zip(jax.tree.leaves(params),
+                                                                    jax.tree.leaves(ref_params)))
     return out
 
 
@@ -258,7 +256,7 @@ def scenario_load(path):
         out[str(m)] = {
             "max_weight_diff": max(float(np.max(np.abs(np.asarray(a) - ref_flat[k]))) for k, a in flat.items()),
             "n_leaves": len(flat),
-            "rel_err": rel(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref_out),
+            "rel_err": rel_err(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref_out),
             "calls": calls,
             "sharded_leaves": sum(parallel.is_sharded(a) for a in flat.values()),
         }
@@ -274,7 +272,7 @@ def scenario_load(path):
         "n_leaves": len(flat),
         "shardings_match": all(a.sharding.is_equivalent_to(want[k], a.ndim) for k, a in flat.items()),
         "sharded_leaves": sum(parallel.is_sharded(a) for a in flat.values()),
-        "rel_err": rel(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref_out),
+        "rel_err": rel_err(sharded_forward(model, mesh, IMG_SHAPES)(*x), ref_out),
     }
     return out
 
@@ -305,7 +303,7 @@ def scenario_seq_parallel(_arg):
         compiled = fn.lower(st, *x).compile()
         with jax.set_mesh(mesh):
             y = compiled(st, *x)
-        out[str(m)] = {"flops": compiled.cost_analysis()["flops"], "rel_err": rel(y, ref),
+        out[str(m)] = {"flops": compiled.cost_analysis()["flops"], "rel_err": rel_err(y, ref),
                        "out_spec": str(y.sharding.spec)}
     return out
 

@@ -18,7 +18,8 @@ from qwen_edit_jax.lora import read_lora, read_lora_file
 from qwen_edit_jax.weights import checkpoint, keymap
 from qwen_edit_jax.convert import convert
 from qwen_edit_jax.weights.safetensors_io import TensorSource
-from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
+from tests.compare import assert_close
+from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
 TINY = q.preset("tiny")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,7 +188,7 @@ def test_merged_checkpoint_loads_and_matches_diffusers(fp32_single, torch_model,
     sigma = np.array([0.4], np.float32)
     ref = torch_forward(torch_model, hidden, enc, None, sigma, [shapes])
     ours = model(hidden_states=hidden, encoder_hidden_states=enc, timestep=sigma, img_shapes=[shapes])
-    assert rel_err(ours, ref) <= 1e-4
+    assert_close(ours, ref, 6e-6, "merged checkpoint vs diffusers")  # measured 5.5e-7 (2026-12-07), ≈ 10×
 
 
 def test_load_merged_params_partial_and_cast(fp32_single, tmp_path):

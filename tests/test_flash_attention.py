@@ -11,13 +11,14 @@ import pytest
 
 from qwen_edit_jax.models.kernels.flash import _block, flash_attention
 from qwen_edit_jax.models.kernels.xla import xla_attention
+from tests.compare import assert_close, rel_err
 
-TOL = 1e-5  # fp32: max |flash − xla| / max |xla| (measured ≤ 1.4e-6 for these cases)
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) or 1.0))  # absolute where the reference is 0
+# fp32 tolerances ≈ 10× the error measured on 2026-12-07 (2-core CPU; tests/compare.py says how to re-measure).
+TOL = 2e-5  # flash vs xla, output and gradients: measured ≤ 1.5e-6 over CASES
+REMAT_TOL = 5e-6  # measured 4.2e-7
+XLA_TOL = 4e-6  # xla_attention vs a plain softmax attention, output and gradients: measured ≤ 3.7e-7
+BF16_TOL = 1.6e-2  # bf16 vs fp32: measured ≤ 3.1e-3, 5× (bf16 eps 7.8e-3; the check against xla's own bf16 error
+#                    below is the sharper one)
 
 
 def inputs(seed: int, b: int, sq: int, sk: int, h: int, d: int, dtype=np.float32):
@@ -79,7 +80,7 @@ def test_matches_xla(b, sq, sk, h, d, kind, block_q, block_k):
     assert out.shape == q.shape and out.dtype == q.dtype
     for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
         assert np.all(np.isfinite(np.asarray(got))), name
-        assert rel(got, want) < TOL, (name, rel(got, want))
+        assert_close(got, want, TOL, f"flash vs xla {name}")
 
 
 def test_bf16_within_xla_error():
@@ -94,7 +95,8 @@ def test_bf16_within_xla_error():
     flash = flash_vjp(*bf, mask, 128, 64)
     assert flash[0].dtype == jnp.bfloat16
     for r, x, f in zip(jax.tree.leaves(ref), jax.tree.leaves(xla), jax.tree.leaves(flash)):
-        assert rel(f, r) < 1.6e-2 and rel(f, r) < 3 * rel(x, r) + 1e-3, (rel(f, r), rel(x, r))
+        assert_close(f, r, BF16_TOL, "bf16 flash vs fp32 xla")
+        assert rel_err(f, r) < 3 * rel_err(x, r) + 1e-3, (rel_err(f, r), rel_err(x, r))
 
 
 def test_remat_scan_like_the_model():
@@ -116,7 +118,8 @@ def test_remat_scan_like_the_model():
     flash = lambda q, k, v, m: flash_attention(q, k, v, m, block_q=32, block_k=16)  # noqa: E731
     gw, gx = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(w, x0, flash)
     rw, rx = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)(w, x0, xla_attention)
-    assert rel(gw, rw) < TOL and rel(gx, rx) < TOL, (rel(gw, rw), rel(gx, rx))
+    assert_close(gw, rw, REMAT_TOL, "remat scan, weight gradient")
+    assert_close(gx, rx, REMAT_TOL, "remat scan, input gradient")
 
 
 def test_block_choice():
@@ -165,6 +168,6 @@ def test_xla_closed_form_backward_equals_autodiff():
     ct = jnp.asarray(rng.standard_normal((3, 33, 2, 8)), jnp.float32)
     out, vjp = jax.vjp(lambda *a: xla_attention(*a, mask), q, k, v)
     ref_out, ref_vjp = jax.vjp(lambda *a: plain(*a, mask), q, k, v)
-    assert rel(out, ref_out) < 1e-6
+    assert_close(out, ref_out, XLA_TOL, "xla vs plain attention")
     for name, g, r in zip("qkv", vjp(ct), ref_vjp(ct)):
-        assert rel(g, r) < 1e-5, name
+        assert_close(g, r, XLA_TOL, f"xla closed-form d{name} vs autodiff")

@@ -8,6 +8,7 @@ import textwrap
 import pytest
 
 from tests.background import Job
+from tests.compare import assert_err
 
 SCRIPT = textwrap.dedent(
     """
@@ -15,6 +16,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     import qwen_edit_jax as q
     from qwen_edit_jax import parallel, sampling
+    from tests.compare import rel_err
 
     assert jax.device_count() == 4, jax.devices()
     shapes = [(1, 4, 4), (1, 3, 5)]
@@ -38,7 +40,7 @@ SCRIPT = textwrap.dedent(
         kernel = model.transformer_blocks.attn.to_qkv.kernel[...]
         res = sampling.sample(model, **kw, mesh=mesh)
         out[name] = dict(
-            rel_err=float(np.max(np.abs(np.asarray(res) - ref)) / np.max(np.abs(ref))),
+            rel_err=rel_err(res, ref),
             params_sharded=bool(parallel.is_sharded(kernel)),
             out_devices=len(res.sharding.device_set),
         )
@@ -75,12 +77,14 @@ SCRIPT = textwrap.dedent(
     for i in range(2):
         a, b = (safe_open(os.path.join(tmp, d, f"s{i}.safetensors"), "numpy").get_tensor("latents")
                 for d in ("one", "mesh"))
-        errs.append(float(np.max(np.abs(a - b)) / np.max(np.abs(a))))
+        errs.append(rel_err(b, a))
     out["cli_mesh"] = dict(rel_err=max(errs), params_sharded=seen == [False, True])
     print("RESULT " + json.dumps(out))
     """
 )
 
+
+MESH_TOL = 2e-5  # ≈ 10× the measured ≤ 1.3e-6 (2026-12-07, 2-core CPU)
 
 JOB = Job("sampling on a mesh", [sys.executable, "-c", SCRIPT], timeout=600,
           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
@@ -94,7 +98,7 @@ def test_sample_on_mesh_equals_single_device():
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     for name, r in result.items():
-        assert r["rel_err"] <= 1e-5, (name, r)
+        assert_err(r["rel_err"], MESH_TOL, f"{name}: mesh vs single device")
         assert r["params_sharded"], (name, r)
         if name != "cli_mesh":  # the command returns files, not arrays
             assert r["out_devices"] == 4, (name, r)

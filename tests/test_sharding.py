@@ -1,6 +1,6 @@
 """Sharding: mesh and rule table (in-process), and on 8 simulated CPU devices (subprocess, because
 `--xla_force_host_platform_device_count` must be set before jax is imported): sharded forward and
-real LoRA training step equal the single-device ones (fp32 rel err ≤ 1e-5) on several mesh
+real LoRA training step equal the single-device ones (fp32 rel err ≤ 7e-6) on several mesh
 shapes, parameters / LoRA / Adam state are really split, sharded loading reads only per-device
 slices, and splash attention equals the XLA kernel."""
 
@@ -21,9 +21,10 @@ import qwen_edit_jax as q
 from qwen_edit_jax import parallel
 from qwen_edit_jax.config import LoraConfig, ModelOptions
 from tests.background import Job
+from tests.compare import assert_err
 
 WORKER = Path(__file__).with_name("sharding_worker.py")
-TOL = 1e-5
+TOL = 7e-6  # ≈ 10× the error measured on 2026-12-07 (≤ 6.4e-7 over every mesh and scenario, 2-core CPU)
 MESHES = ["(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)", "(2, 4, 1)"]
 
 
@@ -138,9 +139,9 @@ def forward():
 @pytest.mark.background(FORWARD)
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_forward_equals_single_device(forward, mesh):
-    assert forward[f"{mesh}/b8"]["rel_err"] <= TOL, forward[f"{mesh}/b8"]
+    assert_err(forward[f"{mesh}/b8"]["rel_err"], TOL, f"forward on {mesh}, batch 8")
     if mesh in MESHES[:2]:  # 3 samples: not divisible by the batch axes, so replicated; still correct
-        assert forward[f"{mesh}/b3"]["rel_err"] <= TOL
+        assert_err(forward[f"{mesh}/b3"]["rel_err"], TOL, f"forward on {mesh}, batch 3")
         assert forward[f"{mesh}/b3"]["out_spec"] == "P(None,)"
 
 
@@ -171,8 +172,8 @@ def train():
 def test_sharded_lora_step_equals_single_device(train, mesh):
     r = train[mesh]
     assert train["ref_losses"][0] != train["ref_losses"][-1]
-    assert r["loss_rel_err"] <= TOL, r["losses"]
-    assert r["params_rel_err"] <= TOL
+    assert_err(r["loss_rel_err"], TOL, f"LoRA step losses on {mesh}")
+    assert_err(r["params_rel_err"], TOL, f"LoRA step parameters on {mesh}")
     # LoRA A [L, 3, D, r] is split on D by fsdp, and so are both Adam moments
     fsdp = int(mesh.strip("()").split(", ")[1])
     assert r["lora_a_shard"][2] == r["lora_a_shape"][2] // fsdp
@@ -183,9 +184,8 @@ def test_sharded_lora_step_equals_single_device(train, mesh):
 @pytest.mark.background(FORWARD)
 def test_splash_attention_equals_xla():
     r = scenario("splash")
-    assert r["single_rel_err"] <= TOL
-    assert r["mesh_rel_err"] <= TOL
-    assert r["train_loss_rel_err"] <= TOL and r["train_params_rel_err"] <= TOL
+    for k in ("single_rel_err", "mesh_rel_err", "train_loss_rel_err", "train_params_rel_err"):
+        assert_err(r[k], TOL, f"splash vs xla: {k}")
 
 
 @pytest.mark.slow
@@ -194,7 +194,8 @@ def test_sharded_loading_reads_only_device_slices():
     r = scenario("load")
     for mesh in ("(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)"):
         m = r[mesh]
-        assert m["max_weight_diff"] == 0.0 and m["rel_err"] <= TOL
+        assert m["max_weight_diff"] == 0.0
+        assert_err(m["rel_err"], TOL, f"forward after sharded loading on {mesh}")
         assert m["sharded_leaves"] >= 20
         for c in m["calls"]:
             assert c["shard_shape"] == c["expected"], c  # a callback returns its device's shard only
@@ -203,7 +204,8 @@ def test_sharded_loading_reads_only_device_slices():
         split = {"(1, 8, 1)": 8, "(2, 2, 2)": 4, "(1, 2, 4)": 8}[mesh]
         assert big and all(c["source_bytes"] * split == c["leaf_bytes"] for c in big)
     merged = r["merged"]  # converter's merged Orbax checkpoint, each device's slice read from its chunks
-    assert merged["max_weight_diff"] == 0.0 and merged["rel_err"] <= TOL
+    assert merged["max_weight_diff"] == 0.0
+    assert_err(merged["rel_err"], TOL, "forward after loading the merged Orbax checkpoint")
     assert merged["shardings_match"] and merged["sharded_leaves"] >= 20
 
 
@@ -248,8 +250,8 @@ def test_batch_one_splits_tokens_not_work():
     (the cost analysis of the partitioned program) and the output equals the single-device one."""
     r = scenario("seq_parallel")
     for m, n_split in (("(1, 8, 1)", 8), ("(2, 4, 1)", 8), ("(1, 4, 2)", 8)):
-        assert r[m]["rel_err"] <= TOL, (m, r[m])
+        assert_err(r[m]["rel_err"], TOL, f"token-sharded forward on {m}")
         ratio = r[m]["flops"] / r["single_flops"]
         assert ratio <= 1.5 / n_split, (m, ratio, r)  # ≈ 1/n plus the unsplit text stream and all-gathers
     # all three axes > 1: no constraint (see parallel.rules.constrain_tokens), so correct but not split
-    assert r["(2, 2, 2)"]["rel_err"] <= TOL, r["(2, 2, 2)"]
+    assert_err(r["(2, 2, 2)"]["rel_err"], TOL, "token-sharded forward on (2, 2, 2)")

@@ -21,6 +21,7 @@ from flax import nnx  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 import text_encoder_reference as R  # noqa: E402
+from tests.compare import assert_close  # noqa: E402
 from qwen_edit_jax.errors import CheckpointError  # noqa: E402
 from qwen_edit_jax.loading.text_encoder import load_text_encoder_model  # noqa: E402
 from qwen_edit_jax.models.text_encoder import Qwen25VLConfig, TextConfig, VisionConfig  # noqa: E402
@@ -146,7 +147,8 @@ def test_bf16_load_runs_close_to_reference(torch_model, folders):
     assert all(x.dtype == jnp.bfloat16 for x in leaves)
     ids, mask, pv, grid = R.make_inputs("right")
     ours = np.asarray(model(ids, mask, pv, grid)).astype(np.float32)
-    assert R.rel_err(ours, R.torch_hidden(torch_model, ids, mask, pv, grid), mask) < 0.1
+    # measured 2.8e-2 (2026-12-07); 3.6×: bf16 rounding noise, a sanity bar
+    assert_close(ours, R.torch_hidden(torch_model, ids, mask, pv, grid), 0.1, "bf16 load vs fp32 transformers", mask)
 
 
 def test_one_device_mesh_equals_unsharded(folders):
@@ -184,7 +186,8 @@ def test_sharded_load_and_forward_on_four_devices(torch_model, folders, tmp_path
                        timeout=600, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert p.returncode == 0, p.stderr[-3000:]
     ids, mask, pv, grid = R.make_inputs("right")
-    assert R.rel_err(np.load(out_file), R.torch_hidden(torch_model, ids, mask, pv, grid), mask) <= 1e-4
+    assert_close(np.load(out_file), R.torch_hidden(torch_model, ids, mask, pv, grid), 3e-5,  # measured 2.7e-6
+                 "sharded load and forward on four devices vs transformers", mask)
 
 
 # ---- errors ------------------------------------------------------------------------------------

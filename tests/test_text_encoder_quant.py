@@ -20,7 +20,8 @@ from qwen_edit_jax.models.quant import quantize, reduced_axis
 from qwen_edit_jax.models.text_encoder import EncoderOptions, Qwen25VLConfig, Qwen25VLEncoder, TextConfig, VisionConfig
 from qwen_edit_jax.parallel import make_mesh
 from qwen_edit_jax.cache_format import CachedDataset
-from test_caching import folder_dataset, rel
+from test_caching import folder_dataset
+from tests.compare import rms_err
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "train"))
@@ -39,8 +40,8 @@ QUANTIZED = {f"language_model.layers.{m}.kernel" for m in (
         "attn.qkv", "attn.proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")} | {
     "visual.merger.mlp_0.kernel", "visual.merger.mlp_2.kernel"}
 # measured (CPU, jax 0.10.2): int8 weights with fp32 activations against fp32 on the tiny repo, relative L2
-# error of the prompt embeddings: 0.023 for `_prompt` (text + one image), 0.023 / 0.023 for the two cached
-# samples below; tolerance ~10x (a wrong scale or axis gives ~1)
+# error (tests/compare.py's rms_err) of the prompt embeddings: 0.023 for `_prompt` (text + one image),
+# 0.023 / 0.023 for the two cached samples below; tolerance ~10x (a wrong scale or axis gives ~1)
 INT8_REL_TOL = 0.25
 
 
@@ -125,7 +126,7 @@ def test_int8_embeddings_close_to_float(repo):
     q = load_text_encoder_model(te, dtype=jnp.float32, quantize="int8")
     ids, pixels, grid = _prompt(f.config)
     a, b = np.asarray(f(ids, None, pixels, grid)), np.asarray(q(ids, None, pixels, grid))
-    err = rel(b, a)
+    err = rms_err(b, a)
     assert 1e-4 < err < INT8_REL_TOL, err
 
 
@@ -156,7 +157,7 @@ def test_cache_dataset_quantize_int8_end_to_end(tmp_path, repo, capsys):
         assert a.sample_id == b.sample_id
         np.testing.assert_array_equal(a.target, b.target)
         np.testing.assert_array_equal(a.prompt_mask, b.prompt_mask)
-        err = rel(b.prompt_embeds[b.prompt_mask], a.prompt_embeds[a.prompt_mask])
+        err = rms_err(b.prompt_embeds[b.prompt_mask], a.prompt_embeds[a.prompt_mask])
         assert 1e-4 < err < INT8_REL_TOL, err
 
 

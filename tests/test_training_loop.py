@@ -28,7 +28,8 @@ from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.cache_format import DataError, write_cache
 from qwen_edit_jax.training.loop import NonFiniteLossError, train
 from qwen_edit_jax.training.step import make_schedule, split_lora
-from tests.torch_reference import make_torch_model, rel_err, save_torch_model, torch_forward
+from tests.compare import assert_close, assert_differs
+from tests.torch_reference import make_torch_model, save_torch_model, torch_forward
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = q.preset("tiny")
@@ -96,7 +97,7 @@ def test_outputs_and_export_match_diffusers(assets, tmp_path):
     sigma = np.array([0.6], np.float32)
     ours = np.asarray(trained(hidden_states=hidden, encoder_hidden_states=enc, timestep=sigma, img_shapes=[shapes]))
     plain = np.asarray(model(hidden_states=hidden, encoder_hidden_states=enc, timestep=sigma, img_shapes=[shapes]))
-    assert rel_err(ours, plain) > 1e-3  # training really changed the model
+    assert_differs(ours, plain, 1e-3, "outputs and export match diffusers")  # training really changed the model
     # diffusers + PEFT, loading the exported file the standard way
     from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
 
@@ -105,7 +106,7 @@ def test_outputs_and_export_match_diffusers(assets, tmp_path):
     t = copy.deepcopy(tm)
     t.load_lora_adapter(sd, prefix="transformer", adapter_name="trained", metadata=meta)
     ref = torch_forward(t, hidden, enc, None, sigma, [shapes])
-    assert rel_err(ours, ref) <= 1e-4
+    assert_close(ours, ref, 8e-6, "trained LoRA in diffusers vs ours")  # measured 7.2e-7 (2026-12-07), ≈ 10×
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path):

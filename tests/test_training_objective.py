@@ -19,14 +19,12 @@ from qwen_edit_jax.training.objective import (
     sample_timesteps,
     timestep_table,
 )
+from tests.sampling_reference import QWEN_SCHEDULER_CONFIG, make_scheduler
 
 
 def _diffusers_qwen_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential")
+    """diffusers' scheduler with Qwen-Image's released `scheduler_config.json`."""
+    return make_scheduler()
 
 
 def diffsynth_qwen_training(n: int = 1000, mu: float = 0.8, shift_terminal: float = 0.02):
@@ -98,9 +96,13 @@ def test_uniform_and_logit_normal_use_diffusers_training_grid():
 
 def test_resolution_shift_mu():
     cfg = ObjectiveSection(timestep_sampling="resolution_shift")
-    # the pipelines' calculate_shift: μ linear from 0.5 at 256 tokens to 0.9 at 8192 tokens
-    assert resolution_mu(4096, cfg) == pytest.approx(0.5 + 0.4 * (4096 - 256) / (8192 - 256))  # 1024²: 0.69355
-    assert resolution_mu(6889, cfg) == pytest.approx(0.5 + 0.4 * (6889 - 256) / (8192 - 256))  # 1328²: 0.83432
+    # the pipelines' calculate_shift with the released scheduler config (μ from 0.5 at 256 tokens to 0.9 at 8192)
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift
+
+    c = QWEN_SCHEDULER_CONFIG
+    for n in (256, 4096, 6889, 8192):  # 1024²: 4096 tokens, 1328²: 6889
+        ref = calculate_shift(n, c["base_image_seq_len"], c["max_image_seq_len"], c["base_shift"], c["max_shift"])
+        assert resolution_mu(n, cfg) == pytest.approx(ref)
     sched = _diffusers_qwen_scheduler()
     sched.set_timesteps(1000, mu=resolution_mu(4096, cfg))
     np.testing.assert_allclose(timestep_table(cfg, 4096).sigmas, sched.sigmas.numpy()[:-1], rtol=1e-5)

@@ -10,7 +10,8 @@ from flax import nnx
 
 import qwen_edit_jax as q
 from qwen_edit_jax.models.kernels import get_attention
-from tests.torch_reference import rel_err, torch_forward
+from tests.compare import assert_close, rel_err
+from tests.torch_reference import torch_forward
 
 TINY = q.preset("tiny")
 SHAPES = [(1, 4, 4), (1, 3, 5)]
@@ -52,7 +53,7 @@ def test_scan_equals_unrolled(model):
     x = _inputs()
     a = _jit_forward(model, x)
     b = _jit_forward(_with(model, scan_layers=False), x)
-    assert rel_err(a, b) <= 1e-6
+    assert_close(a, b, 1e-6, "scan equals unrolled")  # measured 0: a float-rounding bar
 
 
 @pytest.mark.parametrize("remat", ["full", "save_matmuls"])
@@ -71,7 +72,7 @@ def test_remat_policies_same_values_and_grads(model, remat):
     (l0, g0), (l1, g1) = loss_and_grad(model), loss_and_grad(other)
     assert abs(float(l0) - float(l1)) <= 1e-6 * abs(float(l0))
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-        assert rel_err(b, a) <= 1e-5
+        assert_close(b, a, 1e-6, "remat policies same values and grads")  # measured ≤ 9.9e-8 (2026-12-07)
 
 
 def test_bf16_matches_diffusers_bf16(tmp_path):
@@ -105,7 +106,8 @@ def test_bf16_matches_diffusers_bf16(tmp_path):
     out = ours(**x)
     assert out.dtype == jnp.bfloat16
     out = np.asarray(out.astype(jnp.float32))
-    assert rel_err(out, ref16) <= 1e-2
+    # measured 7.4e-3 (2026-12-07); 3×: bf16 rounding noise, the check below is the sharper one
+    assert_close(out, ref16, 3e-2, "bf16 matches diffusers bf16")
     assert rel_err(out, ref32) <= rel_err(ref16, ref32) + 2**-8
 
 
@@ -123,7 +125,7 @@ def test_separate_qkv_layout_equals_fused(model):
         params[path] = np.stack(vals) if entry.stacked else vals[0]
     sep = q.model_from_params(model.config, sep_opts, params)
     assert not hasattr(sep.transformer_blocks.attn, "to_qkv")
-    assert rel_err(sep(**x), fused) <= 1e-5
+    assert_close(sep(**x), fused, 4e-6, "separate qkv layout equals fused")  # measured 3.3e-7 (2026-12-07)
 
 
 def test_gradients_finite_under_jit_lora():
@@ -185,7 +187,7 @@ def test_valid_keys_first_turns_a_mask_into_lengths():
     assert n.tolist() == [9, 10]
     out = jax.nn.dot_product_attention(q_, k2, v2, query_seq_lengths=jnp.array([12, 12]), key_value_seq_lengths=n,
                                        implementation="xla")
-    assert rel_err(out, ref) <= 1e-6
+    assert_close(out, ref, 7e-7, "valid keys first turns a mask into lengths")  # measured 6.9e-8 (2026-12-07)
 
 
 def test_scan_compiles_one_block():
@@ -216,4 +218,12 @@ def test_clear_errors(model, bad, match):
 
 
 def test_param_count_real_model():
-    assert q.count_params(q.abstract_model(q.preset("qwen-image-edit"))) == 20_430_401_088
+    """The released config has diffusers' parameter count (20,430,401,088; its model built on the meta device)."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+
+    cfg = q.preset("qwen-image-edit")
+    kwargs = {k: v for k, v in cfg.to_dict().items() if k != "_class_name"}
+    with torch.device("meta"):  # shapes only
+        ref = QwenImageTransformer2DModel(**kwargs)
+    assert q.count_params(q.abstract_model(cfg)) == sum(p.numel() for p in ref.parameters())

@@ -90,13 +90,6 @@ def torch_hidden(model, ids, mask, pixel_values, grid, *, mm_token_type_ids: boo
     return out.hidden_states[-1].float().numpy()
 
 
-def rel_err(ours, ref, mask=None) -> float:
-    """max|ours − ref| / max|ref| over the valid tokens."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    if mask is not None:
-        ours, ref = ours[np.asarray(mask).astype(bool)], ref[np.asarray(mask).astype(bool)]
-    return float(np.abs(ours - ref).max() / np.abs(ref).max())
-
 
 def save_transformers5(model, folder: str) -> str:
     """`save_pretrained` with transformers-5 names (`model.language_model.*`, `model.visual.*`), one file."""

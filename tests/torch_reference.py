@@ -54,8 +54,3 @@ def torch_forward(model, hidden, enc, mask, sigma, img_shapes) -> np.ndarray:
             return_dict=False,
         )[0]
     return out.float().numpy()
-
-
-def rel_err(ours, ref) -> float:
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))

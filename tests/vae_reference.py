@@ -86,16 +86,3 @@ def torch_decode(model, latents: np.ndarray, normalized: bool = True) -> np.ndar
     with torch.no_grad():
         return model.decode(torch.from_numpy(latents).to(dtype)[:, :, None]).sample[:, :, 0].float().numpy()
 
-
-def rel_err(ours: Any, ref: Any) -> float:
-    """max |ours − ref| / max |ref|."""
-    a, b = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
-
-
-def rms_err(ours: Any, ref: Any) -> float:
-    """RMS(ours − ref) / RMS(ref)."""
-    a, b = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))

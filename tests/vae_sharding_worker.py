@@ -22,7 +22,8 @@ from flax import nnx  # noqa: E402
 from qwen_edit_jax.loading.vae import vae_from_tensors  # noqa: E402
 from qwen_edit_jax.models.vae import VAEConfig  # noqa: E402
 from qwen_edit_jax.parallel import is_sharded, make_mesh  # noqa: E402
-from tests.vae_reference import TINY_CONFIGS, numpy_state, rel_err, torch_decode, torch_encode, torch_vae  # noqa: E402
+from tests.compare import rel_err  # noqa: E402
+from tests.vae_reference import TINY_CONFIGS, numpy_state, torch_decode, torch_encode, torch_vae  # noqa: E402
 
 CFG = TINY_CONFIGS["three_levels"]
 # (data, fsdp, tensor), batch, how many ways the batch should be split:
