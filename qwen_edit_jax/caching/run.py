@@ -44,7 +44,7 @@ from ..cache_format import DEFAULT_SHARD_BYTES, CachedDataset, CachedSample
 from ..config import as_dtype
 from ..encoding import QwenPromptEncoder
 from ..errors import CheckpointError
-from ..imaging import vae_pixels
+from ..imaging import EDIT_VARIANTS, vae_pixels
 from ..loading import load_text_encoder, load_vae
 from ..loading.vae import QwenImageVAE
 from ..models.text_encoder import ENCODER_QUANT_MODES
@@ -56,7 +56,6 @@ from .layouts import LayoutError, Listing, read_dataset
 from .validate import GoodSample, Report, format_report, load_image, parse_background, validate
 from .writer import JOB_FORMAT, CacheExists, PartialCache, partial_path
 
-EDIT_VARIANTS: tuple[str, ...] = tuple(VARIANT_OF_CLASS.values())  # "edit", "edit_plus"
 JOB_VERSION = 1
 
 
@@ -454,6 +453,6 @@ def cache_metadata(dataset: str, report: Report, job: dict[str, Any]) -> dict[st
             "report": report.to_json()}
 
 
-__all__ = ["BadInput", "CacheOptions", "CacheResult", "EDIT_VARIANTS", "Encoders", "HostBatch",
+__all__ = ["BadInput", "CacheOptions", "CacheResult", "Encoders", "HostBatch",
            "cache_dataset", "cache_metadata", "check_dataset", "check_repo", "make_job", "model_files",
            "order_samples", "plan_batches", "read_variant"]
