@@ -25,7 +25,7 @@ from ..loading import save_transformer
 from ..models.dit import init_transformer
 from ..cache_format import CachedSample, write_cache
 from ..utils.files import atomic_path
-from .manifest import reuse, write_manifest
+from .manifest import mark_finished, reuse
 
 MODEL_DIR, CACHE_DIR = "tiny-dit", "cache"  # inside the folder `write_latent_demo` writes
 
@@ -99,7 +99,7 @@ def write_latent_demo(folder: str | os.PathLike, spec: LatentDemo = LatentDemo()
     with atomic_path(dest, is_dir=True) as tmp:
         make_demo_checkpoint(os.path.join(tmp, MODEL_DIR), spec)
         write_latent_cache(os.path.join(tmp, CACHE_DIR), spec)
-        write_manifest(tmp, manifest)
+        mark_finished(tmp, manifest)
     return dest
 
 

@@ -33,9 +33,9 @@ def reuse(dest: str | os.PathLike, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
+def mark_finished(folder: str | os.PathLike, manifest: dict[str, Any]) -> None:
     """Record `manifest` in `folder` (last, once the output is complete)."""
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2))
 
 
-__all__ = ["MANIFEST", "reuse", "write_manifest"]
+__all__ = ["MANIFEST", "mark_finished", "reuse"]

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..utils.files import atomic_path
-from .manifest import reuse, write_manifest
+from .manifest import mark_finished, reuse
 
 RGB = tuple[int, int, int]
 RED: RGB = (255, 0, 0)
@@ -131,7 +131,7 @@ def write_demo_pairs(folder: str | os.PathLike, *, num_pairs: int = 64, size: in
             _save_png(edited.render(), root / f"{i:04d}.png")
             (root / f"{i:04d}.txt").write_text(prompt + "\n")
             _save_png(scene.render(), root / "control" / f"{i:04d}.png")
-        write_manifest(root, manifest)
+        mark_finished(root, manifest)
     return dest
 
 
@@ -161,7 +161,7 @@ def demo_validation_prompts(folder: str | os.PathLike, *, size: int = 128, seed:
                 _save_png(edited.render(), root / f"{i:02d}_expected.png")
                 listing.append({"prompt": prompt, "images": [f"{i:02d}.png"], "expected": f"{i:02d}_expected.png"})
             (root / "prompts.json").write_text(json.dumps(listing, indent=2))
-            write_manifest(root, manifest)
+            mark_finished(root, manifest)
     listing = json.loads((dest / "prompts.json").read_text())
     return [{"prompt": e["prompt"], "images": [str(dest / p) for p in e["images"]],
              "expected": str(dest / e["expected"])} for e in listing]

@@ -28,7 +28,7 @@ from ..loading.vae import save_vae
 from ..models.text_encoder import Qwen25VLConfig
 from ..utils.files import atomic_path
 from ..weights import text_encoder_keys
-from .manifest import reuse, write_manifest
+from .manifest import mark_finished, reuse
 from .tokenizer import write_tiny_processor
 from .vae import demo_vae_config, readable_vae_params, write_tiny_vae
 from .random_weights import random_tensor, write_random_transformer
@@ -131,7 +131,7 @@ def write_demo_repo(path: str | os.PathLike, *, variant: str = "edit_plus", seed
         (root / "scheduler").mkdir()
         (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(SCHEDULER_CONFIG, indent=2))
         write_model_index(root, variant, transformer=True, scheduler=True)
-        write_manifest(root, manifest)
+        mark_finished(root, manifest)
     return dest
 
 
