@@ -57,20 +57,12 @@ from .models.dit import QwenImageTransformer
 from .packing import pack_latents, unpack_latents
 from .preprocess import build_inputs
 from .preprocess.postprocess import check_max_sequence_length
-from .sampling import FlowMatchConfig, sample, sample_noise
+from .sampling import FlowMatchConfig, as_scheduler_config, read_scheduler_config, sample, sample_noise
 from .utils.files import atomic_path
 
 VARIANT_OF_CLASS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit_plus"}
 COMPONENTS = ("text_encoder", "vae", "transformer")
 OUTPUT_TYPES = ("pil", "np", "latent")
-# FlowMatchEulerDiscreteScheduler's defaults for keys a scheduler_config.json leaves out
-_SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
-                       "max_image_seq_len": 4096, "shift_terminal": None, "time_shift_type": "exponential"}
-# settings the pipelines' sigmas cannot follow here (the sampler implements the released config's path)
-_SCHEDULER_UNSUPPORTED = {"use_dynamic_shifting": False, "invert_sigmas": True, "use_karras_sigmas": True,
-                          "use_exponential_sigmas": True, "use_beta_sigmas": True, "stochastic_sampling": True}
-
-
 @dataclasses.dataclass
 class QwenImagePipelineOutput:
     """`images`: a list of PIL images ("pil"), float32 `[B, H, W, 3]` in [0, 1] ("np"), or the packed
@@ -103,22 +95,8 @@ def pipeline_variant(repo_dir: str | os.PathLike) -> str:
     return VARIANT_OF_CLASS[name]
 
 
-def scheduler_from_json(path: str | os.PathLike) -> FlowMatchConfig:
-    """`FlowMatchConfig` from a `scheduler/scheduler_config.json` (missing keys: the scheduler class's defaults)."""
-    path = os.fspath(path)
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    for key, bad in _SCHEDULER_UNSUPPORTED.items():
-        value = bool(d.get(key, False))  # every one of these defaults to False in the scheduler class
-        if value == bad:
-            raise ValueError(f"{path}: {key}={value} is not supported (the Qwen-Image repos use {key}={not bad})")
-    try:
-        return FlowMatchConfig(**{k: d.get(k, v) for k, v in _SCHEDULER_DEFAULTS.items()})
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: {e}") from None
+# `scheduler/scheduler_config.json` → FlowMatchConfig (missing keys: the scheduler class's defaults)
+scheduler_from_json = read_scheduler_config
 
 
 def transformer_config_source(path: str | os.PathLike, repo_dir: str | os.PathLike) -> str | None:
@@ -183,7 +161,8 @@ class QwenImageEditPipeline:
 
     Components (plain attributes; set one to None to free its memory): `text_encoder`
     (`QwenPromptEncoder`), `vae` (`QwenImageVAE`), `transformer` (`QwenImageTransformer`), and
-    `scheduler` (`FlowMatchConfig`). `variant` is "edit" or "edit_plus". `vae_image_area` and
+    `scheduler` (`FlowMatchConfig`; given as one, a config dict or a JSON path). `variant` is "edit" or
+    "edit_plus". `vae_image_area` and
     `condition_image_area` are diffusers' `VAE_IMAGE_SIZE` (1024²) and `CONDITION_IMAGE_SIZE` (384²);
     change them only to experiment (the tests shrink them to keep images tiny).
     """
@@ -192,12 +171,13 @@ class QwenImageEditPipeline:
     condition_image_area: int = CONDITION_IMAGE_SIZE
 
     def __init__(self, *, transformer: QwenImageTransformer | None, vae: QwenImageVAE | None,
-                 text_encoder: QwenPromptEncoder | None, scheduler: FlowMatchConfig = FlowMatchConfig(),
+                 text_encoder: QwenPromptEncoder | None, scheduler: FlowMatchConfig | dict | str = FlowMatchConfig(),
                  variant: str = "edit_plus", dtype: Any = jnp.bfloat16, mesh: Mesh | None = None,
                  repo_dir: str | None = None):
         if variant not in ("edit", "edit_plus"):
             raise ValueError(f"variant must be 'edit' or 'edit_plus', got {variant!r}")
-        self.transformer, self.vae, self.text_encoder, self.scheduler = transformer, vae, text_encoder, scheduler
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.scheduler = as_scheduler_config(scheduler)
         self.variant, self.dtype, self.mesh, self.repo_dir = variant, as_dtype(dtype), mesh, repo_dir
         # as diffusers: 2 ** len(temperal_downsample) of the VAE (8), 8 without one; patches are 2×2 latents
         self.vae_scale_factor = vae.config.spatial_factor if vae is not None else 8
@@ -215,6 +195,7 @@ class QwenImageEditPipeline:
         options: ModelOptions | None = None,
         components: Sequence[str] = COMPONENTS,
         variant: str | None = None,
+        scheduler_config: str | os.PathLike | dict | FlowMatchConfig | None = None,
     ) -> "QwenImageEditPipeline":
         """Load a diffusers Qwen-Image-Edit(-2509/-2511) repo folder (`model_index.json`, `transformer/`,
         `vae/`, `text_encoder/`, `processor/`, `scheduler/`).
@@ -229,6 +210,9 @@ class QwenImageEditPipeline:
         (None: each one's default). options: the DiT's `ModelOptions` (overrides dtype / attention for it).
         components: which of "text_encoder", "vae", "transformer" to load (the others stay None).
         variant: "edit" / "edit_plus" instead of reading `model_index.json`.
+        scheduler_config: the sampling schedule instead of the repo's `scheduler/scheduler_config.json` —
+        a JSON file path, a dict of `FlowMatchEulerDiscreteScheduler` settings (e.g. Qwen-Image-Lightning's)
+        or a `FlowMatchConfig`; `pipe.scheduler` can also be replaced later (see docs/sampling.md).
         """
         repo = os.fspath(repo_dir)
         if not os.path.isdir(repo):
@@ -238,8 +222,10 @@ class QwenImageEditPipeline:
             raise ValueError(f"unknown components {unknown}; choose from {list(COMPONENTS)}")
         variant = variant or pipeline_variant(repo)
         sched_path = os.path.join(repo, "scheduler", "scheduler_config.json")
-        # all released Qwen-Image repos hold the same scheduler config: the default when the file is missing
-        scheduler = scheduler_from_json(sched_path) if os.path.exists(sched_path) else FlowMatchConfig()
+        if scheduler_config is not None:
+            scheduler = as_scheduler_config(scheduler_config)
+        else:  # all released Qwen-Image repos hold the same scheduler config: the default when the file is missing
+            scheduler = read_scheduler_config(sched_path) if os.path.exists(sched_path) else FlowMatchConfig()
         dt = as_dtype(dtype)
         kernel = {} if attention is None else {"attention": attention}
         text_encoder = vae = model = None

@@ -3,7 +3,8 @@ r"""Sample edit targets from a training cache, or edit images into PNGs, with a 
 
     python sample/sample.py --cache data/cache --model Qwen-Image-Edit-2509/transformer \
         --lora runs/demo/lora_diffusers.safetensors:0.8 --out samples/ [--steps 50] [--cfg 4.0] \
-        [--seed 0] [--batch-size 1] [--dtype bf16] [--ids ID ...] [--limit N] [--mesh 1,-1,1]
+        [--seed 0] [--batch-size 1] [--dtype bf16] [--ids ID ...] [--limit N] [--mesh 1,-1,1] \
+        [--scheduler-config scheduler_config.json]
 
 Reads cached prompt embeddings and reference latents (`qwen_edit_jax.cache_format`) and
 writes OUT/<sample id>.safetensors per sample: `latents` [16, h, w], the normalised VAE latent (the
@@ -19,10 +20,12 @@ Edit images (a diffusers Qwen-Image-Edit / -2509 / -2511 repo folder; PNGs out):
     python sample/sample.py --model checkpoints/Qwen-Image-Edit-2509 --lora my_lora.safetensors:0.8 \
         --image a.png [--image b.png] --prompt "put the cat on the sofa" --out samples/ \
         [--negative-prompt " "] [--steps 50] [--cfg 4.0] [--seed 0] [--height H --width W] [--resolution 1024] \
-        [--num-images N]
+        [--num-images N] [--scheduler-config scheduler_config.json]
 
 writes OUT/<first image's name>-<seed>[-<k>].png (settings in the PNG text chunks). The text encoder
 and VAE are loaded first, the prompts encoded, the text encoder released, then the transformer loaded.
+--scheduler-config: another FlowMatchEulerDiscreteScheduler config (few-step LoRAs such as Qwen-Image-Lightning:
+their config, --steps 4 or 8, --cfg 1); default: the repo's scheduler/scheduler_config.json.
 Exit codes: 0 done, 2 bad input (message names the file/key/value at fault).
 """
 
@@ -38,16 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def parse_lora(spec: str) -> tuple[str, float]:
     """'PATH' or 'PATH:SCALE' → (path, scale); a SCALE that is not a number is an error."""
-    if os.path.exists(spec):  # a file whose name holds a ':'
-        return spec, 1.0
-    path, sep, tail = spec.rpartition(":")
-    if not sep or not path or "/" in tail or tail.endswith(".safetensors"):
-        return spec, 1.0  # no scale given (or the ':' belongs to the path)
-    try:
-        return path, float(tail)
-    except ValueError:
-        raise ValueError(f"--lora {spec}: the strength {tail!r} after the last ':' is not a number "
-                         f"(expected PATH[:SCALE], e.g. {path}:0.8)") from None
+    from qwen_edit_jax.lora.merge import parse_lora_spec
+
+    return parse_lora_spec(spec)
 
 
 def parse_mesh(spec: str) -> tuple[int, int, int]:
@@ -84,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="LoRA file to merge (any supported key style); repeat for several")
     p.add_argument("--out", required=True, help="output folder (<sample id>.safetensors [+ .png], or edited PNGs)")
     p.add_argument("--steps", type=int, default=50, help="denoising steps (diffusers default 50)")
+    p.add_argument("--scheduler-config", metavar="JSON",
+                   help="a FlowMatchEulerDiscreteScheduler config (e.g. Qwen-Image-Lightning's, with --steps 4 "
+                        "--cfg 1) "
+                        "instead of the repo's scheduler/scheduler_config.json (--cache without a repo: Qwen-Image's)")
     p.add_argument("--cfg", type=float, default=4.0, help="true CFG scale (1 = off); needs a negative prompt: "
                    "--negative-prompt, or the cache's negative prompts")
     p.add_argument("--seed", type=int, default=0, help="noise seed (JAX noise, not torch's; with --cache it also "
@@ -153,6 +153,17 @@ def png_path(latents_path: str) -> str:
     return os.path.splitext(latents_path)[0] + ".png"
 
 
+def scheduler_for(args, repo: bool):
+    """The sampling schedule: --scheduler-config, else a repo --model's scheduler/scheduler_config.json, else
+    Qwen-Image's (read and checked before any weight is loaded)."""
+    from qwen_edit_jax import sampling
+
+    if args.scheduler_config:
+        return sampling.read_scheduler_config(args.scheduler_config)
+    path = os.path.join(args.model, "scheduler", "scheduler_config.json")
+    return sampling.read_scheduler_config(path) if repo and os.path.exists(path) else sampling.QWEN_IMAGE_SCHEDULER
+
+
 def sample_cache(args) -> str:
     """--cache mode: sampled latents per example, plus PNGs when --model is a repo folder."""
     from qwen_edit_jax import loading, sampling
@@ -177,6 +188,7 @@ def sample_cache(args) -> str:
     paths, _ = sampling.plan_outputs(dataset, indices, args.out, overwrite=args.overwrite,
                                      skip_existing=args.skip_existing)  # fail fast, before loading weights
     repo = is_repo(args.model)
+    scheduler = scheduler_for(args, repo)
     if repo and not (args.overwrite or args.skip_existing):
         for path in paths.values():
             if os.path.lexists(png_path(path)):
@@ -185,7 +197,7 @@ def sample_cache(args) -> str:
         raise ValueError(f"--transformer needs --model to be a repo folder (with transformer/ and vae/); "
                          f"{args.model} is not")
     settings = sampling.SampleSettings(num_inference_steps=args.steps, true_cfg_scale=args.cfg, seed=args.seed,
-                                       batch_size=args.batch_size, batch_cfg=args.batch_cfg)
+                                       batch_size=args.batch_size, batch_cfg=args.batch_cfg, scheduler=scheduler)
     dtype = as_dtype(args.dtype)
     options = ModelOptions(param_dtype=dtype, dtype=dtype, attention=args.attention, quantize=args.quantize,
                            offload=args.offload)
@@ -249,6 +261,7 @@ def edit_images(args) -> str:
         raise FileNotFoundError(f"--model {args.model}: no such folder (image mode needs a diffusers "
                                 f"Qwen-Image-Edit repo folder)")
     variant = pipeline_variant(args.model)
+    scheduler = scheduler_for(args, True)
     images_per_prompt(images, variant, 1)  # the original Edit takes one image: say so before loading anything
     for name, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value < 16:
@@ -270,7 +283,7 @@ def edit_images(args) -> str:
     dtype = as_dtype(args.dtype)
     mesh = make_mesh(args)
     pipe = QwenImageEditPipeline.from_pretrained(args.model, dtype=dtype, mesh=mesh, variant=variant,
-                                                 components=("text_encoder", "vae"))
+                                                 components=("text_encoder", "vae"), scheduler_config=scheduler)
     pipe.vae_image_area = area
     cfg = args.cfg > 1
     embeds, mask = pipe.encode_prompt(args.prompt, images)
@@ -291,7 +304,8 @@ def edit_images(args) -> str:
             "images": ";".join(os.path.abspath(p) for p in args.image), "model": os.path.abspath(args.model),
             "transformer": os.path.abspath(args.transformer) if args.transformer else "",
             "loras": ";".join(f"{os.path.abspath(p)}:{s}" for p, s in loras), "dtype": str(dtype),
-            "vae_image_area": area,
+            "vae_image_area": area, "scheduler_config": os.path.abspath(args.scheduler_config) if args.scheduler_config
+            else "",
             "software": "qwen-edit-jax sample/sample.py"}
     for k, (target, image) in enumerate(zip(targets, result.images)):
         save_png(target, image, {**meta, "index": k}, overwrite=args.overwrite)

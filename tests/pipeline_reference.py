@@ -114,13 +114,15 @@ def dit_config(variant: str):
     return dataclasses.replace(DIT, zero_cond_t=variant == "2511")
 
 
-def reference_pipeline(parts: SimpleNamespace, repo: SimpleNamespace):
-    """diffusers' own pipeline class for the variant, on the same torch modules (fp32, CPU)."""
+def reference_pipeline(parts: SimpleNamespace, repo: SimpleNamespace, scheduler=None):
+    """diffusers' own pipeline class for the variant, on the same torch modules (fp32, CPU); `scheduler`:
+    a FlowMatchEulerDiscreteScheduler instead of the released config's."""
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as hf_edit
     from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as hf_plus
 
     cls = hf_edit.QwenImageEditPipeline if repo.variant == "edit" else hf_plus.QwenImageEditPlusPipeline
-    pipe = cls(scheduler=make_scheduler(), vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+    pipe = cls(scheduler=scheduler or make_scheduler(), vae=parts.vae, text_encoder=parts.text_encoder,
+               tokenizer=parts.tokenizer,
                processor=parts.processor, transformer=repo.transformer)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -9,6 +9,8 @@ the resize rule stubbed, so the loop above can itself be checked against diffuse
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from qwen_edit_jax.testing.repo import SCHEDULER_CONFIG
@@ -17,17 +19,27 @@ from qwen_edit_jax.testing.repo import SCHEDULER_CONFIG
 QWEN_SCHEDULER_CONFIG = {k: v for k, v in SCHEDULER_CONFIG.items() if not k.startswith("_")}
 
 
-def make_scheduler():
+# Qwen-Image-Lightning's published scheduler config (4 / 8 steps, true_cfg_scale 1): see wave3_facts.md
+LIGHTNING_SCHEDULER_CONFIG = {
+    "base_image_seq_len": 256, "base_shift": math.log(3), "invert_sigmas": False, "max_image_seq_len": 8192,
+    "max_shift": math.log(3), "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": None,
+    "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+    "use_dynamic_shifting": True, "use_exponential_sigmas": False, "use_karras_sigmas": False,
+}
+
+
+def make_scheduler(config: dict | None = None):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler.from_config(QWEN_SCHEDULER_CONFIG)
+    return FlowMatchEulerDiscreteScheduler.from_config(QWEN_SCHEDULER_CONFIG if config is None else config)
 
 
-def diffusers_sigmas(num_inference_steps: int, image_seq_len: int) -> np.ndarray:
-    """`scheduler.sigmas` after the pipelines' timestep set-up."""
+def diffusers_schedule(num_inference_steps: int, image_seq_len: int,
+                       config: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(`scheduler.sigmas`, `scheduler.timesteps`) after the pipelines' timestep set-up, for a scheduler config."""
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_shift, retrieve_timesteps
 
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(config)
     sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
     mu = calculate_shift(
         image_seq_len,
@@ -37,7 +49,12 @@ def diffusers_sigmas(num_inference_steps: int, image_seq_len: int) -> np.ndarray
         scheduler.config.get("max_shift", 1.15),
     )
     retrieve_timesteps(scheduler, num_inference_steps, "cpu", sigmas=sigmas, mu=mu)
-    return scheduler.sigmas.numpy()
+    return scheduler.sigmas.numpy(), scheduler.timesteps.numpy()
+
+
+def diffusers_sigmas(num_inference_steps: int, image_seq_len: int) -> np.ndarray:
+    """`scheduler.sigmas` after the pipelines' timestep set-up (the Qwen-Image config)."""
+    return diffusers_schedule(num_inference_steps, image_seq_len)[0]
 
 
 def diffusers_edit_loop(

@@ -9,6 +9,7 @@ max|ours − ref| / max|ref| ≤ 1e-4; images (output_type="np", values in [0, 1
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 
@@ -32,6 +33,7 @@ from qwen_edit_jax.pipeline import (  # noqa: E402
     COMPONENTS, QwenImageEditPipeline, pipeline_variant, scheduler_from_json,
 )
 from tests import pipeline_reference as P  # noqa: E402
+from tests.sampling_reference import LIGHTNING_SCHEDULER_CONFIG as LIGHTNING, make_scheduler  # noqa: E402
 from tests.compare import assert_close, rel_err  # noqa: E402
 
 STEPS, CFG = 2, 4.0
@@ -268,9 +270,39 @@ def test_scheduler_config(tmp_path):
     assert cfg == QWEN_IMAGE_SCHEDULER
     path.write_text('{"use_dynamic_shifting": true}')  # the scheduler class's defaults for the rest
     assert (scheduler_from_json(path).max_shift, scheduler_from_json(path).shift_terminal) == (1.15, None)
-    path.write_text("{}")  # diffusers would then use a static shift, which the sampler does not implement
-    with pytest.raises(ValueError, match="use_dynamic_shifting=False is not supported"):
+    path.write_text("{}")  # the class defaults: a fixed shift (1.0), as diffusers reads it
+    assert scheduler_from_json(path).use_dynamic_shifting is False
+    path.write_text('{"use_dynamic_shifting": true, "stochastic_sampling": true}')
+    with pytest.raises(ValueError, match="stochastic_sampling=true is not supported"):
         scheduler_from_json(path)
-    path.write_text('{"use_dynamic_shifting": true, "use_karras_sigmas": true}')
-    with pytest.raises(ValueError, match="use_karras_sigmas=True is not supported"):
-        scheduler_from_json(path)
+
+
+def test_lightning_scheduler_matches_diffusers(parts, repos, monkeypatch, tmp_path):
+    """Few-step sampling: Qwen-Image-Lightning's scheduler config, 4 steps, true_cfg_scale 1 (no negative
+    prompt), given as a file to `from_pretrained(scheduler_config=)`; the same config in diffusers' pipeline."""
+    P.small_areas(monkeypatch)
+    repo, first = repos("edit_plus")
+    config_path = tmp_path / "lightning_scheduler.json"
+    config_path.write_text(json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", **LIGHTNING}))
+    pipe = QwenImageEditPipeline.from_pretrained(repo.root, dtype=jnp.float32, components=("transformer",),
+                                                 scheduler_config=config_path)
+    pipe.text_encoder, pipe.vae = first.text_encoder, first.vae
+    pipe.vae_image_area, pipe.condition_image_area = P.VAE_AREA, P.CONDITION_AREA
+    assert pipe.scheduler.shift_terminal is None and pipe.scheduler != first.scheduler
+    ref = P.reference_pipeline(parts, repo, scheduler=make_scheduler(LIGHTNING))
+    images = IMAGES["edit_plus"]
+    w, h = plan_sizes(images, pipe.variant, vae_area=P.VAE_AREA).output
+    noise = np.random.default_rng(4).standard_normal((1, (h // 16) * (w // 16), 64), dtype=np.float32)
+    with torch.no_grad():
+        expected = ref(image=images, prompt=PROMPT, true_cfg_scale=1.0, num_inference_steps=4,
+                       latents=torch.from_numpy(noise), output_type="np").images
+    out = pipe(image=images, prompt=PROMPT, true_cfg_scale=1.0, num_inference_steps=4, latents=noise,
+               output_type="np").images
+    assert out.std() > 0.05
+    MEASURED["lightning image"] = rel_err(out, expected)
+    print(f"\nlightning 4 steps: image {MEASURED['lightning image']:.2e}")
+    assert_close(out, expected, IMAGE_TOL, "Lightning config, 4 steps, image")
+    # the repo's own schedule gives another image: the config is really used
+    default = first(image=images, prompt=PROMPT, true_cfg_scale=1.0, num_inference_steps=4, latents=noise,
+                    output_type="np").images
+    assert rel_err(default, out) > 1e-3

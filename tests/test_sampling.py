@@ -8,8 +8,8 @@ import pytest
 
 import qwen_edit_jax as q
 from qwen_edit_jax import sampling
-from tests.sampling_reference import (QWEN_SCHEDULER_CONFIG, diffusers_edit_loop, diffusers_sigmas,
-                                      run_edit_plus_pipeline)
+from tests.sampling_reference import (LIGHTNING_SCHEDULER_CONFIG, QWEN_SCHEDULER_CONFIG, diffusers_edit_loop,
+                                      diffusers_schedule, diffusers_sigmas, run_edit_plus_pipeline)
 from tests.compare import assert_close, assert_differs, rel_err
 from tests.torch_reference import make_torch_model, save_torch_model
 
@@ -65,6 +65,65 @@ def test_model_timesteps_bf16_rounding():
     assert ours[1] == pytest.approx(0.98828, abs=1e-5)
     np.testing.assert_array_equal(sampling.model_timesteps(sig, np.float32),
                                   (torch.from_numpy(sig[:-1]) * 1000 / 1000).numpy())
+
+
+# FlowMatchEulerDiscreteScheduler configs as diffusers reads them (missing keys: the class's defaults)
+SCHEDULER_CONFIGS = {
+    "lightning": LIGHTNING_SCHEDULER_CONFIG,  # exponential dynamic shift, μ = ln 3 at every size, no terminal
+    "linear_shift": {**QWEN_SCHEDULER_CONFIG, "time_shift_type": "linear", "shift_terminal": 0.1},
+    "fixed_shift": {"shift": 3.0},  # use_dynamic_shifting false (the class default)
+    "fixed_shift_terminal": {"shift": 2.5, "shift_terminal": 0.05},
+    "karras": {**QWEN_SCHEDULER_CONFIG, "use_karras_sigmas": True},
+    "exponential": {"shift": 3, "use_exponential_sigmas": True},  # an integer shift, as JSON may hold it
+    "beta": {**QWEN_SCHEDULER_CONFIG, "use_beta_sigmas": True},
+    "invert": {**QWEN_SCHEDULER_CONFIG, "invert_sigmas": True},
+    "class_defaults": {"_class_name": "FlowMatchEulerDiscreteScheduler", "_diffusers_version": "0.42.1"},
+    "500_train_steps": {**LIGHTNING_SCHEDULER_CONFIG, "num_train_timesteps": 500},
+}
+
+
+@pytest.mark.parametrize("steps", [1, 4, 8, 30])
+@pytest.mark.parametrize("name", sorted(SCHEDULER_CONFIGS))
+def test_scheduler_configs_equal_diffusers(name, steps):
+    """σ grid, scheduler timesteps and the model's timesteps for any scheduler config: bitwise diffusers'."""
+    config = SCHEDULER_CONFIGS[name]
+    if steps == 1 and config.get("shift_terminal"):
+        return  # diffusers' terminal stretch is 0/0 for one step (test_single_step_is_defined)
+    n_tokens = (1024 // 16) * (768 // 16)
+    ours = sampling.flow_match_sigmas(steps, n_tokens, config=sampling.scheduler_config_from_dict(config, name))
+    ref_sigmas, ref_timesteps = diffusers_schedule(steps, n_tokens, config)
+    assert ours.dtype == np.float32 and ours.shape == (steps + 1,)
+    np.testing.assert_array_equal(ours, ref_sigmas)  # measured: bitwise equal in every case
+    n_train = config.get("num_train_timesteps", 1000)
+    np.testing.assert_array_equal(ours[:-1] * np.float32(n_train), ref_timesteps)
+    # what the pipelines feed the model: timestep.to(latents.dtype) / 1000 (a literal 1000)
+    np.testing.assert_array_equal(sampling.model_timesteps(ours, np.float32, n_train), ref_timesteps / 1000)
+
+
+def test_scheduler_config_errors(tmp_path):
+    """Keys diffusers does not know, settings this sampler cannot follow, bad values: one line naming them."""
+    from qwen_edit_jax.errors import CheckpointError
+
+    bad = {
+        "sigma_min": (dict(sigma_min=0.1), "unknown key 'sigma_min'"),
+        "stochastic": (dict(stochastic_sampling=True), "stochastic_sampling=true is not supported"),
+        "two_spacings": (dict(use_karras_sigmas=True, use_beta_sigmas=True), "only one of use_karras_sigmas"),
+        "time_shift_type": (dict(time_shift_type="cosine"), "time_shift_type must be"),
+        "class": (dict(_class_name="EulerDiscreteScheduler"), "_class_name 'EulerDiscreteScheduler'"),
+        "bool": (dict(use_dynamic_shifting="yes"), "use_dynamic_shifting must be true or false"),
+        "shift": (dict(shift=0), "shift must be a number > 0"),
+    }
+    for key, (d, message) in bad.items():
+        with pytest.raises(ValueError, match=message) as e:
+            sampling.scheduler_config_from_dict(d, "cfg.json")
+        assert str(e.value).startswith("cfg.json: ") and "\n" not in str(e.value), key
+    path = tmp_path / "scheduler_config.json"
+    path.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a readable JSON"):
+        sampling.read_scheduler_config(path)
+    path.write_text('{"shift": 3.0, "_diffusers_version": "0.35.0"}')
+    assert sampling.as_scheduler_config(str(path)) == sampling.as_scheduler_config({"shift": 3.0})
+    assert sampling.as_scheduler_config(path).use_dynamic_shifting is False
 
 
 def test_sigmas_bad_input():

@@ -161,6 +161,29 @@ def test_prompts_are_encoded_once_and_the_text_encoder_released(setup):
     assert (images.edits[1].height, images.edits[1].width) == (SIZE, SIZE)  # the last image's size, not the first
     no_cfg = ValidationImages.prepare(_cfg(setup, validation={"true_cfg_scale": 1.0}), None, log=lambda m: None)
     assert all(e.negative_embeds is None for e in no_cfg.edits)
+    assert images.pipe.scheduler == q.sampling.QWEN_IMAGE_SCHEDULER  # the repo has none: the released schedule
+
+
+def test_validation_scheduler_config(setup, tmp_path):
+    """`validation.scheduler_config`: the file's schedule for the images and the distance; a bad file is
+    refused before anything is written."""
+    from qwen_edit_jax.training.validation import check_validation_inputs, validation_scheduler
+
+    path = tmp_path / "lightning.json"
+    path.write_text(json.dumps({"use_dynamic_shifting": True, "base_shift": 1.0986, "max_shift": 1.0986,
+                                "max_image_seq_len": 8192, "_class_name": "FlowMatchEulerDiscreteScheduler"}))
+    cfg = _cfg(setup, validation={"scheduler_config": str(path), "true_cfg_scale": 1.0})
+    check_validation_inputs(cfg)
+    images = ValidationImages.prepare(cfg, None, log=lambda m: None)
+    assert images.pipe.scheduler == validation_scheduler(cfg) == q.sampling.read_scheduler_config(path)
+    assert images.pipe.scheduler.max_shift == 1.0986 and images.pipe.scheduler.shift_terminal is None
+    path.write_text('{"use_dynamic_shifting": true, "sigma_max": 1.0}')
+    with pytest.raises(ConfigError, match=r"validation.scheduler_config=.*lightning.json: unknown key 'sigma_max'"):
+        train(cfg, tmp_path / "a", log=lambda m: None)
+    cfg = _cfg(setup, validation={"scheduler_config": str(tmp_path / "nope.json")})
+    with pytest.raises(ConfigError, match=r"validation.scheduler_config=.*nope.json: scheduler config not found"):
+        train(cfg, tmp_path / "a", log=lambda m: None)
+    assert not os.path.exists(tmp_path / "a")
 
 
 def test_bad_validation_inputs_name_the_key_and_write_nothing(setup, tmp_path):

@@ -16,19 +16,25 @@ from .cached import (
 )
 from .loop import default_batch_cfg, sample, sharded_forward
 from .schedule import (
+    DIFFUSERS_DEFAULTS,
     QWEN_IMAGE_SCHEDULER,
     FlowMatchConfig,
+    as_scheduler_config,
     calculate_shift,
     cfg_combine,
     euler_step,
     exponential_shift,
     flow_match_sigmas,
     model_timesteps,
+    read_scheduler_config,
+    scheduler_config_from_dict,
     stretch_to_terminal,
 )
 
 __all__ = [
-    "QWEN_IMAGE_SCHEDULER", "FlowMatchConfig", "SampleSettings", "calculate_shift", "cfg_combine", "cfg_scale_used",
+    "DIFFUSERS_DEFAULTS", "QWEN_IMAGE_SCHEDULER", "as_scheduler_config", "read_scheduler_config",
+    "scheduler_config_from_dict", "FlowMatchConfig", "SampleSettings", "calculate_shift", "cfg_combine",
+    "cfg_scale_used",
     "default_batch_cfg",
     "euler_step",
     "exponential_shift", "flow_match_sigmas", "latent_img_shape", "model_timesteps", "output_name", "plan_batches",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import warnings
@@ -20,6 +21,7 @@ from ..packing import pack_latents, unpack_latents
 from ..utils.files import check_output_dir
 from ..weights.safetensors_io import save_tensors
 from .loop import sample
+from .schedule import QWEN_IMAGE_SCHEDULER, FlowMatchConfig
 
 F32 = jnp.float32
 
@@ -64,6 +66,7 @@ def sample_cached_batch(
     latent_dtype: Any = None,
     batch_cfg: bool | None = None,
     mesh: Any = None,
+    scheduler: FlowMatchConfig = QWEN_IMAGE_SCHEDULER,
 ) -> list[np.ndarray]:
     """Sample the target latents of cached examples (`cache_format.CachedSample`) → `[C, h, w]` float32 each.
 
@@ -71,7 +74,8 @@ def sample_cached_batch(
     length (padded with masks, which is exact). The output has the cached target's size. CFG runs
     when every sample carries a negative prompt and `true_cfg_scale > 1`. Noise comes from
     `sample_noise(seed, …, sample_id)`, so a sample's result does not depend on its batch-mates.
-    `latent_dtype` (kept between steps) defaults to the model's activation dtype.
+    `latent_dtype` (kept between steps) defaults to the model's activation dtype. `scheduler`: the
+    sampling schedule (`FlowMatchConfig`; default Qwen-Image's).
     """
     if not samples:
         return []
@@ -113,7 +117,7 @@ def sample_cached_batch(
                  negative_prompt_embeds=None if neg is None else jnp.asarray(neg, dtype),
                  negative_prompt_embeds_mask=None if neg is None else jnp.asarray(neg_mask),
                  true_cfg_scale=scale, num_inference_steps=num_inference_steps, img_shapes=list(layout),
-                 batch_cfg=batch_cfg, mesh=mesh)
+                 batch_cfg=batch_cfg, scheduler=scheduler, mesh=mesh)
     lat = unpack_latents(np.asarray(out, np.float32), h, w, frames_axis=False)
     return [np.ascontiguousarray(x) for x in lat]
 
@@ -140,6 +144,7 @@ def validation_distance(
     true_cfg_scale: float = 4.0,
     batch_cfg: bool | None = None,
     mesh: Any = None,
+    scheduler: FlowMatchConfig = QWEN_IMAGE_SCHEDULER,
 ) -> float:
     """RMS distance between a sampled latent and the cached target of one fixed example.
 
@@ -148,7 +153,7 @@ def validation_distance(
     runs with fp32 latents.
     """
     out = sample_cached(model, sample, num_inference_steps=num_inference_steps, true_cfg_scale=true_cfg_scale,
-                        seed=seed, latent_dtype=np.float32, batch_cfg=batch_cfg, mesh=mesh)
+                        seed=seed, latent_dtype=np.float32, batch_cfg=batch_cfg, mesh=mesh, scheduler=scheduler)
     return float(np.sqrt(np.mean((out - np.asarray(sample.target, np.float32)) ** 2)))
 
 
@@ -176,6 +181,7 @@ class SampleSettings:
     batch_size: int = 1
     batch_cfg: bool | None = None  # None: per platform (sampling.loop.default_batch_cfg)
     latent_dtype: Any = None  # None: the model's activation dtype
+    scheduler: FlowMatchConfig = QWEN_IMAGE_SCHEDULER  # the sampling schedule (diffusers' scheduler settings)
 
     def __post_init__(self):
         if self.num_inference_steps < 1:
@@ -251,6 +257,7 @@ def sample_dataset(
               "num_inference_steps": settings.num_inference_steps,
               "requested_true_cfg_scale": settings.true_cfg_scale,
               "seed": settings.seed, "latent_dtype": str(np.dtype(settings.latent_dtype or model.options.dtype)),
+              "scheduler": json.dumps(dataclasses.asdict(settings.scheduler)),
               **(metadata or {})}
     bar = tqdm(total=len(todo), desc="sample", unit="sample", disable=not progress)
     try:
@@ -259,7 +266,7 @@ def sample_dataset(
             outs = sample_cached_batch(
                 model, samples, num_inference_steps=settings.num_inference_steps,
                 true_cfg_scale=settings.true_cfg_scale, seed=settings.seed, latent_dtype=settings.latent_dtype,
-                batch_cfg=settings.batch_cfg, mesh=mesh)
+                batch_cfg=settings.batch_cfg, mesh=mesh, scheduler=settings.scheduler)
             used = cfg_scale_used(samples, settings.true_cfg_scale)
             for i, s, lat in zip(batch, samples, outs):
                 save_latents(paths[i], {"latents": lat}, {**header, "true_cfg_scale": used, "sample_id": s.sample_id},

@@ -151,6 +151,9 @@ class ValidationSection:
     num_inference_steps: int = 20
     true_cfg_scale: float = 4.0
     seed: int = 0
+    # a FlowMatchEulerDiscreteScheduler config JSON (e.g. Qwen-Image-Lightning's) for both kinds of validation;
+    # None: the repo's scheduler/scheduler_config.json for the images, Qwen-Image's schedule for the distance
+    scheduler_config: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,8 @@ from ..config import as_dtype
 from ..imaging import as_pil, output_dims, to_numpy_images, to_uint8
 from ..parallel import distributed
 from ..pipeline import QwenImageEditPipeline, save_png
-from ..sampling import validation_distance
+from ..errors import CheckpointError
+from ..sampling import QWEN_IMAGE_SCHEDULER, FlowMatchConfig, read_scheduler_config, validation_distance
 from .config import ConfigError, TrainConfig, ValidationPrompt
 
 VALIDATION_DIR = "validation"
@@ -61,9 +62,24 @@ def validation_repo(cfg: TrainConfig) -> str:
                       f"model_index.json)")
 
 
+def validation_scheduler(cfg: TrainConfig) -> FlowMatchConfig | None:
+    """`validation.scheduler_config` read and checked (None when unset); a bad file is a `ConfigError`."""
+    path = cfg.validation.scheduler_config
+    if path is None:
+        return None
+    try:
+        return read_scheduler_config(path)
+    except (CheckpointError, ValueError) as e:
+        raise ConfigError(f"validation.scheduler_config={path}: {str(e).removeprefix(path + ': ')}") from None
+
+
 def check_validation_inputs(cfg: TrainConfig) -> None:
-    """Every validation input exists and reads (repo, control images); nothing is loaded or written."""
-    if not cfg.validation.every or not cfg.validation.prompts:
+    """Every validation input exists and reads (repo, control images, scheduler config); nothing is loaded
+    or written."""
+    if not cfg.validation.every:
+        return
+    validation_scheduler(cfg)
+    if not cfg.validation.prompts:
         return
     validation_repo(cfg)
     for i, p in enumerate(cfg.validation.prompts):
@@ -112,7 +128,8 @@ class ValidationImages:
         repo = validation_repo(cfg)
         log(f"validation: encoding {len(v.prompts)} prompt(s) with {repo}/text_encoder (released afterwards)")
         pipe = QwenImageEditPipeline.from_pretrained(repo, dtype=as_dtype(cfg.model.dtype), mesh=mesh,
-                                                     components=("text_encoder", "vae"))
+                                                     components=("text_encoder", "vae"),
+                                                     scheduler_config=validation_scheduler(cfg))
         pipe.vae_image_area = v.resolution * v.resolution
         edits = [_encode(pipe, p, i, cfg) for i, p in enumerate(v.prompts)]
         pipe.text_encoder = None
@@ -219,6 +236,7 @@ class Validation:
                 raise ConfigError(f"validation.samples: index {i} is outside the dataset's {len(dataset)} samples")
         self.cfg, self.images, self.graphdef, self.mesh, self.write = cfg, images, graphdef, mesh, write
         self.samples = [dataset[i] for i in v.samples]
+        self.scheduler = validation_scheduler(cfg) or QWEN_IMAGE_SCHEDULER
         self.folder = os.path.join(output_dir, VALIDATION_DIR)
 
     def __call__(self, step: int, params: Any, base: Any) -> tuple[dict[str, Any], Image.Image | None, str | None]:
@@ -227,7 +245,8 @@ class Validation:
         if self.samples:
             model = nnx.merge(self.graphdef, params, base)
             d = [validation_distance(model, s, num_inference_steps=v.num_inference_steps, seed=v.seed,
-                                     true_cfg_scale=v.true_cfg_scale, mesh=self.mesh) for s in self.samples]
+                                     true_cfg_scale=v.true_cfg_scale, mesh=self.mesh, scheduler=self.scheduler)
+                 for s in self.samples]
             metrics = {"validation_distance": float(np.mean(d)), "validation_per_sample": d}
         if self.images is not None:
             grid = self.images.run(step, self.graphdef, params, base)
@@ -240,4 +259,4 @@ class Validation:
 
 
 __all__ = ["CELL_HEIGHT", "VALIDATION_DIR", "Validation", "ValidationImages", "check_validation_inputs", "edit_grid",
-           "read_image", "validation_repo"]
+           "read_image", "validation_repo", "validation_scheduler"]
