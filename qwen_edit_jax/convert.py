@@ -14,6 +14,9 @@
 What the input is comes from its content (safetensors header, Orbax marker), never its name.
 A merged Orbax checkpoint has no key style, so `format` with a base model's `to_merged` is refused.
 
+`merge_loras(base, loras, output)` bakes LoRA files into a base model (the merge command,
+convert/merge_lora.py), streamed the same way.
+
 Outputs are atomic (temporary name, renamed when complete); an existing output is replaced only
 with `overwrite=True`.
 """
@@ -22,7 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from .config import DiTConfig, as_dtype
@@ -30,7 +35,8 @@ from .errors import CheckpointError
 from .lora import formats
 from .loading.quantized import QuantizedParams
 from .lora.files import is_lora_file, lora_file_tensors, lora_to_fused, read_lora_file
-from .utils.files import check_target
+from .lora.merge import LoraMergedParams
+from .utils.files import atomic_path, check_target
 from .weights import keymap, layout
 from .weights.checkpoint import is_merged_checkpoint, save_merged
 from .weights.loader import open_lazy_params
@@ -154,10 +160,120 @@ def convert(
     return ConvertResult(detected, output, direction, what, n_tensors, nbytes, time.perf_counter() - t0)
 
 
+# ---- merging LoRAs into a base ------------------------------------------------------------------
+MERGE_FORMATS = ("diffusers", "comfyui", "merged")
+
+
+def is_pipeline_repo(path: str | os.PathLike) -> bool:
+    """A diffusers pipeline repo folder (`model_index.json` and `transformer/`), not a bare transformer."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isdir(os.path.join(path, "transformer"))
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    """Hard-link `src` at `dst` (no bytes copied), or copy it where links cannot be made (another filesystem)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _copy_repo_except_transformer(repo: str, dest: str) -> None:
+    """Every entry of `repo` but `transformer/` into `dest`, files hard-linked (symlinks followed)."""
+    for name in sorted(os.listdir(repo)):
+        if name == "transformer":
+            continue
+        src, dst = os.path.join(repo, name), os.path.join(dest, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, dst, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(src, dst)
+
+
+def merge_loras(
+    base: str | os.PathLike,
+    loras: Sequence[Any],
+    output: str | os.PathLike,
+    *,
+    format: str = "diffusers",
+    config: DiTConfig | str | None = None,
+    dtype: Any = None,
+    quantize: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    log: Any = None,
+) -> ConvertResult:
+    """Write `base` with LoRA files baked in, streamed layer by layer (never the whole model in memory).
+
+    `base`: a diffusers pipeline repo folder (`model_index.json` + `transformer/`) or a transformer
+    checkpoint in any layout the converter reads. `loras`: paths or (path, strength) pairs, applied in
+    order; every adapter module must match a linear of the base (else a `LoraError` naming the file and
+    module). Per weight: W ← record.merged(W, strength) for each file, in fp32, rounded once to the
+    output dtype (`dtype`, default the base's).
+    `format`: "diffusers" — a transformer folder (config.json + safetensors shards); for a repo base the
+    output is the whole repo with only `transformer/` replaced (the other components hard-linked, or
+    copied across filesystems), so `from_pretrained(output)` works in diffusers and here; "comfyui" — one
+    safetensors file (the transformer only); "merged" — a merged Orbax checkpoint (the transformer only),
+    optionally `quantize`d ("int8" / "fp8" / "int4", as the converter's to_merged).
+    Atomic: written under a temporary name and renamed when complete; an existing `output` only with
+    `overwrite`.
+    """
+    base, output = os.fspath(base), os.fspath(output)
+    if format not in MERGE_FORMATS:
+        raise ValueError(f"--format {format!r}: choose one of {list(MERGE_FORMATS)}")
+    if quantize is not None and format != "merged":
+        raise ValueError(f"--quantize {quantize} needs --format merged (quantized weights exist only as a merged "
+                         f"Orbax checkpoint)")
+    if dtype is not None:
+        as_dtype(dtype)  # validate early
+    if not loras:
+        raise ValueError("give at least one --lora FILE[:STRENGTH]")
+    if not os.path.exists(base):
+        raise CheckpointError(f"--base {base}: no such file or folder")
+    out_abs, base_abs = os.path.abspath(output), os.path.abspath(base)
+    if out_abs == base_abs or out_abs.startswith(base_abs + os.sep) or base_abs.startswith(out_abs + os.sep):
+        raise ValueError(f"--output {output} overlaps the base {base}; choose another path")
+    check_target(output, overwrite)
+    t0 = time.perf_counter()
+    repo = is_pipeline_repo(base)
+    source = os.path.join(base, "transformer") if repo else base
+    lazy = open_lazy_params(source, config, stream=True)
+    detected = getattr(lazy, "detected", None) or detect(source)
+    if getattr(lazy, "quantize", None):
+        raise ValueError(f"--base {base} is a quantized ({lazy.quantize}) checkpoint; merge into the float original")
+    merged = LoraMergedParams(lazy, loras)
+    if log:
+        log(f"base: {detected.describe()}; {lazy.config.num_layers} layers, width {lazy.config.inner_dim}")
+        log(f"LoRAs: {merged.modules} adapter modules from {len(loras)} file(s), merged in order")
+    if format == "merged":
+        params = merged if quantize is None else QuantizedParams(merged, quantize)
+        save_merged(params, output, dtype=dtype, overwrite=overwrite, progress=progress, source=base)
+        what = f"merged Orbax checkpoint{f' ({quantize})' if quantize else ''} with the LoRA(s) baked in"
+    elif format == "comfyui":
+        save_standard(merged, output, format="comfyui", dtype=dtype, overwrite=overwrite, progress=progress,
+                      read_ahead=True)
+        what = "single safetensors file (ComfyUI) with the LoRA(s) baked in"
+    elif repo:
+        with atomic_path(output, overwrite=overwrite, is_dir=True) as tmp:
+            save_standard(merged, os.path.join(tmp, "transformer"), dtype=dtype, progress=progress,
+                          max_shard_size=max_shard_size, read_ahead=True)
+            _copy_repo_except_transformer(base, tmp)
+        what = "diffusers repo folder (transformer/ merged, the other components linked)"
+    else:
+        save_standard(merged, output, dtype=dtype, overwrite=overwrite, progress=progress,
+                      max_shard_size=max_shard_size, read_ahead=True)
+        what = "diffusers transformer folder (config.json + safetensors) with the LoRA(s) baked in"
+    n_tensors = len(keymap.torch_shapes(lazy.config))
+    return ConvertResult(detected, output, "merge", what, n_tensors, _tree_size(output), time.perf_counter() - t0)
+
+
 def _tree_size(path: str) -> int:
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-__all__ = ["CheckpointError", "ConvertResult", "convert", "convert_lora", "detect", "save_standard"]
+__all__ = ["MERGE_FORMATS", "CheckpointError", "ConvertResult", "convert", "convert_lora", "detect", "is_pipeline_repo",
+           "merge_loras", "save_standard"]

@@ -131,6 +131,8 @@ def test_bad_input_is_a_one_line_error(setup, tmp_path, capsys):
     cli = _load_cli()
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    sched = tmp_path / "sched.json"
+    sched.write_text('{"shift": 3.0, "sigma_min": 0.01}')
     out = str(tmp_path / "out")
     one, two = setup["images"]
     base = ["--model", setup["plus"], "--out", out, "--prompt", PROMPT]
@@ -148,6 +150,8 @@ def test_bad_input_is_a_one_line_error(setup, tmp_path, capsys):
          ["model_index.json: not found"]),
         (["--model", str(tmp_path / "nope"), "--out", out, "--prompt", PROMPT, "--image", one], ["no such folder"]),
         (base + ["--image", one, "--lora", str(tmp_path / "l.safetensors")], ["LoRA file not found"]),
+        (base + ["--image", one, "--scheduler-config", str(tmp_path / "s.json")], ["s.json: scheduler config not found"]),
+        (base + ["--image", one, "--scheduler-config", str(sched)], ["sched.json: unknown key 'sigma_min'"]),
     ]
     for args, fragments in cases:
         assert cli.main(args) == 2, args

@@ -46,6 +46,14 @@ class LoraWeights:
         """ΔW [out, in] in fp32."""
         return (self.B.astype(F32) * F32(self.scale)) @ self.A.astype(F32)
 
+    def merged(self, weight: np.ndarray, strength: float = 1.0) -> np.ndarray:
+        """The base weight `[out, in]` with this LoRA baked in: W + strength·scale·B@A, in fp32."""
+        delta = (self.B.astype(F32) * F32(self.scale * strength)) @ self.A.astype(F32)
+        if delta.shape != weight.shape:
+            raise LoraError(f"its delta B@A is {list(delta.shape)} but the base weight is {list(weight.shape)} "
+                            f"[out, in] (does the LoRA belong to another model size?)")
+        return weight.astype(F32) + delta
+
 
 @dataclasses.dataclass
 class LoraFile:

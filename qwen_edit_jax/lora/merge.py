@@ -1,4 +1,5 @@
-"""Merge LoRA files into a model's base weights (exact to fp32), in place."""
+"""Merge LoRA files into base weights (exact to fp32): into a loaded model in place (`apply_lora`), or as a
+lazy view of base weights on disk that the merge command streams to a file (`LoraMergedParams`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..config import as_dtype
 from ..errors import LoraError
 from ..weights import keymap
+from ..weights.lazy import Index, LazyParams, check_out, into_out, norm_index
 from .files import read_lora
 
 F32 = np.float32
@@ -33,6 +36,21 @@ def locate_module(model: Any, module: str, path: str) -> tuple[keymap.ModuleEntr
         raise LoraError(f"{path}: LoRA module {module} is beyond the model's {model.config.num_layers} layers "
                         f"(does the LoRA belong to another model?)")
     return entry, layer, (j if entry.fused else None)
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """'PATH' or 'PATH:STRENGTH' (a command line's --lora) → (path, strength); a STRENGTH that is not a number
+    is an error. A file whose own name holds a ':' is taken whole."""
+    if os.path.exists(spec):
+        return spec, 1.0
+    path, sep, tail = spec.rpartition(":")
+    if not sep or not path or "/" in tail or tail.endswith(".safetensors"):
+        return spec, 1.0  # no strength given (or the ':' belongs to the path)
+    try:
+        return path, float(tail)
+    except ValueError:
+        raise ValueError(f"--lora {spec}: the strength {tail!r} after the last ':' is not a number "
+                         f"(expected PATH[:SCALE], e.g. {path}:0.8)") from None
 
 
 def _normalize_specs(specs: Any) -> list[tuple[str, float]]:
@@ -97,3 +115,92 @@ def apply_lora(model: Any, specs: Any) -> Any:
         else:
             var.set_value(_merged_stacked_jit(var[...], jnp.int32(layer), a, b, j=j))
     return model
+
+
+class LoraMergedParams:
+    """`LazyParams` of `lazy` (base weights in any layout) with LoRA files baked into its linear weights.
+
+    `loras`: [(path, strength)], applied in that order. For every linear a LoRA targets, each read takes
+    the whole layer in fp32, applies every file's record in turn (`record.merged(W [out, in], strength)`:
+    LoRA, and any other adapter record with that method), and rounds once to the source dtype (or the
+    requested one); other leaves pass through untouched. Streaming writers (`save_standard`,
+    `save_merged`) read one layer at a time, so the merged model is never in memory. Every adapter module
+    must map to a linear of this config (checked here, before any read; the error names the file and module).
+    """
+
+    def __init__(self, lazy: LazyParams, loras: Any):
+        self.lazy, self.config, self.fuse_qkv = lazy, lazy.config, lazy.fuse_qkv
+        specs = _normalize_specs(loras)
+        self.description = f"{lazy.description} + {len(specs)} LoRA(s)"
+        leaves = {p: e for p, e, fleaf, _ in keymap.iter_leaves(lazy.config, lazy.fuse_qkv) if fleaf == "kernel"}
+        # kernel leaf → layer (None: unstacked) → [(index in a fused group or None, file, module, record,
+        # strength)], in file order
+        self._hits: dict[str, dict[int | None, list[tuple[int | None, str, str, Any, float]]]] = {}
+        self.modules = 0
+        shapes = keymap.torch_shapes(lazy.config)
+        for path, strength in specs:
+            for module, record in read_lora(path).items():
+                hit = keymap.find_module(module, fuse_qkv=lazy.fuse_qkv)
+                if hit is None or hit[0].kind != "linear":
+                    raise LoraError(f"{path}: LoRA module {module} matches no linear weight of the base model")
+                entry, layer, j = hit
+                if entry.stacked and not 0 <= layer < lazy.config.num_layers:
+                    raise LoraError(f"{path}: LoRA module {module} is beyond the base model's "
+                                    f"{lazy.config.num_layers} layers (does the LoRA belong to another model?)")
+                leaf = f"{entry.flax}.kernel"
+                shape = shapes[f"{module}.weight"]  # [out, in]
+                a, b = getattr(record, "A", None), getattr(record, "B", None)
+                if a is not None and b is not None and (a.shape[1] != shape[1] or b.shape[0] != shape[0]):
+                    raise LoraError(f"{path}: LoRA for {module} has A {list(a.shape)}, B {list(b.shape)}; the base "
+                                    f"weight is {list(shape)} [out, in] (does the LoRA belong to another model size?)")
+                self._hits.setdefault(leaf, {}).setdefault(layer, []).append(
+                    (j if entry.fused else None, path, module, record, float(strength)))
+                self.modules += 1
+        self._stacked = {p: e.stacked for p, e in leaves.items()}
+
+    def paths(self) -> list[str]:
+        return self.lazy.paths()
+
+    def shape(self, path: str) -> tuple[int, ...]:
+        return self.lazy.shape(path)
+
+    def dtype(self, path: str) -> np.dtype:
+        return self.lazy.dtype(path)
+
+    def _merge_layer(self, kernel: np.ndarray, hits: list[tuple[int | None, str, str, Any, float]]) -> np.ndarray:
+        """One layer's fp32 kernel `[in, out]` (fused: `[in, 3, out]`) with the records applied in order."""
+        for j, path, module, record, strength in hits:
+            w = (kernel if j is None else kernel[:, j]).T  # torch layout [out, in]
+            try:
+                new = np.asarray(record.merged(np.ascontiguousarray(w), strength), F32)
+            except (LoraError, ValueError) as e:
+                raise LoraError(f"{path}: LoRA module {module}: {e}") from None
+            if new.shape != w.shape:
+                raise LoraError(f"{path}: LoRA module {module}: merged weight {list(new.shape)} != base "
+                                f"{list(w.shape)}")
+            if j is None:
+                kernel[...] = new.T
+            else:
+                kernel[:, j] = new.T
+        return kernel
+
+    def read(self, path: str, index: Index | None = None, dtype: Any = None, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        hits = self._hits.get(path)
+        if not hits:
+            return self.lazy.read(path, index, dtype=dtype, out=out)
+        shape = tuple(self.lazy.shape(path))
+        idx = norm_index(index, shape)
+        dt = np.dtype(as_dtype(dtype)) if dtype is not None else np.dtype(self.dtype(path))
+        if not self._stacked[path]:
+            kernel = self._merge_layer(np.array(self.lazy.read(path, None, dtype=np.float32), F32), hits[None])
+            return into_out(np.ascontiguousarray(kernel[idx]).astype(dt), out, path)
+        layers = range(*idx[0].indices(shape[0]))
+        sizes = tuple(len(range(*s.indices(n))) for s, n in zip(idx[1:], shape[1:]))
+        result = check_out(out, (len(layers), *sizes), dt, path)
+        for i, layer in enumerate(layers):
+            kernel = np.array(self.lazy.read(path, (slice(layer, layer + 1),), dtype=np.float32)[0], F32)
+            if layer in hits:
+                kernel = self._merge_layer(kernel, hits[layer])
+            result[i] = kernel[idx[1:]].astype(dt)
+        return result
