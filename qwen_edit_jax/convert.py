@@ -32,8 +32,8 @@ from typing import Any
 
 from .config import DiTConfig, as_dtype
 from .errors import CheckpointError
-from .lora import formats
 from .loading.quantized import QuantizedParams
+from .lora import formats
 from .lora.files import is_lora_file, lora_file_tensors, lora_to_fused, read_lora_file
 from .lora.merge import LoraMergedParams
 from .utils.files import atomic_path, check_target

@@ -105,13 +105,13 @@ def test_scheduler_config_errors(tmp_path):
     from qwen_edit_jax.errors import CheckpointError
 
     bad = {
-        "sigma_min": (dict(sigma_min=0.1), "unknown key 'sigma_min'"),
-        "stochastic": (dict(stochastic_sampling=True), "stochastic_sampling=true is not supported"),
-        "two_spacings": (dict(use_karras_sigmas=True, use_beta_sigmas=True), "only one of use_karras_sigmas"),
-        "time_shift_type": (dict(time_shift_type="cosine"), "time_shift_type must be"),
-        "class": (dict(_class_name="EulerDiscreteScheduler"), "_class_name 'EulerDiscreteScheduler'"),
-        "bool": (dict(use_dynamic_shifting="yes"), "use_dynamic_shifting must be true or false"),
-        "shift": (dict(shift=0), "shift must be a number > 0"),
+        "sigma_min": ({"sigma_min": 0.1}, "unknown key 'sigma_min'"),
+        "stochastic": ({"stochastic_sampling": True}, "stochastic_sampling=true is not supported"),
+        "two_spacings": ({"use_karras_sigmas": True, "use_beta_sigmas": True}, "only one of use_karras_sigmas"),
+        "time_shift_type": ({"time_shift_type": "cosine"}, "time_shift_type must be"),
+        "class": ({"_class_name": "EulerDiscreteScheduler"}, "_class_name 'EulerDiscreteScheduler'"),
+        "bool": ({"use_dynamic_shifting": "yes"}, "use_dynamic_shifting must be true or false"),
+        "shift": ({"shift": 0}, "shift must be a number > 0"),
     }
     for key, (d, message) in bad.items():
         with pytest.raises(ValueError, match=message) as e:

@@ -55,10 +55,10 @@ class FlowMatchConfig:
             raise ValueError(f"time_shift_type must be 'exponential' or 'linear', got {self.time_shift_type!r}")
         for key in _BOOL_KEYS:
             if not isinstance(getattr(self, key), bool):
-                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+                raise TypeError(f"{key} must be true or false, got {getattr(self, key)!r}")
         for key in ("num_train_timesteps", "base_image_seq_len", "max_image_seq_len"):
             if isinstance(getattr(self, key), bool) or not isinstance(getattr(self, key), int):
-                raise ValueError(f"{key} must be an integer, got {getattr(self, key)!r}")
+                raise TypeError(f"{key} must be an integer, got {getattr(self, key)!r}")
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         if not _is_number(self.shift) or self.shift <= 0:
@@ -100,8 +100,8 @@ def scheduler_config_from_dict(d: Any, where: str = "scheduler_config") -> FlowM
     an error, as is a `_class_name` other than FlowMatchEulerDiscreteScheduler. `where` names the source
     in the one-line `ValueError`.
     """
-    if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a JSON object of FlowMatchEulerDiscreteScheduler settings, "
+    if not isinstance(d, dict):  # a config file's content: a ValueError like every other bad value in it
+        raise ValueError(f"{where}: expected a JSON object of FlowMatchEulerDiscreteScheduler settings, "  # noqa: TRY004
                          f"got {type(d).__name__}")
     cls = d.get("_class_name", "FlowMatchEulerDiscreteScheduler")
     if cls != "FlowMatchEulerDiscreteScheduler":

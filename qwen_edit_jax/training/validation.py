@@ -32,10 +32,10 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ..cache_format import CachedDataset
 from ..config import as_dtype
+from ..errors import CheckpointError
 from ..imaging import as_pil, output_dims, to_numpy_images, to_uint8
 from ..parallel import distributed
 from ..pipeline import QwenImageEditPipeline, save_png
-from ..errors import CheckpointError
 from ..sampling import QWEN_IMAGE_SCHEDULER, FlowMatchConfig, read_scheduler_config, validation_distance
 from .config import ConfigError, TrainConfig, ValidationPrompt
 
