@@ -423,5 +423,5 @@ class CachedDataset:
         return CachedSample(info.sample_id, target, list(refs), rest[0], rest[1].astype(bool), *neg, mask)
 
 
-__all__ = ["DEFAULT_SHARD_BYTES", "EMPTY_PROMPTS", "FORMAT", "MANIFEST", "VERSION", "CachedDataset", "CachedSample", "DataError",
-           "ImgShapes", "SampleInfo", "ShardWriter", "write_cache", "write_manifest"]
+__all__ = ["DEFAULT_SHARD_BYTES", "EMPTY_PROMPTS", "FORMAT", "MANIFEST", "VERSION", "CachedDataset", "CachedSample",
+           "DataError", "ImgShapes", "SampleInfo", "ShardWriter", "write_cache", "write_manifest"]
