@@ -358,6 +358,27 @@ def test_validate_reports_every_bad_case(tmp_path):
     assert [p.reason.split(",")[0] for p in plus.bad] == ["2 reference images"]
 
 
+def test_masks_are_listed_by_stem_or_field_and_checked(tmp_path):
+    """mask/ by stem (folder) and `mask` (metadata) are read; a mask of another size than its target, or an
+    unreadable one, makes the sample bad with the reason; a mask without a target is a note."""
+    root = folder_dataset(tmp_path / "d", [("a", (64, 64), "x"), ("b", (64, 64), "y"), ("c", (64, 64), "z")])
+    rand_image(tmp_path / "d" / "mask" / "a.png", 64, 64, mode="L")
+    rand_image(tmp_path / "d" / "mask" / "b.png", 32, 64, mode="L")
+    rand_image(tmp_path / "d" / "mask" / "zzz.png", 64, 64, mode="L")
+    listing = layouts.read_dataset(root)
+    assert [(s.sample_id, s.mask and os.path.basename(s.mask)) for s in listing.samples] == \
+        [("a", "a.png"), ("b", "b.png"), ("c", None)]
+    assert any("zzz" in n for n in listing.notes) and not any("mask/" in n for n in listing.notes)
+    report = validate.validate(listing, "edit", Sizing(64))
+    assert [(g.sample_id, g.mask is not None) for g in report.good] == [("a", True), ("c", False)]
+    assert [(p.sample_id, p.reason) for p in report.bad] == [
+        ("b", f"mask is 32×64 px, its target {os.path.join(root, 'b.png')} is 64×64: a mask must have its "
+              f"target's size")]
+    rows = [{"image": "imgs/t1.png", "edit_image": "imgs/e1.png", "prompt": "p", "mask_path": "imgs/nope.png"}]
+    listing = layouts.read_dataset(_metadata_dataset(tmp_path / "m", "json", rows))
+    assert not listing.samples and "missing image imgs/nope.png" in listing.problems[0].reason
+
+
 # ---- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
@@ -442,6 +463,8 @@ def test_edit_folder_cache_equals_components(tmp_path, repos, encoders, diffuser
     """Edit (one reference), folder layout, references resized to the target's bucket (musubi's default)."""
     specs = [("a", (96, 64), "make it red"), ("b", (64, 64), "add a hat, keep the face"), ("c", (64, 32), "snow")]
     root = folder_dataset(tmp_path / "d", specs)
+    masks = {"a": rand_image(tmp_path / "d" / "mask" / "a.png", 96, 64, seed=7, mode="L"),
+             "c": rand_image(tmp_path / "d" / "mask" / "c.webp", 64, 32, seed=8)}  # RGB: read as greyscale
     sizing = Sizing(64, control_resolution="target")
     res = cache_dataset(root, tmp_path / "cache", repos["edit"], CacheOptions(
         resolution=64, control_resolution="target", batch_size=2, dtype="float32", progress=False),
@@ -454,6 +477,15 @@ def test_edit_folder_cache_equals_components(tmp_path, repos, encoders, diffuser
     for i in range(len(ds)):
         assert ds[i].references[0].shape == ds[i].target.shape
     assert sorted(ds[i].target.shape[1:] for i in range(3)) == [(4, 8), (8, 8), (8, 8)]  # c is not enlarged
+    for i in range(len(ds)):  # masks: PIL's Lanczos resize to the target's bucket, then 8x8 block means
+        s = ds[i]
+        if s.sample_id not in masks:
+            assert s.mask is None
+            continue
+        h, w = s.target.shape[1:]
+        g = Image.open(masks[s.sample_id]).convert("L").resize((8 * w, 8 * h), Image.Resampling.LANCZOS)
+        want = (np.asarray(g, np.float64) / 255).reshape(h, 8, w, 8).mean(axis=(1, 3))
+        assert_close(s.mask, want, 1e-6, f"{s.sample_id} cached mask vs PIL resize + area mean")  # measured 3e-8
     assert ds.metadata["variant"] == "edit" and ds.metadata["report"]["bad"] == []
     assert not os.path.exists(partial_path(str(tmp_path / "cache")))
 
@@ -461,7 +493,7 @@ def test_edit_folder_cache_equals_components(tmp_path, repos, encoders, diffuser
 def test_edit_plus_metadata_cache_equals_components(tmp_path, repos, encoders, diffusers_vae):
     """Edit-Plus, DiffSynth JSON with one or two references of different sizes, references at area 64²."""
     rows = [{"image": "imgs/t1.png", "edit_image": ["imgs/e1.png", "imgs/e2.png"], "prompt": "two refs"},
-            {"image": "imgs/t2.png", "edit_image": "imgs/e3.png", "prompt": "one ref"}]
+            {"image": "imgs/t2.png", "edit_image": "imgs/e3.png", "prompt": "one ref", "mask": "imgs/t2.png"}]
     root = _metadata_dataset(tmp_path, "json", rows)
     sizing = Sizing(64, control_resolution=64)
     opts = CacheOptions(resolution=64, control_resolution=64, dtype="float32", progress=False, batch_size=2,
@@ -477,6 +509,7 @@ def test_edit_plus_metadata_cache_equals_components(tmp_path, repos, encoders, d
             [os.path.join(root, p) for p in refs], r["prompt"], sizing, negative="ugly")
     assert_matches(ds, expected)
     assert [len(ds[i].references) for i in range(2)] != [1, 1]
+    assert [info.has_mask for info in ds.infos] == [s.sample_id == "imgs/t2" for s in (ds[0], ds[1])]
 
 
 def test_skip_bad_caches_the_good_and_reports_the_rest(tmp_path, repos, encoders):

@@ -17,7 +17,10 @@ Steps (`train/cache_dataset.py` is the command line):
 
 The negative prompt is encoded per sample *with that sample's reference images*, as the edit
 pipelines do for true CFG (`negative_prompt_embeds` depend on the images), and stored in the
-cache's `negative_prompt_embeds` (used by sampling/validation, never by the training loss).
+cache's `negative_prompt_embeds` (used by sampling/validation; when it is blank, the default " ",
+it is the empty prompt that `data.caption_dropout` trains on). A sample's loss mask (`mask/` by
+stem, or a metadata `mask`) is resized like its target and averaged onto the latent grid
+(`imaging.latent_mask`), cached as `<key>.mask`.
 Multi-host: every process runs the same plan and the same SPMD programs on the global mesh and
 reads all images of each batch; process 0 alone writes.
 """
@@ -44,7 +47,7 @@ from ..cache_format import DEFAULT_SHARD_BYTES, CachedDataset, CachedSample
 from ..config import as_dtype
 from ..encoding import QwenPromptEncoder
 from ..errors import CheckpointError
-from ..imaging import EDIT_VARIANTS, vae_pixels
+from ..imaging import EDIT_VARIANTS, latent_mask, vae_pixels
 from ..loading import load_text_encoder, load_vae
 from ..loading.vae import QwenImageVAE
 from ..models.text_encoder import ENCODER_QUANT_MODES
@@ -53,7 +56,7 @@ from ..pipeline import VARIANT_OF_CLASS, model_index_class
 from ..preprocess import bucket_length
 from .buckets import Sizing
 from .layouts import LayoutError, Listing, read_dataset
-from .validate import GoodSample, Report, format_report, load_image, parse_background, validate
+from .validate import GoodSample, Report, format_report, load_image, load_mask, parse_background, validate
 from .writer import JOB_FORMAT, CacheExists, PartialCache, partial_path
 
 JOB_VERSION = 1
@@ -203,8 +206,10 @@ def make_job(ordered: Sequence[GoodSample], listing: Listing, repo: str, variant
     samples = []
     for g in ordered:
         files = [g.target, *g.controls] + ([captions[g.sample_id]] if captions.get(g.sample_id) else [])
-        samples.append([g.sample_id, g.target, list(g.controls), g.prompt, list(g.target_size),
-                        [list(c) for c in g.control_sizes], [_stat(f) for f in files]])
+        files += [g.mask] if g.mask else []
+        row = [g.sample_id, g.target, list(g.controls), g.prompt, list(g.target_size),
+               [list(c) for c in g.control_sizes], [_stat(f) for f in files]]
+        samples.append(row + [g.mask] if g.mask else row)  # without masks: the record of older caches
     body = {"options": opts, "model_files": model_files(repo), "samples": samples}
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return {"format": JOB_FORMAT, "version": JOB_VERSION, "fingerprint": fingerprint, **body}
@@ -219,6 +224,7 @@ class HostBatch:
     images: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]]  # (H, W) → ([n,3,H,W], (sample, slot))
     text: Any  # TextEncoderInputs: prompts, then negative prompts, with each sample's references
     negative: bool  # rows B..2B-1 of `text` are the negative prompt
+    masks: list[np.ndarray | None] | None = None  # per sample: [h, w] latent-grid loss mask, or None
 
 
 class Encoders:
@@ -261,8 +267,9 @@ class Encoders:
         if negative_prompt is not None:
             prompts, refs = prompts + [negative_prompt] * len(samples), refs + refs
         text = self.encoder.prepare(prompts, refs, self.variant)
+        masks = [None if s.mask is None else latent_mask(load_mask(s.mask), s.target_size) for s in samples]
         return HostBatch(list(samples), {k: (np.stack(a), s) for k, (a, s) in images.items()}, text,
-                         negative_prompt is not None)
+                         negative_prompt is not None, masks)
 
     def encode(self, batch: HostBatch) -> list[CachedSample]:
         """Run the VAE and the text encoder on a prepared batch → one `CachedSample` per sample."""
@@ -290,7 +297,8 @@ class Encoders:
                 sample_id=s.sample_id, target=latents[(i, 0)],
                 references=[latents[(i, j + 1)] for j in range(len(s.controls))],
                 prompt_embeds=embeds[i, :lengths[i]], prompt_mask=mask[i, :lengths[i]],
-                negative_prompt_embeds=neg[0], negative_prompt_mask=neg[1]))
+                negative_prompt_embeds=neg[0], negative_prompt_mask=neg[1],
+                mask=batch.masks[i] if batch.masks else None))
         return result
 
 

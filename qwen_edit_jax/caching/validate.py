@@ -17,6 +17,9 @@ each kind of file (`load_image`):
 | EXIF orientation | applied (as diffusers' `load_image` does), a note |
 | animated (several frames) | the first frame, a note |
 
+Masks (`mask/` by stem, or a metadata `mask` field): decoded and converted to 8-bit greyscale (white =
+the loss counts, black = it does not, grey = a weight); a mask whose size differs from its target's is bad.
+
 Captions: read as UTF-8 (a BOM is dropped), surrounding whitespace stripped; a missing, non-UTF-8
 or (unless allowed) empty caption is bad. A sample is bad when any of its files is.
 """
@@ -66,6 +69,7 @@ class GoodSample:
     target_size: Size
     control_sizes: tuple[Size, ...]
     origin: str
+    mask: str | None = None  # the target's loss mask image
 
     @property
     def layout(self) -> tuple[Size, ...]:
@@ -201,6 +205,21 @@ def load_image(path: str, background: tuple[int, int, int] | None = None) -> tup
     return rgb, tuple(notes + more)
 
 
+def load_mask(path: str) -> Image.Image:
+    """Decode a loss mask fully as an 8-bit greyscale PIL image (EXIF orientation applied); `BadImage` says why
+    it cannot be used."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = ImageOps.exif_transpose(im)
+        return img.convert("L")
+    except FileNotFoundError:
+        raise BadImage("mask file not found") from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, UnidentifiedImageError,
+            Image.DecompressionBombError) as e:
+        raise BadImage(f"not a readable mask image ({str(e) or type(e).__name__})") from None
+
+
 def check_image(path: str, background: tuple[int, int, int] | None = None) -> ImageInfo:
     """Validate one image (full decode); `BadImage` says why it cannot be used."""
     img, notes = load_image(path, background)
@@ -263,16 +282,31 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
         except BadImage as e:
             return e
 
+    def one_mask(path: str) -> ImageInfo | BadImage:
+        try:
+            m = load_mask(path)
+            return ImageInfo(path, m.width, m.height)
+        except BadImage as e:
+            return e
+
+    mask_paths = sorted({s.mask for s in listing.samples if s.mask is not None})
     with concurrent.futures.ThreadPoolExecutor(workers, "validate") as pool:
         for path, info in zip(paths, pool.map(one, paths)):
             infos[path] = info
             if progress is not None:
                 progress(1)
+        masks = dict(zip(mask_paths, pool.map(one_mask, mask_paths)))
     good: list[GoodSample] = []
     noted: set[str] = set()
     for s in listing.samples:
         problems = _sample_problems(s, infos, variant)
-        prompt = None
+        if s.mask is not None:
+            m, t = masks[s.mask], infos[s.target]
+            if isinstance(m, BadImage):
+                problems.append(Problem(s.mask, str(m), s.sample_id))
+            elif isinstance(t, ImageInfo) and (m.width, m.height) != (t.width, t.height):
+                problems.append(Problem(s.mask, f"mask is {m.width}×{m.height} px, its target {s.target} is "
+                                        f"{t.width}×{t.height}: a mask must have its target's size", s.sample_id))
         try:
             prompt = (read_caption(s.caption_file, allow_empty=allow_empty_prompt) if s.prompt is None
                       else check_prompt(s.prompt, allow_empty=allow_empty_prompt))
@@ -291,7 +325,7 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
             if isinstance(info, ImageInfo) and info.notes and p not in noted:
                 noted.add(p)
                 converted.append(Problem(p, "; ".join(info.notes), s.sample_id))
-        good.append(GoodSample(s.sample_id, s.target, s.controls, prompt, sizes[0], sizes[1:], s.origin))
+        good.append(GoodSample(s.sample_id, s.target, s.controls, prompt, sizes[0], sizes[1:], s.origin, s.mask))
     notes = list(listing.notes)
     many = sum(len(g.controls) > RELEASED_MAX_REFERENCES for g in good)
     if many:
@@ -348,4 +382,4 @@ def format_report(report: Report, *, limit: int = 50) -> list[str]:
 
 
 __all__ = ["BadImage", "GoodSample", "ImageInfo", "Report", "check_image", "check_prompt", "check_reference_count",
-           "format_report", "load_image", "parse_background", "png_bit_depth", "read_caption", "validate"]
+           "format_report", "load_image", "load_mask", "parse_background", "png_bit_depth", "read_caption", "validate"]
