@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-background", metavar="COLOR",
                    help="composite transparent images over COLOR (white, black, #rrggbb); default: reject them")
     p.add_argument("--allow-empty-prompt", action="store_true", help="accept empty captions / prompts")
+    p.add_argument("--allow-no-reference", action="store_true",
+                   help="cache samples without a reference image (a metadata row without one, or a target with "
+                        "none in any control folder) as text-to-image pairs: Qwen-Image's text-to-image prompt "
+                        "template, no reference latents (default: such samples are bad input)")
     p.add_argument("--caption-ext", default=".txt", help="caption file extension in the folder layout")
     p.add_argument("--layout", default="auto", choices=("auto", "folder", "metadata"),
                    help="force a layout (auto: a metadata file if the folder has one, else the folder layout)")
@@ -122,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             control_resolution=parse_control_resolution(args.control_resolution), batch_size=args.batch_size,
             negative_prompt=None if args.no_negative_prompt else args.negative_prompt, dtype=args.dtype,
             alpha_background=args.alpha_background, allow_empty_prompt=args.allow_empty_prompt,
+            allow_no_reference=args.allow_no_reference,
             skip_bad=args.skip_bad, caption_ext=args.caption_ext, layout=args.layout,
             control_dirs=tuple(args.control_dir), variant=args.variant, shard_bytes=int(args.shard_mb * 1024**2),
             attention=args.attention, overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers,

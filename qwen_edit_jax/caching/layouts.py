@@ -129,8 +129,10 @@ def _numbered_controls(stems: dict[str, list[str]], targets: set[str]) -> dict[s
     return out
 
 
-def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption_ext: str = ".txt") -> Listing:
-    """Target images + captions in `root`, references in `control_dirs` (default: `find_control_dirs`)."""
+def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption_ext: str = ".txt",
+                allow_no_reference: bool = False) -> Listing:
+    """Target images + captions in `root`, references in `control_dirs` (default: `find_control_dirs`).
+    `allow_no_reference`: a target with no reference in any of them is a text-to-image pair (no controls)."""
     root = os.path.abspath(root)
     names = _files(root)
     images = [n for n in names if is_image(n)]
@@ -157,7 +159,8 @@ def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption
                                         f"(which one is the target?)", stem))
             continue
         target = os.path.join(root, files[0])
-        bad = []
+        bad: list[str] = []
+        missing: list[str] = []
         controls: list[str] = []
         for k, (d, stems) in enumerate(zip(dirs, control_stems)):
             exact = stems.get(stem, [])
@@ -174,12 +177,14 @@ def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption
                     used[k].add(os.path.splitext(nums[n][0])[0])
                 continue
             if not exact:
-                bad.append(f"missing reference image {os.path.join(d, stem)}.* for target {files[0]}")
+                missing.append(f"missing reference image {os.path.join(d, stem)}.* for target {files[0]}")
             elif len(exact) > 1:
                 bad.append(f"duplicate reference stem {stem!r} in {d}: {', '.join(exact)}")
             else:
                 controls.append(os.path.join(d, exact[0]))
                 used[k].add(stem)
+        if missing and not (allow_no_reference and not controls and len(missing) == len(dirs)):
+            bad.extend(missing)  # with --allow-no-reference only a target without any reference is a t2i pair
         caption = os.path.join(root, stem + caption_ext)
         if not os.path.isfile(caption):
             bad.append(f"missing caption {caption}")
@@ -395,7 +400,7 @@ def read_metadata(path: str) -> Listing:
 
 # ---- either --------------------------------------------------------------------------------------
 def read_dataset(path: str | os.PathLike, *, layout: str = "auto", control_dirs: Sequence[str] = (),
-                 caption_ext: str = ".txt") -> Listing:
+                 caption_ext: str = ".txt", allow_no_reference: bool = False) -> Listing:
     """Read a dataset in any supported layout (`layout`: auto, folder or metadata)."""
     path = os.path.abspath(os.fspath(path))
     if layout not in LAYOUTS:
@@ -422,7 +427,8 @@ def read_dataset(path: str | os.PathLike, *, layout: str = "auto", control_dirs:
             listing.notes.append(f"{metadata} is used; the images with {caption_ext} captions beside it are read "
                                  f"only through it (pass --layout folder to use the captions instead)")
         return listing
-    return read_folder(path, control_dirs=control_dirs, caption_ext=caption_ext)
+    return read_folder(path, control_dirs=control_dirs, caption_ext=caption_ext,
+                       allow_no_reference=allow_no_reference)
 
 
 __all__ = ["IMAGE_EXTENSIONS", "LAYOUTS", "LayoutError", "Listing", "MASK_DIR", "METADATA_NAMES", "Problem",

@@ -82,6 +82,7 @@ class CacheOptions:
     dtype: str = "bfloat16"  # encoders' weights and activations
     alpha_background: str | None = None
     allow_empty_prompt: bool = False
+    allow_no_reference: bool = False  # a sample without a reference image is a text-to-image pair
     skip_bad: bool = False
     caption_ext: str = ".txt"
     layout: str = "auto"
@@ -202,6 +203,8 @@ def make_job(ordered: Sequence[GoodSample], listing: Listing, repo: str, variant
             "alpha_background": options.alpha_background, "latent_dtype": "float32"}
     if options.quantize:  # only when set: caches made before the option keep their fingerprint
         opts["text_encoder_quantize"] = options.quantize
+    if options.allow_no_reference:  # likewise
+        opts["allow_no_reference"] = True
     captions = {s.sample_id: s.caption_file for s in listing.samples}
     samples = []
     for g in ordered:
@@ -261,12 +264,15 @@ class Encoders:
             arrays.append(x)
             slots.append((i, slot))
         refs = [[decoded[p] for p in s.controls] for s in samples]
-        if self.variant == "edit":
+        # a batch holds one layout: all samples have references, or none (text-to-image pairs, QwenImagePipeline's
+        # template without images)
+        variant = self.variant if samples[0].controls else "t2i"
+        if variant == "edit":
             refs = [r[0] for r in refs]
         prompts = [s.prompt for s in samples]
         if negative_prompt is not None:
             prompts, refs = prompts + [negative_prompt] * len(samples), refs + refs
-        text = self.encoder.prepare(prompts, refs, self.variant)
+        text = self.encoder.prepare(prompts, None if variant == "t2i" else refs, variant)
         masks = [None if s.mask is None else latent_mask(load_mask(s.mask), s.target_size) for s in samples]
         return HostBatch(list(samples), {k: (np.stack(a), s) for k, (a, s) in images.items()}, text,
                          negative_prompt is not None, masks)
@@ -282,7 +288,9 @@ class Encoders:
             out = distributed.to_host(self.vae.encode(x))[:n]
             for slot, z in zip(slots, out):
                 latents[slot] = np.asarray(z, np.float32)
-        out = self.encoder.encode_inputs(batch.text, self.pad_token_id)
+        pad = self.pad_token_id if batch.text.variant != "t2i" else \
+            self.encoder.processor_for("t2i").tokenizer.pad_token_id
+        out = self.encoder.encode_inputs(batch.text, pad)
         embeds = distributed.to_host(out.embeds)[:out.batch]
         mask = distributed.to_host(out.mask)[:out.batch].astype(bool)
         lengths = [int(n) for n in out.lengths]
@@ -324,8 +332,8 @@ def check_dataset(dataset: str, model: str, options: CacheOptions, *, log: Calla
     check_repo(model)
     variant = options.variant or read_variant(model)
     listing = read_dataset(dataset, layout=options.layout, control_dirs=options.control_dirs,
-                           caption_ext=options.caption_ext)
-    if listing.kind == "folder" and not listing.control_dirs:
+                           caption_ext=options.caption_ext, allow_no_reference=options.allow_no_reference)
+    if listing.kind == "folder" and not listing.control_dirs and not options.allow_no_reference:
         raise LayoutError(f"--dataset {listing.source}: no control/ folder; the edit models need a reference image "
                           f"per sample (control/, or control_0/, control_1/, … matched by file stem, or "
                           f"--control-dir)")
@@ -334,7 +342,8 @@ def check_dataset(dataset: str, model: str, options: CacheOptions, *, log: Calla
                file=sys.stderr, leave=False)
     try:
         report = validate(listing, variant, options.sizing, background=parse_background(options.alpha_background),
-                          allow_empty_prompt=options.allow_empty_prompt, workers=options.workers,
+                          allow_empty_prompt=options.allow_empty_prompt,
+                          allow_no_reference=options.allow_no_reference, workers=options.workers,
                           progress=bar.update)
     finally:
         bar.close()

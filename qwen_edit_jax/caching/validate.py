@@ -253,10 +253,13 @@ def check_prompt(text: str, *, allow_empty: bool = False, what: str = "prompt") 
 
 
 # ---- samples ---------------------------------------------------------------------------------------
-def check_reference_count(n: int, variant: str) -> str | None:
-    """Why `n` references do not fit `variant` (None if they do)."""
+def check_reference_count(n: int, variant: str, allow_none: bool = False) -> str | None:
+    """Why `n` references do not fit `variant` (None if they do); `allow_none`: 0 is a text-to-image pair."""
     if n == 0:
-        return "no reference image (the edit models need the image to edit)"
+        if allow_none:
+            return None
+        return ("no reference image (the edit models need the image to edit; pass --allow-no-reference to "
+                "train such rows as text-to-image pairs)")
     if variant == "edit" and n != 1:
         return (f"{n} reference images, but Qwen-Image-Edit takes exactly one; use an Edit-Plus model "
                 f"(Qwen-Image-Edit-2509/2511) for several")
@@ -264,7 +267,7 @@ def check_reference_count(n: int, variant: str) -> str | None:
 
 
 def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tuple[int, int, int] | None = None,
-             allow_empty_prompt: bool = False, workers: int | None = None,
+             allow_empty_prompt: bool = False, allow_no_reference: bool = False, workers: int | None = None,
              progress: Callable[[int], None] | None = None) -> Report:
     """Check every file of every sample (images decoded in parallel threads); nothing is encoded.
 
@@ -299,7 +302,7 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
     good: list[GoodSample] = []
     noted: set[str] = set()
     for s in listing.samples:
-        problems = _sample_problems(s, infos, variant)
+        problems = _sample_problems(s, infos, variant, allow_no_reference)
         if s.mask is not None:
             m, t = masks[s.mask], infos[s.target]
             if isinstance(m, BadImage):
@@ -336,9 +339,9 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
     return Report(listing.source, listing.kind, good, bad, converted, notes, total)
 
 
-def _sample_problems(s: RawSample, infos: dict, variant: str) -> list[Problem]:
+def _sample_problems(s: RawSample, infos: dict, variant: str, allow_no_reference: bool = False) -> list[Problem]:
     out = []
-    why = check_reference_count(len(s.controls), variant)
+    why = check_reference_count(len(s.controls), variant, allow_no_reference)
     if why is not None:
         out.append(Problem(s.origin, why, s.sample_id))
     for p in (s.target, *s.controls):
@@ -382,4 +385,5 @@ def format_report(report: Report, *, limit: int = 50) -> list[str]:
 
 
 __all__ = ["BadImage", "GoodSample", "ImageInfo", "Report", "check_image", "check_prompt", "check_reference_count",
-           "format_report", "load_image", "load_mask", "parse_background", "png_bit_depth", "read_caption", "validate"]
+           "format_report", "load_image", "load_mask", "parse_background", "png_bit_depth", "read_caption",
+           "validate"]
