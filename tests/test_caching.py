@@ -385,6 +385,29 @@ def test_masks_are_listed_by_stem_or_field_and_checked(tmp_path):
     assert not listing.samples and "missing image imgs/nope.png" in listing.problems[0].reason
 
 
+def test_several_resolutions_list_each_sample_per_resolution(tmp_path):
+    """--resolution 32,64: every sample once per resolution (`<id>@<resolution>`) at that resolution's bucket,
+    except a copy whose sizes repeat a smaller resolution's (an image too small to grow), noted; the job
+    records every copy; the command line parses the list."""
+    import train.cache_dataset as cli
+
+    root = folder_dataset(tmp_path / "d", [("a", (96, 64), "x"), ("b", (40, 40), "y")])
+    opts = CacheOptions(resolution=(32, 64), control_resolution="target")
+    listing = layouts.read_dataset(root)
+    report = validate.validate(listing, "edit", opts.sizings)
+    got = [(g.sample_id, g.target_size) for g in report.good]
+    want = [(f"a@{r}", buckets.target_size(96, 64, Sizing(r))) for r in (32, 64)] + [("b@32", (32, 32))]
+    assert got == want and want[0][1] != want[1][1] and report.bad_samples == 0
+    assert any("not cached twice" in n for n in report.notes)
+    job = caching.run.make_job(caching.run.order_samples(report.good), listing, str(tmp_path), "edit", opts)
+    assert sorted(row[0] for row in job["samples"]) == ["a@32", "a@64", "b@32"]
+    assert job["options"]["resolution"] == [32, 64]
+    assert cli.build_parser().parse_args(["--dataset", "d", "--model", "m", "--output", "o", "--resolution",
+                                          "512,768,1024"]).resolution == (512, 768, 1024)
+    with pytest.raises(ValueError, match="distinct"):
+        CacheOptions(resolution=(64, 64))
+
+
 # ---- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):

@@ -33,6 +33,16 @@ def parse_mesh(spec: str) -> tuple[int, int, int]:
     return data, fsdp, tensor
 
 
+def parse_resolutions(text: str) -> int | tuple[int, ...]:
+    """`1024` → 1024; `512,768,1024` → (512, 768, 1024)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list (512,768,1024), "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def build_parser() -> argparse.ArgumentParser:
     description, epilog = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=description, epilog=epilog,
@@ -40,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset folder, or a metadata .jsonl / .csv / .json file")
     p.add_argument("--model", required=True, help="diffusers Qwen-Image-Edit(-2509/-2511) repo folder")
     p.add_argument("--output", required=True, help="cache folder to create (manifest.json + shards)")
-    p.add_argument("--resolution", type=int, default=1024,
-                   help="target bucket area resolution² at the image's aspect ratio, sides multiples of 32")
+    p.add_argument("--resolution", type=parse_resolutions, default=1024,
+                   help="target bucket area resolution² at the image's aspect ratio, sides multiples of 32; "
+                        "several (512,768,1024): every sample cached at each, with ids <id>@<resolution>")
     p.add_argument("--upscale", action="store_true", help="enlarge images smaller than resolution² (default: never)")
     p.add_argument("--control-resolution", default="pipeline",
                    help="reference size for the VAE: 'pipeline' (1024² area, as the pipelines encode them), "

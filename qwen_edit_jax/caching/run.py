@@ -74,7 +74,7 @@ class BadInput(ValueError):
 class CacheOptions:
     """Everything that decides what is cached and how (command-line flags of the same names)."""
 
-    resolution: int = 1024
+    resolution: int | tuple[int, ...] = 1024  # several: every sample cached at each, ids `<id>@<resolution>`
     upscale: bool = False
     control_resolution: str | int = "pipeline"
     batch_size: int = 4
@@ -104,15 +104,28 @@ class CacheOptions:
             raise ValueError(f"--variant {self.variant!r}: expected one of {', '.join(EDIT_VARIANTS)}")
         if not self.caption_ext.startswith("."):
             raise ValueError(f"--caption-ext {self.caption_ext!r}: must start with '.' (e.g. .txt)")
-        self.sizing  # noqa: B018 (validates resolution / control_resolution)
+        if not isinstance(self.resolution, int) and (not self.resolution or len(set(self.resolution)) !=
+                                                      len(self.resolution)):
+            raise ValueError(f"--resolution {self.resolution!r}: one or more distinct resolutions")
+        self.sizings  # noqa: B018 (validates resolution / control_resolution)
         as_dtype(self.dtype)
         parse_background(self.alpha_background)
         if self.quantize is not None and self.quantize not in ENCODER_QUANT_MODES:
             raise ValueError(f"--quantize {self.quantize!r}: expected one of {', '.join(ENCODER_QUANT_MODES)}")
 
     @property
+    def resolutions(self) -> tuple[int, ...]:
+        return (self.resolution,) if isinstance(self.resolution, int) else tuple(self.resolution)
+
+    @property
+    def sizings(self) -> tuple[Sizing, ...]:
+        """One `Sizing` per resolution (`validate` caches every sample at each)."""
+        return tuple(Sizing(r, self.upscale, self.control_resolution) for r in self.resolutions)
+
+    @property
     def sizing(self) -> Sizing:
-        return Sizing(self.resolution, self.upscale, self.control_resolution)
+        """The first resolution's sizing."""
+        return self.sizings[0]
 
 
 @dataclasses.dataclass
@@ -198,17 +211,18 @@ def make_job(ordered: Sequence[GoodSample], listing: Listing, repo: str, variant
              options: CacheOptions) -> dict[str, Any]:
     """The job record: what decides the cache's content (see `writer`), with its fingerprint."""
     opts = {"variant": variant, "model": os.path.abspath(repo), "dtype": str(np.dtype(as_dtype(options.dtype))),
-            "resolution": options.resolution, "upscale": options.upscale,
+            "resolution": options.resolution if isinstance(options.resolution, int) else list(options.resolution),
+            "upscale": options.upscale,
             "control_resolution": options.control_resolution, "negative_prompt": options.negative_prompt,
             "alpha_background": options.alpha_background, "latent_dtype": "float32"}
     if options.quantize:  # only when set: caches made before the option keep their fingerprint
         opts["text_encoder_quantize"] = options.quantize
     if options.allow_no_reference:  # likewise
         opts["allow_no_reference"] = True
-    captions = {s.sample_id: s.caption_file for s in listing.samples}
+    captions = {s.origin: s.caption_file for s in listing.samples}  # by origin: ids may carry `@<resolution>`
     samples = []
     for g in ordered:
-        files = [g.target, *g.controls] + ([captions[g.sample_id]] if captions.get(g.sample_id) else [])
+        files = [g.target, *g.controls] + ([captions[g.origin]] if captions.get(g.origin) else [])
         files += [g.mask] if g.mask else []
         row = [g.sample_id, g.target, list(g.controls), g.prompt, list(g.target_size),
                [list(c) for c in g.control_sizes], [_stat(f) for f in files]]
@@ -341,7 +355,7 @@ def check_dataset(dataset: str, model: str, options: CacheOptions, *, log: Calla
     bar = tqdm(total=n_files, desc="validate", unit="image", disable=None if progress else True,  # None: TTY only
                file=sys.stderr, leave=False)
     try:
-        report = validate(listing, variant, options.sizing, background=parse_background(options.alpha_background),
+        report = validate(listing, variant, options.sizings, background=parse_background(options.alpha_background),
                           allow_empty_prompt=options.allow_empty_prompt,
                           allow_no_reference=options.allow_no_reference, workers=options.workers,
                           progress=bar.update)

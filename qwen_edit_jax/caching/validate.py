@@ -30,7 +30,7 @@ import concurrent.futures
 import dataclasses
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
@@ -91,7 +91,7 @@ class Report:
 
     @property
     def bad_samples(self) -> int:
-        return self.total - len(self.good)
+        return self.total - len({g.origin for g in self.good})  # a sample cached at several resolutions counts once
 
     def to_json(self) -> dict:
         item = lambda p: {"file": p.where, "reason": p.reason, "sample": p.sample_id}  # noqa: E731
@@ -266,13 +266,19 @@ def check_reference_count(n: int, variant: str, allow_none: bool = False) -> str
     return None
 
 
-def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tuple[int, int, int] | None = None,
+def validate(listing: Listing, variant: str, sizing: Sizing | Sequence[Sizing], *, background: tuple[int, int, int] | None = None,
              allow_empty_prompt: bool = False, allow_no_reference: bool = False, workers: int | None = None,
              progress: Callable[[int], None] | None = None) -> Report:
     """Check every file of every sample (images decoded in parallel threads); nothing is encoded.
 
+    `sizing`: one, or several (`--resolution 512,768,1024`): then every good sample is listed once per
+    resolution with the id `<id>@<resolution>`, except where a resolution gives the same sizes as an
+    earlier one (a small image that is never enlarged); a size problem at any resolution makes it bad.
     `progress(n)` is called as images finish (for a progress bar).
     """
+    sizings = (sizing,) if isinstance(sizing, Sizing) else tuple(sizing)
+    several = len(sizings) > 1
+    same_size = 0
     bad: list[Problem] = list(listing.problems)
     converted: list[Problem] = []
     paths = sorted({p for s in listing.samples for p in (s.target, *s.controls)})
@@ -315,11 +321,18 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
                       else check_prompt(s.prompt, allow_empty=allow_empty_prompt))
         except ValueError as e:
             problems.append(Problem(s.caption_file or s.origin, str(e), s.sample_id))
-        sizes = None
+        layouts: list[tuple[int, tuple[Size, ...]]] = []
         if not problems:
-            sizes, size_problem = _sizes(s, infos, sizing)
-            if size_problem is not None:
-                problems.append(size_problem)
+            for sz in sizings:
+                sizes, size_problem = _sizes(s, infos, sz)
+                if size_problem is not None:
+                    where = f" (at --resolution {sz.resolution})" if several else ""
+                    problems.append(dataclasses.replace(size_problem, reason=size_problem.reason + where))
+                    break
+                if any(sizes == seen for _, seen in layouts):
+                    same_size += 1
+                    continue
+                layouts.append((sz.resolution, sizes))
         if problems:
             bad.extend(problems)
             continue
@@ -328,8 +341,13 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
             if isinstance(info, ImageInfo) and info.notes and p not in noted:
                 noted.add(p)
                 converted.append(Problem(p, "; ".join(info.notes), s.sample_id))
-        good.append(GoodSample(s.sample_id, s.target, s.controls, prompt, sizes[0], sizes[1:], s.origin, s.mask))
+        for res, sizes in layouts:
+            sid = f"{s.sample_id}@{res}" if several else s.sample_id
+            good.append(GoodSample(sid, s.target, s.controls, prompt, sizes[0], sizes[1:], s.origin, s.mask))
     notes = list(listing.notes)
+    if same_size:
+        notes.append(f"{same_size} sample copies are not cached twice: their images are smaller than a larger "
+                     f"--resolution and are never enlarged, so they would repeat a smaller resolution's sizes")
     many = sum(len(g.controls) > RELEASED_MAX_REFERENCES for g in good)
     if many:
         notes.append(f"{many} samples have more than {RELEASED_MAX_REFERENCES} reference images; the released "
