@@ -300,6 +300,15 @@ def test_a_missing_input_is_a_one_line_error_naming_the_key(assets, tmp_path, ke
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
 
 
+def test_a_missing_cache_of_data_datasets_names_its_entry(assets, tmp_path):
+    """Every cache of `data.datasets` is checked before any work; the error names the entry."""
+    typo = tmp_path / "nope"
+    d = _cfg_dict(assets, data={"path": "", "datasets": [{"path": assets[2]}, {"path": str(typo), "repeats": 2}]})
+    with pytest.raises(ConfigError, match="^" + re.escape(f"data.datasets[1].path: {typo} does not exist") + "$"):
+        train(config_from_dict(d), tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_latent_demo_without_its_inputs_says_how_to_make_them(tmp_path):
     """train_lora.py on the shipped latent demo config, run where demo_data/ is missing: exit 2 and one line
     naming the key and the relative path, with the command that writes the demo's inputs."""
