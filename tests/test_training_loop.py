@@ -309,6 +309,19 @@ def test_a_missing_cache_of_data_datasets_names_its_entry(assets, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_from_a_run_json_older_than_a_key_counts_it_as_its_default():
+    """A run.json written before `data.datasets` / `data.caption_dropout` existed reads as their defaults: no
+    'changed config' warning on resume, unless the new config sets another value."""
+    from qwen_edit_jax.training.loop import config_changes
+
+    new = config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}}).to_dict()
+    old = copy.deepcopy(new)
+    del old["data"]["datasets"], old["data"]["caption_dropout"], old["objective"]["mask_min_weight"]
+    assert config_changes(old, new) == []
+    new["data"]["caption_dropout"] = 0.1
+    assert config_changes(old, new) == ["data.caption_dropout: 0.0 -> 0.1"]
+
+
 def test_the_latent_demo_without_its_inputs_says_how_to_make_them(tmp_path):
     """train_lora.py on the shipped latent demo config, run where demo_data/ is missing: exit 2 and one line
     naming the key and the relative path, with the command that writes the demo's inputs."""

@@ -131,8 +131,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose value differs between two config dicts and that change what is trained."""
+    """Keys whose value differs between two config dicts and that change what is trained. A key that `old`
+    lacks (a run.json written before the key existed) counts as its default."""
     a, b = _flat(old), _flat(new)
+    a = {**{k: v for k, v in _flat(TrainConfig().to_dict()).items() if k not in a}, **a}
     changed = []
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in _FREE_KEYS):
