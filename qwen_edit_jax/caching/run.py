@@ -367,6 +367,9 @@ def check_dataset(dataset: str, model: str, options: CacheOptions, *, log: Calla
         log(f"note: {len(report.converted)} images were converted (details in the report):")
         for line in format_report(dataclasses.replace(report, bad=report.converted), limit=10):
             log(line)
+    if any(not g.controls for g in report.good) and not os.path.isdir(os.path.join(model, "tokenizer")):
+        raise FileNotFoundError(f"--model {model}: tokenizer/ not found; the text-to-image pairs "
+                                f"(--allow-no-reference) are encoded with QwenImagePipeline's tokenizer/")
     if report.bad and not options.skip_bad:
         raise BadInput(f"{report.bad_samples} of {report.total} samples have bad input", report)
     if not report.good:

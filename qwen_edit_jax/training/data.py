@@ -91,6 +91,16 @@ def as_mix(dataset: CachedDataset | DatasetMix) -> DatasetMix:
     return dataset if isinstance(dataset, DatasetMix) else DatasetMix([(dataset, 1)])
 
 
+def require_empty_prompts(dataset: DatasetMix) -> None:
+    """Every cache holds each sample's empty-prompt encoding (caption dropout needs it); else a one-line
+    `DataError` naming the cache and the caching flag that makes it."""
+    for d in dataset.datasets:
+        if not d.has_empty_prompt:
+            raise DataError(f"{d.path}: data.caption_dropout needs the empty prompt cached per sample; this cache's "
+                            f"negative prompt is {d.metadata.get('negative_prompt')!r}: cache it again with "
+                            f"train/cache_dataset.py --negative-prompt ' ' (the default)")
+
+
 _DROPOUT_STREAM = 0x64726F70  # "drop": the dropout draws' own stream, apart from the epoch shuffles
 
 
@@ -184,11 +194,7 @@ class BatchLoader:
         if not 0 <= caption_dropout < 1:
             raise DataError(f"caption_dropout={caption_dropout}: must be in [0, 1)")
         if caption_dropout > 0:
-            for d in dataset.datasets:
-                if not d.has_empty_prompt:
-                    raise DataError(f"{d.path}: data.caption_dropout needs the empty prompt cached per sample; "
-                                    f"this cache's negative prompt is {d.metadata.get('negative_prompt')!r}: "
-                                    f"cache it again with train/cache_dataset.py --negative-prompt ' ' (the default)")
+            require_empty_prompts(dataset)
         self.caption_dropout = caption_dropout
         self.masks = dataset.has_masks
         if local_rows is None:

@@ -37,7 +37,7 @@ from ..parallel import batch_sharding, distributed, init_opt_state, make_mesh
 from ..utils.files import atomic_path, check_output_dir
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
-from .data import BatchLoader, DatasetMix
+from .data import BatchLoader, DatasetMix, require_empty_prompts
 from .run_log import RunLog
 from .step import make_optimizer, make_schedule, make_train_step, split_lora
 from .validation import Validation, ValidationImages, check_validation_inputs
@@ -212,6 +212,8 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
 def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_main: bool) -> TrainResult:
     t_start = time.perf_counter()
     dataset = open_datasets(cfg)
+    if cfg.data.caption_dropout:
+        require_empty_prompts(dataset)  # before the model loads
     mesh = _make_mesh(cfg)
     # prompts are encoded before the DiT loads, and the text encoder released: never both in memory
     images = ValidationImages.prepare(cfg, mesh, log) if cfg.validation.every and cfg.validation.prompts else None
