@@ -3,7 +3,7 @@ writes caches, and `training`, which reads them).
 
 **Format** (a folder; the contract between caching, training and sampling):
 
-* `manifest.json`: `{"format": "qwen-edit-jax/cached-samples", "version": 1, "latent_channels": C,
+* `manifest.json`: `{"format": "qwen-edit-jax/cached-samples", "version": 1 or 2, "latent_channels": C,
   "joint_attention_dim": J, "num_samples": N, "shards": [{"file", "num_samples", "bytes", "sha256"}],
   "samples": [{"id", "shard", "key", "target": [C, h, w], "references": [[C, h, w], …],
   "prompt_len": L, "negative_prompt_len": L' or null, "crc32", ["mask": true]}], "metadata": {…}}`.
@@ -11,7 +11,9 @@ writes caches, and `training`, which reads them).
   W/8), `<key>.reference.<j>` [C, h_j, w_j], `<key>.prompt_embeds` [L, J], `<key>.prompt_mask` [L]
   (uint8 0/1), optionally `<key>.negative_prompt_embeds` / `<key>.negative_prompt_mask`, and
   `<key>.mask` [h, w] float32 in [0, 1] (the loss weight of each latent pixel of the target; only for
-  samples with a mask, whose manifest entry has `"mask": true`; caches without masks read as before).
+  samples with a mask, whose manifest entry has `"mask": true`). A cache with masks is version 2, so a reader
+  that does not know masks refuses it by its version instead of calling it corrupt; a cache without them is
+  written exactly as before (version 1), and both versions are read.
 
 The negative prompt is the *empty-prompt* encoding of the sample (with its reference images) when the
 manifest's `metadata.negative_prompt` is blank (`" "`, the caching default, or `""`); caption dropout
@@ -43,7 +45,8 @@ from .utils.files import atomic_path
 from .weights.safetensors_io import SafetensorsFile, save_tensors
 
 FORMAT = "qwen-edit-jax/cached-samples"
-VERSION = 1
+VERSION = 2  # the newest version written: 2 when some sample has a mask, else 1 (unchanged from before masks)
+VERSIONS = (1, 2)  # versions this reader knows
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 
@@ -231,7 +234,8 @@ class ShardWriter:
         """The manifest of the shards written so far (call after the last `flush`)."""
         if self.pending_samples:
             raise DataError(f"{self.folder}: {self.pending_samples} samples are not flushed to a shard yet")
-        return {"format": FORMAT, "version": VERSION, "latent_channels": self.channels,
+        version = 2 if any(e.get("mask") for e in self.entries) else 1
+        return {"format": FORMAT, "version": version, "latent_channels": self.channels,
                 "joint_attention_dim": self.joint, "num_samples": len(self.entries), "shards": self.shards,
                 "samples": self.entries, "metadata": dict(metadata or {})}
 
@@ -313,8 +317,9 @@ class CachedDataset:
         self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise DataError(f"{mpath}: not a {FORMAT} manifest (format={m.get('format') if isinstance(m, dict) else m!r})")
-        if m.get("version") != VERSION:
-            raise DataError(f"{mpath}: unsupported version {m.get('version')!r} (this reader knows {VERSION})")
+        if m.get("version") not in VERSIONS:
+            raise DataError(f"{mpath}: unsupported version {m.get('version')!r} (this reader knows "
+                            f"{', '.join(map(str, VERSIONS))})")
         try:
             self.latent_channels = int(m["latent_channels"])
             self.joint_attention_dim = int(m["joint_attention_dim"])
@@ -423,5 +428,5 @@ class CachedDataset:
         return CachedSample(info.sample_id, target, list(refs), rest[0], rest[1].astype(bool), *neg, mask)
 
 
-__all__ = ["DEFAULT_SHARD_BYTES", "EMPTY_PROMPTS", "FORMAT", "MANIFEST", "VERSION", "CachedDataset", "CachedSample",
+__all__ = ["DEFAULT_SHARD_BYTES", "EMPTY_PROMPTS", "FORMAT", "MANIFEST", "VERSION", "VERSIONS", "CachedDataset", "CachedSample",
            "DataError", "ImgShapes", "SampleInfo", "ShardWriter", "write_cache", "write_manifest"]

@@ -283,6 +283,13 @@ def test_masks_roundtrip_and_travel_packed_like_the_latents(tmp_path):
             np.testing.assert_array_equal(np.tile(bt.arrays["loss_mask"][0, row], (1, C)), full)
     plain = BatchLoader(CachedDataset(_neg_cache(tmp_path / "p", 4)), batch_size=2, text_buckets=[8], prefetch=0)
     assert "loss_mask" not in next(plain).arrays
+    # a cache with masks is version 2 (a reader without masks refuses it by version), one without stays 1
+    versions = [json.loads((tmp_path / n / MANIFEST).read_text())["version"] for n in ("m", "p")]
+    assert versions == [2, 1]
+    m = json.loads((tmp_path / "p" / MANIFEST).read_text())
+    (tmp_path / "p" / MANIFEST).write_text(json.dumps({**m, "version": 3}))
+    with pytest.raises(DataError, match="unsupported version 3 \\(this reader knows 1, 2\\)"):
+        CachedDataset(tmp_path / "p")
     with pytest.raises(DataError, match=r"sample x: mask shape \(2, 2\) is not the target latent's \(4, 6\)"):
         write_cache(tmp_path / "bad", [CachedSample("x", np.zeros((C, 4, 6), np.float32), [], np.ones((2, J)),
                                                     np.ones(2, bool), mask=np.ones((2, 2)))])
