@@ -3,13 +3,21 @@ writes caches, and `training`, which reads them).
 
 **Format** (a folder; the contract between caching, training and sampling):
 
-* `manifest.json`: `{"format": "qwen-edit-jax/cached-samples", "version": 1, "latent_channels": C,
+* `manifest.json`: `{"format": "qwen-edit-jax/cached-samples", "version": 1 or 2, "latent_channels": C,
   "joint_attention_dim": J, "num_samples": N, "shards": [{"file", "num_samples", "bytes", "sha256"}],
   "samples": [{"id", "shard", "key", "target": [C, h, w], "references": [[C, h, w], …],
-  "prompt_len": L, "negative_prompt_len": L' or null, "crc32"}], "metadata": {…}}`.
+  "prompt_len": L, "negative_prompt_len": L' or null, "crc32", ["mask": true]}], "metadata": {…}}`.
 * `shard-NNNNN.safetensors`: per sample `<key>.target` [C, h, w] (normalised VAE latent, h, w = H/8,
   W/8), `<key>.reference.<j>` [C, h_j, w_j], `<key>.prompt_embeds` [L, J], `<key>.prompt_mask` [L]
-  (uint8 0/1), optionally `<key>.negative_prompt_embeds` / `<key>.negative_prompt_mask`.
+  (uint8 0/1), optionally `<key>.negative_prompt_embeds` / `<key>.negative_prompt_mask`, and
+  `<key>.mask` [h, w] float32 in [0, 1] (the loss weight of each latent pixel of the target; only for
+  samples with a mask, whose manifest entry has `"mask": true`). A cache with masks is version 2, so a reader
+  that does not know masks refuses it by its version instead of calling it corrupt; a cache without them is
+  written exactly as before (version 1), and both versions are read.
+
+The negative prompt is the *empty-prompt* encoding of the sample (with its reference images) when the
+manifest's `metadata.negative_prompt` is blank (`" "`, the caching default, or `""`); caption dropout
+in training uses it (`CachedDataset.has_empty_prompt`).
 
 `crc32` covers the raw bytes of all of a sample's tensors, so a damaged sample is caught when it is
 read (cheap: one pass over a few MB); `sha256` per shard is checked by `CachedDataset.verify()`.
@@ -37,7 +45,8 @@ from .utils.files import atomic_path
 from .weights.safetensors_io import SafetensorsFile, save_tensors
 
 FORMAT = "qwen-edit-jax/cached-samples"
-VERSION = 1
+VERSION = 2  # the newest version written: 2 when some sample has a mask, else 1 (unchanged from before masks)
+VERSIONS = (1, 2)  # versions this reader knows
 MANIFEST = "manifest.json"
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 
@@ -59,6 +68,11 @@ class CachedSample:
     prompt_mask: np.ndarray  # [L] bool, True = real token
     negative_prompt_embeds: np.ndarray | None = None
     negative_prompt_mask: np.ndarray | None = None
+    mask: np.ndarray | None = None  # [h, w] float32 in [0, 1]: loss weight per target latent pixel (None: all 1)
+
+
+# The negative prompts that count as the empty prompt (caption dropout trains on them).
+EMPTY_PROMPTS = ("", " ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +88,7 @@ class SampleInfo:
     prompt_len: int
     negative_prompt_len: int | None
     crc32: int
+    has_mask: bool = False
 
     @property
     def img_shapes(self) -> ImgShapes:
@@ -91,6 +106,8 @@ def _tensors_of(sample: CachedSample, key: str) -> dict[str, np.ndarray]:
     if sample.negative_prompt_embeds is not None:
         t[f"{key}.negative_prompt_embeds"] = sample.negative_prompt_embeds
         t[f"{key}.negative_prompt_mask"] = sample.negative_prompt_mask
+    if sample.mask is not None:
+        t[f"{key}.mask"] = sample.mask
     return t
 
 
@@ -143,7 +160,15 @@ def _prepare(sample: CachedSample, channels: int | None, joint: int | None, late
         raise DataError(f"sample {sid}: negative_prompt_mask given without negative_prompt_embeds")
     if sample.negative_prompt_embeds is not None:
         ne, nm = text(sample.negative_prompt_embeds, sample.negative_prompt_mask, "negative_prompt")
-    return CachedSample(sid, target, refs, pe, pm, ne, nm)
+    mask = None
+    if sample.mask is not None:
+        mask = np.asarray(sample.mask, np.float32)
+        if mask.shape != target.shape[1:]:
+            raise DataError(f"sample {sid}: mask shape {mask.shape} is not the target latent's {target.shape[1:]}")
+        if not np.all((mask >= 0) & (mask <= 1)):  # also false for NaN
+            raise DataError(f"sample {sid}: mask values must be in [0, 1]")
+        mask = np.ascontiguousarray(mask)
+    return CachedSample(sid, target, refs, pe, pm, ne, nm, mask)
 
 
 class ShardWriter:
@@ -184,6 +209,8 @@ class ShardWriter:
             else int(s.negative_prompt_embeds.shape[0]),
             "crc32": _crc(tensors.values()),
         }
+        if s.mask is not None:
+            entry["mask"] = True
         self.entries.append(entry)
         self._pending.update(tensors)
         self.pending_samples += 1
@@ -207,7 +234,8 @@ class ShardWriter:
         """The manifest of the shards written so far (call after the last `flush`)."""
         if self.pending_samples:
             raise DataError(f"{self.folder}: {self.pending_samples} samples are not flushed to a shard yet")
-        return {"format": FORMAT, "version": VERSION, "latent_channels": self.channels,
+        version = 2 if any(e.get("mask") for e in self.entries) else 1
+        return {"format": FORMAT, "version": version, "latent_channels": self.channels,
                 "joint_attention_dim": self.joint, "num_samples": len(self.entries), "shards": self.shards,
                 "samples": self.entries, "metadata": dict(metadata or {})}
 
@@ -289,8 +317,9 @@ class CachedDataset:
         self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
         if not isinstance(m, dict) or m.get("format") != FORMAT:
             raise DataError(f"{mpath}: not a {FORMAT} manifest (format={m.get('format') if isinstance(m, dict) else m!r})")
-        if m.get("version") != VERSION:
-            raise DataError(f"{mpath}: unsupported version {m.get('version')!r} (this reader knows {VERSION})")
+        if m.get("version") not in VERSIONS:
+            raise DataError(f"{mpath}: unsupported version {m.get('version')!r} (this reader knows "
+                            f"{', '.join(map(str, VERSIONS))})")
         try:
             self.latent_channels = int(m["latent_channels"])
             self.joint_attention_dim = int(m["joint_attention_dim"])
@@ -300,7 +329,7 @@ class CachedDataset:
                 SampleInfo(i, str(e["id"]), int(e["shard"]), str(e["key"]), tuple(e["target"]),
                            tuple(tuple(r) for r in e["references"]), int(e["prompt_len"]),
                            None if e.get("negative_prompt_len") is None else int(e["negative_prompt_len"]),
-                           int(e["crc32"]))
+                           int(e["crc32"]), bool(e.get("mask", False)))
                 for i, e in enumerate(m["samples"])
             ]
         except (KeyError, TypeError, ValueError) as e:
@@ -323,6 +352,18 @@ class CachedDataset:
 
     def __len__(self) -> int:
         return len(self.infos)
+
+    @property
+    def has_masks(self) -> bool:
+        """Some sample has a loss mask."""
+        return any(i.has_mask for i in self.infos)
+
+    @property
+    def has_empty_prompt(self) -> bool:
+        """Every sample's negative prompt is the empty prompt's encoding (with its images): blank
+        `metadata.negative_prompt` and a cached negative prompt for every sample."""
+        return (self.metadata.get("negative_prompt") in EMPTY_PROMPTS
+                and all(i.negative_prompt_len is not None for i in self.infos))
 
     def verify(self, progress: bool = False) -> None:
         """Check every shard's sha256 against the manifest."""
@@ -359,6 +400,8 @@ class CachedDataset:
                  f"{info.key}.prompt_embeds", f"{info.key}.prompt_mask"]
         if info.negative_prompt_len is not None:
             names += [f"{info.key}.negative_prompt_embeds", f"{info.key}.negative_prompt_mask"]
+        if info.has_mask:
+            names.append(f"{info.key}.mask")
         with self._lock:
             h = self._handle(info.shard)
             arrays = []
@@ -371,6 +414,10 @@ class CachedDataset:
             raise DataError(f"{where}: checksum mismatch, the sample's data is corrupt")
         target, refs = arrays[0], arrays[1:1 + len(info.reference_shapes)]
         rest = arrays[1 + len(info.reference_shapes):]
+        mask = rest.pop() if info.has_mask else None
+        if mask is not None and tuple(mask.shape) != tuple(info.target_shape[1:]):
+            raise DataError(f"{where}: tensor {info.key}.mask has shape {mask.shape}, the target is "
+                            f"{tuple(info.target_shape[1:])}")
         expect = [info.target_shape, *info.reference_shapes]
         for a, shape, n in zip([target, *refs], expect, names):
             if tuple(a.shape) != tuple(shape):
@@ -378,8 +425,8 @@ class CachedDataset:
         if rest[0].shape[0] != info.prompt_len:
             raise DataError(f"{where}: prompt_embeds has {rest[0].shape[0]} tokens, the manifest says {info.prompt_len}")
         neg = (rest[2], rest[3].astype(bool)) if len(rest) == 4 else (None, None)
-        return CachedSample(info.sample_id, target, list(refs), rest[0], rest[1].astype(bool), *neg)
+        return CachedSample(info.sample_id, target, list(refs), rest[0], rest[1].astype(bool), *neg, mask)
 
 
-__all__ = ["DEFAULT_SHARD_BYTES", "FORMAT", "MANIFEST", "VERSION", "CachedDataset", "CachedSample", "DataError",
-           "ImgShapes", "SampleInfo", "ShardWriter", "write_cache", "write_manifest"]
+__all__ = ["DEFAULT_SHARD_BYTES", "EMPTY_PROMPTS", "FORMAT", "MANIFEST", "VERSION", "VERSIONS", "CachedDataset", "CachedSample",
+           "DataError", "ImgShapes", "SampleInfo", "ShardWriter", "write_cache", "write_manifest"]

@@ -133,6 +133,18 @@ def vae_pixels(image: Image.Image, size: Size) -> np.ndarray:
     return np.ascontiguousarray((2.0 * x - 1.0).transpose(2, 0, 1))
 
 
+def latent_mask(mask: Image.Image, size: Size) -> np.ndarray:
+    """A loss mask on the latent grid: the mask image as greyscale (white 1, black 0, grey between),
+    Lanczos-resized to `size` (width, height) as the target is (`vae_pixels`), then averaged over each
+    `VAE_SCALE_FACTOR`² block of pixels → float32 `[H/8, W/8]` in [0, 1]."""
+    w, h = size
+    f = VAE_SCALE_FACTOR
+    if w % f or h % f:
+        raise ValueError(f"mask size {w}x{h}: sides must be multiples of {f}")
+    g = np.asarray(resize(mask.convert("L"), w, h), np.float32) / 255.0
+    return np.ascontiguousarray(g.reshape(h // f, f, w // f, f).mean(axis=(1, 3)), np.float32)
+
+
 def to_numpy_images(images: Any) -> np.ndarray:
     """Decoded `[B, 3, H, W]` in [-1, 1] → float32 `[B, H, W, 3]` in [0, 1] (`VaeImageProcessor.postprocess`)."""
     x = np.asarray(images, np.float32)
@@ -151,4 +163,5 @@ def numpy_to_pil(images: np.ndarray) -> list[Image.Image]:
 
 __all__ = ["CONDITION_IMAGE_SIZE", "EDIT_VARIANTS", "ImageSizes", "MULTIPLE", "Size", "VAE_IMAGE_SIZE",
            "VAE_SCALE_FACTOR", "as_pil", "bucket_size", "calculate_dimensions", "condition_images", "floor_to",
-           "numpy_to_pil", "output_dims", "plan_sizes", "resize", "to_numpy_images", "to_uint8", "vae_pixels"]
+           "latent_mask", "numpy_to_pil", "output_dims", "plan_sizes", "resize", "to_numpy_images", "to_uint8",
+           "vae_pixels"]

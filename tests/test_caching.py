@@ -8,6 +8,7 @@ shared by every end-to-end test, so each image size compiles once.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -159,6 +160,11 @@ def test_folder_layout_problems(tmp_path):
     assert [s.sample_id for s in listing.samples] == []
     reasons = {(p.sample_id, p.reason.split(" ")[0] + " " + p.reason.split(" ")[1]) for p in listing.problems}
     assert reasons == {("a", "duplicate stem"), ("b", "missing reference"), ("c", "missing caption")}
+    allowed = layouts.read_dataset(root, allow_no_reference=True)  # b lacks one of its two: still bad
+    assert [s.sample_id for s in allowed.samples] == [] and len(allowed.problems) == len(listing.problems)
+    os.remove(tmp_path / "d" / "control_0" / "b.png")  # b has no reference at all: a text-to-image pair
+    assert [(s.sample_id, s.controls) for s in layouts.read_dataset(root, allow_no_reference=True).samples] == \
+        [("b", ())]
     with pytest.raises(layouts.LayoutError, match="both control/ and numbered"):
         os.makedirs(tmp_path / "d" / "control")
         layouts.read_dataset(root)
@@ -358,6 +364,50 @@ def test_validate_reports_every_bad_case(tmp_path):
     assert [p.reason.split(",")[0] for p in plus.bad] == ["2 reference images"]
 
 
+def test_masks_are_listed_by_stem_or_field_and_checked(tmp_path):
+    """mask/ by stem (folder) and `mask` (metadata) are read; a mask of another size than its target, or an
+    unreadable one, makes the sample bad with the reason; a mask without a target is a note."""
+    root = folder_dataset(tmp_path / "d", [("a", (64, 64), "x"), ("b", (64, 64), "y"), ("c", (64, 64), "z")])
+    rand_image(tmp_path / "d" / "mask" / "a.png", 64, 64, mode="L")
+    rand_image(tmp_path / "d" / "mask" / "b.png", 32, 64, mode="L")
+    rand_image(tmp_path / "d" / "mask" / "zzz.png", 64, 64, mode="L")
+    listing = layouts.read_dataset(root)
+    assert [(s.sample_id, s.mask and os.path.basename(s.mask)) for s in listing.samples] == \
+        [("a", "a.png"), ("b", "b.png"), ("c", None)]
+    assert any("zzz" in n for n in listing.notes) and not any("mask/" in n for n in listing.notes)
+    report = validate.validate(listing, "edit", Sizing(64))
+    assert [(g.sample_id, g.mask is not None) for g in report.good] == [("a", True), ("c", False)]
+    assert [(p.sample_id, p.reason) for p in report.bad] == [
+        ("b", f"mask is 32×64 px, its target {os.path.join(root, 'b.png')} is 64×64: a mask must have its "
+              f"target's size")]
+    rows = [{"image": "imgs/t1.png", "edit_image": "imgs/e1.png", "prompt": "p", "mask_path": "imgs/nope.png"}]
+    listing = layouts.read_dataset(_metadata_dataset(tmp_path / "m", "json", rows))
+    assert not listing.samples and "missing image imgs/nope.png" in listing.problems[0].reason
+
+
+def test_several_resolutions_list_each_sample_per_resolution(tmp_path):
+    """--resolution 32,64: every sample once per resolution (`<id>@<resolution>`) at that resolution's bucket,
+    except a copy whose sizes repeat a smaller resolution's (an image too small to grow), noted; the job
+    records every copy; the command line parses the list."""
+    import train.cache_dataset as cli
+
+    root = folder_dataset(tmp_path / "d", [("a", (96, 64), "x"), ("b", (40, 40), "y")])
+    opts = CacheOptions(resolution=(32, 64), control_resolution="target")
+    listing = layouts.read_dataset(root)
+    report = validate.validate(listing, "edit", opts.sizings)
+    got = [(g.sample_id, g.target_size) for g in report.good]
+    want = [(f"a@{r}", buckets.target_size(96, 64, Sizing(r))) for r in (32, 64)] + [("b@32", (32, 32))]
+    assert got == want and want[0][1] != want[1][1] and report.bad_samples == 0
+    assert any("not cached twice" in n for n in report.notes)
+    job = caching.run.make_job(caching.run.order_samples(report.good), listing, str(tmp_path), "edit", opts)
+    assert sorted(row[0] for row in job["samples"]) == ["a@32", "a@64", "b@32"]
+    assert job["options"]["resolution"] == [32, 64]
+    assert cli.build_parser().parse_args(["--dataset", "d", "--model", "m", "--output", "o", "--resolution",
+                                          "512,768,1024"]).resolution == (512, 768, 1024)
+    with pytest.raises(ValueError, match="distinct"):
+        CacheOptions(resolution=(64, 64))
+
+
 # ---- end to end ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory):
@@ -442,6 +492,8 @@ def test_edit_folder_cache_equals_components(tmp_path, repos, encoders, diffuser
     """Edit (one reference), folder layout, references resized to the target's bucket (musubi's default)."""
     specs = [("a", (96, 64), "make it red"), ("b", (64, 64), "add a hat, keep the face"), ("c", (64, 32), "snow")]
     root = folder_dataset(tmp_path / "d", specs)
+    masks = {"a": rand_image(tmp_path / "d" / "mask" / "a.png", 96, 64, seed=7, mode="L"),
+             "c": rand_image(tmp_path / "d" / "mask" / "c.webp", 64, 32, seed=8)}  # RGB: read as greyscale
     sizing = Sizing(64, control_resolution="target")
     res = cache_dataset(root, tmp_path / "cache", repos["edit"], CacheOptions(
         resolution=64, control_resolution="target", batch_size=2, dtype="float32", progress=False),
@@ -454,6 +506,15 @@ def test_edit_folder_cache_equals_components(tmp_path, repos, encoders, diffuser
     for i in range(len(ds)):
         assert ds[i].references[0].shape == ds[i].target.shape
     assert sorted(ds[i].target.shape[1:] for i in range(3)) == [(4, 8), (8, 8), (8, 8)]  # c is not enlarged
+    for i in range(len(ds)):  # masks: PIL's Lanczos resize to the target's bucket, then 8x8 block means
+        s = ds[i]
+        if s.sample_id not in masks:
+            assert s.mask is None
+            continue
+        h, w = s.target.shape[1:]
+        g = Image.open(masks[s.sample_id]).convert("L").resize((8 * w, 8 * h), Image.Resampling.LANCZOS)
+        want = (np.asarray(g, np.float64) / 255).reshape(h, 8, w, 8).mean(axis=(1, 3))
+        assert_close(s.mask, want, 2e-6, f"{s.sample_id} cached mask vs PIL resize + area mean")  # measured 1.7e-7
     assert ds.metadata["variant"] == "edit" and ds.metadata["report"]["bad"] == []
     assert not os.path.exists(partial_path(str(tmp_path / "cache")))
 
@@ -461,7 +522,7 @@ def test_edit_folder_cache_equals_components(tmp_path, repos, encoders, diffuser
 def test_edit_plus_metadata_cache_equals_components(tmp_path, repos, encoders, diffusers_vae):
     """Edit-Plus, DiffSynth JSON with one or two references of different sizes, references at area 64²."""
     rows = [{"image": "imgs/t1.png", "edit_image": ["imgs/e1.png", "imgs/e2.png"], "prompt": "two refs"},
-            {"image": "imgs/t2.png", "edit_image": "imgs/e3.png", "prompt": "one ref"}]
+            {"image": "imgs/t2.png", "edit_image": "imgs/e3.png", "prompt": "one ref", "mask": "imgs/t2.png"}]
     root = _metadata_dataset(tmp_path, "json", rows)
     sizing = Sizing(64, control_resolution=64)
     opts = CacheOptions(resolution=64, control_resolution=64, dtype="float32", progress=False, batch_size=2,
@@ -477,6 +538,48 @@ def test_edit_plus_metadata_cache_equals_components(tmp_path, repos, encoders, d
             [os.path.join(root, p) for p in refs], r["prompt"], sizing, negative="ugly")
     assert_matches(ds, expected)
     assert [len(ds[i].references) for i in range(2)] != [1, 1]
+    assert [info.has_mask for info in ds.infos] == [s.sample_id == "imgs/t2" for s in (ds[0], ds[1])]
+
+
+def test_text_to_image_rows_use_qwen_image_template(tmp_path, repos, encoders):
+    """With --allow-no-reference, metadata rows without a reference image are cached as text-to-image pairs
+    beside the edit pairs: no reference latents, and prompt (and blank negative prompt) embeddings equal to
+    diffusers' `QwenImagePipeline.encode_prompt` on the tiny repo's text encoder (transformers, fp32); the
+    trainer batches them as their own layout without reference tokens."""
+    import torch
+    import transformers
+    from diffusers import QwenImagePipeline
+
+    rows = [{"image": "imgs/t1.png", "edit_image": "imgs/e1.png", "prompt": "edit one"},
+            {"image": "imgs/t2.png", "prompt": "a red fox in the snow"},
+            {"image": "imgs/e2.png", "prompt": "two cats on a wall, photo"}]
+    root = _metadata_dataset(tmp_path, "jsonl", rows)
+    opts = CacheOptions(resolution=64, control_resolution=64, dtype="float32", progress=False, batch_size=2)
+    with pytest.raises(caching.BadInput):  # without the flag a row without a reference is bad input
+        cache_dataset(root, tmp_path / "refused", repos["edit"], opts, encoders=encoders["edit"], log=lambda m: None)
+    res = cache_dataset(root, tmp_path / "cache", repos["edit"], dataclasses.replace(opts, allow_no_reference=True),
+                        encoders=encoders["edit"], log=lambda m: None)
+    assert res.samples == 3
+    ds = CachedDataset(tmp_path / "cache")
+    text_encoder = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        os.path.join(repos["edit"], "text_encoder"), torch_dtype=torch.float32).eval()
+    tokenizer = transformers.Qwen2Tokenizer.from_pretrained(os.path.join(repos["edit"], "tokenizer"))
+    pipe = QwenImagePipeline(scheduler=None, vae=None, text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=None)
+    by_id = {ds[i].sample_id: ds[i] for i in range(len(ds))}
+    assert len(by_id["imgs/t1"].references) == 1
+    for sid, row in (("imgs/t2", rows[1]), ("imgs/e2", rows[2])):
+        s = by_id[sid]
+        assert s.references == [] and len(ds.infos[[i.sample_id for i in ds.infos].index(sid)].img_shapes) == 1
+        for text, embeds in ((row["prompt"], s.prompt_embeds), (" ", s.negative_prompt_embeds)):
+            with torch.no_grad():
+                ref, _ = pipe.encode_prompt(text, device=torch.device("cpu"), max_sequence_length=1024)
+            assert_close(embeds, ref[0].numpy(), EMBED_TOL, f"{sid} t2i embeds of {text!r} vs QwenImagePipeline")
+    loader = BatchLoader(ds, batch_size=1, text_buckets=(128,), prefetch=0, shuffle=False)
+    batches = [next(loader) for _ in range(loader.steps_per_epoch)]
+    t2i = [b for b in batches if b.sample_ids[0] != "imgs/t1"]
+    assert len(t2i) == 2 and all(len(b.img_shapes) == 1 and b.arrays["references"].shape == (1, 1, 0, 64)
+                                 for b in t2i)
 
 
 def test_skip_bad_caches_the_good_and_reports_the_rest(tmp_path, repos, encoders):

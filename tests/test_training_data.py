@@ -11,7 +11,7 @@ import pytest
 
 from qwen_edit_jax.packing import pack_latents
 from qwen_edit_jax.cache_format import MANIFEST, CachedDataset, CachedSample, DataError, write_cache
-from qwen_edit_jax.training.data import BatchLoader, text_bucket
+from qwen_edit_jax.training.data import BatchLoader, DatasetMix, text_bucket
 
 C, J = 16, 8
 
@@ -163,6 +163,139 @@ def test_resume_from_another_dataset_is_refused(tmp_path, cache):
     state = BatchLoader(ds, batch_size=1, text_buckets=[16], prefetch=0).state_dict()
     with pytest.raises(DataError, match="different cached dataset"):
         BatchLoader(other, batch_size=1, text_buckets=[16], prefetch=0).load_state_dict(state)
+
+
+# ---- several caches, caption dropout, masks ------------------------------------------------------
+def _state_roundtrip(loader):
+    return json.loads(json.dumps(loader.state_dict()))
+
+
+def test_mix_with_repeats_plans_resumes_and_splits_hosts_exactly(tmp_path):
+    """Two caches, repeats 1 and 3: every epoch holds cache A's samples once and cache B's three times,
+    shuffled together into shared buckets; hosts split each global batch; a resumed loader continues
+    with the same batches; the fingerprint names the caches and repeats (one cache x1 keeps its own)."""
+    a = CachedDataset(write_cache(tmp_path / "a", [_sample(i, length=4) for i in range(8)]))
+    b = CachedDataset(write_cache(tmp_path / "b", [_sample(100 + i, length=6) for i in range(4)]))
+    mix = DatasetMix([(a, 1), (b, 3)])
+    assert len(mix) == 12 and mix[9].sample_id == "s101" and mix.locate(9) == (1, 1)
+    kw = dict(batch_size=4, grad_accum=1, text_buckets=[8], prefetch=0)
+    loader = BatchLoader(mix, **kw)
+    assert loader.steps_per_epoch == 5  # (8 + 3·4) / 4, one bucket
+    for epoch in range(2):
+        plan = np.concatenate(loader.epoch_plan(epoch))
+        counts = np.bincount(plan, minlength=12)
+        assert counts[:8].tolist() == [1] * 8 and counts[8:].tolist() == [3] * 4
+    assert any(len({int(i) < 8 for i in step}) == 2 for step in loader.epoch_plan(0))  # the caches mix in a step
+    ref = [next(loader) for _ in range(8)]
+    assert {i for r in ref[:5] for i in r.sample_ids} == {f"s{i}" for i in [*range(8), *range(100, 104)]}
+    hosts = [BatchLoader(mix, process_index=p, process_count=2, **kw) for p in range(2)]
+    for r in ref[:3]:
+        parts = [next(h) for h in hosts]
+        assert parts[0].sample_ids + parts[1].sample_ids == r.sample_ids
+        np.testing.assert_array_equal(np.concatenate([p.arrays["target"] for p in parts], axis=1), r.arrays["target"])
+    resumed = BatchLoader(DatasetMix([(a, 1), (b, 3)]), **kw)
+    probe = BatchLoader(mix, **kw)
+    for _ in range(3):
+        next(probe)
+    resumed.load_state_dict(_state_roundtrip(probe))
+    for r in ref[3:]:
+        got = next(resumed)
+        assert got.sample_ids == r.sample_ids
+        np.testing.assert_array_equal(got.arrays["prompt_embeds"], r.arrays["prompt_embeds"])
+    assert DatasetMix([(a, 1)]).fingerprint == a.fingerprint
+    fps = {DatasetMix(s).fingerprint for s in ([(a, 1), (b, 3)], [(a, 1), (b, 2)], [(b, 3), (a, 1)], [(a, 2)])}
+    assert len(fps) == 4
+    with pytest.raises(DataError, match="different cached dataset"):
+        BatchLoader(DatasetMix([(a, 1), (b, 2)]), **kw).load_state_dict(_state_roundtrip(probe))
+    other = CachedDataset(write_cache(tmp_path / "wide", [CachedSample("w", np.zeros((C, 4, 6), np.float32), [],
+                                                                       np.ones((3, J + 1), np.float32),
+                                                                       np.ones(3, bool))]))
+    with pytest.raises(DataError, match=f"{other.path}: joint_attention_dim is {J + 1}, but {a.path} has {J}"):
+        DatasetMix([(a, 1), (other, 1)])
+
+
+def _neg_cache(path, n, *, blank=" ", masks=False, start=0):
+    """Samples with a cached negative prompt (2 tokens) and, with `masks`, a grey mask on every other sample."""
+    out = []
+    for i in range(start, start + n):
+        s = _sample(i, length=4 + i % 3, neg=True)
+        mask = np.random.default_rng(i).uniform(0, 1, (4, 6)).astype(np.float32) if masks and i % 2 else None
+        out.append(CachedSample(s.sample_id, s.target, s.references, s.prompt_embeds, s.prompt_mask,
+                                s.negative_prompt_embeds[:2], s.negative_prompt_mask[:2], mask))
+    return write_cache(path, out, metadata={} if blank is None else {"negative_prompt": blank})
+
+
+def test_caption_dropout_uses_the_cached_empty_prompt_deterministically(tmp_path):
+    """Dropped rows carry exactly the sample's cached empty-prompt encoding (padded), the others their prompt;
+    about `p` of the rows drop; the draws are the same for another loader, on each host's rows and after a
+    resume; a cache whose negative prompt is not blank is refused with the flag that fixes it."""
+    ds = CachedDataset(_neg_cache(tmp_path / "c", 16))
+    by_id = {ds[i].sample_id: ds[i] for i in range(len(ds))}
+    kw = dict(batch_size=4, grad_accum=2, text_buckets=[8], prefetch=0, caption_dropout=0.4)
+    loader = BatchLoader(ds, **kw)
+    batches = [next(loader) for _ in range(10)]
+    dropped = []
+    for bt in batches:
+        embeds = bt.arrays["prompt_embeds"].reshape(8, 8, J)
+        pmask = bt.arrays["prompt_mask"].reshape(8, 8)
+        for row, sid in enumerate(bt.sample_ids):
+            s = by_id[sid]
+            drop = pmask[row].sum() == 2 and s.prompt_mask.sum() != 2
+            e, m = (s.negative_prompt_embeds, s.negative_prompt_mask) if drop else (s.prompt_embeds, s.prompt_mask)
+            np.testing.assert_array_equal(embeds[row, :len(e)], e.astype(np.float32))
+            np.testing.assert_array_equal(pmask[row, :len(m)], m)
+            assert not pmask[row, len(m):].any()
+            dropped.append(drop)
+    assert 0.25 < np.mean(dropped) < 0.55, np.mean(dropped)  # 80 draws at p = 0.4
+    again = BatchLoader(ds, **kw)
+    hosts = [BatchLoader(ds, process_index=p, process_count=2, **kw) for p in range(2)]
+    for bt in batches[:4]:
+        np.testing.assert_array_equal(next(again).arrays["prompt_embeds"], bt.arrays["prompt_embeds"])
+        parts = [next(h) for h in hosts]
+        np.testing.assert_array_equal(np.concatenate([p.arrays["prompt_mask"] for p in parts], axis=1),
+                                      bt.arrays["prompt_mask"])
+    resumed = BatchLoader(ds, **kw)
+    resumed.load_state_dict(_state_roundtrip(again))
+    for bt in batches[4:]:
+        np.testing.assert_array_equal(next(resumed).arrays["prompt_embeds"], bt.arrays["prompt_embeds"])
+    for blank in ("a blurry photo", None):
+        bad = CachedDataset(_neg_cache(tmp_path / f"bad{blank is None}", 4, blank=blank))
+        with pytest.raises(DataError, match=f"^{bad.path}: data.caption_dropout needs .*--negative-prompt ' '"):
+            BatchLoader(bad, **kw)
+
+
+def test_masks_roundtrip_and_travel_packed_like_the_latents(tmp_path):
+    """A cached mask reads back exactly (checked by the crc), the manifest marks the samples that have one,
+    and `loss_mask` puts each latent pixel's weight where pack_latents puts that pixel's channels (ones
+    without a mask); a run without masks carries no `loss_mask`."""
+    ds = CachedDataset(_neg_cache(tmp_path / "m", 8, masks=True))
+    assert ds.has_masks and [i.has_mask for i in ds.infos] == [bool(i % 2) for i in range(8)]
+    loader = BatchLoader(ds, batch_size=2, text_buckets=[8], prefetch=0, shuffle=False)
+    for _ in range(loader.steps_per_epoch):
+        bt = next(loader)
+        for row, sid in enumerate(bt.sample_ids):
+            i = int(sid[1:])
+            s = ds[i]
+            want = np.random.default_rng(i).uniform(0, 1, (4, 6)).astype(np.float32) if i % 2 else np.ones((4, 6))
+            if i % 2:
+                np.testing.assert_array_equal(s.mask, want)
+            full = pack_latents(np.broadcast_to(want, (C, 4, 6))[None])[0]  # the mask on every channel, packed
+            np.testing.assert_array_equal(np.tile(bt.arrays["loss_mask"][0, row], (1, C)), full)
+    plain = BatchLoader(CachedDataset(_neg_cache(tmp_path / "p", 4)), batch_size=2, text_buckets=[8], prefetch=0)
+    assert "loss_mask" not in next(plain).arrays
+    # a cache with masks is version 2 (a reader without masks refuses it by version), one without stays 1
+    versions = [json.loads((tmp_path / n / MANIFEST).read_text())["version"] for n in ("m", "p")]
+    assert versions == [2, 1]
+    m = json.loads((tmp_path / "p" / MANIFEST).read_text())
+    (tmp_path / "p" / MANIFEST).write_text(json.dumps({**m, "version": 3}))
+    with pytest.raises(DataError, match="unsupported version 3 \\(this reader knows 1, 2\\)"):
+        CachedDataset(tmp_path / "p")
+    with pytest.raises(DataError, match=r"sample x: mask shape \(2, 2\) is not the target latent's \(4, 6\)"):
+        write_cache(tmp_path / "bad", [CachedSample("x", np.zeros((C, 4, 6), np.float32), [], np.ones((2, J)),
+                                                    np.ones(2, bool), mask=np.ones((2, 2)))])
+    with pytest.raises(DataError, match=r"sample x: mask values must be in \[0, 1\]"):
+        write_cache(tmp_path / "bad", [CachedSample("x", np.zeros((C, 4, 6), np.float32), [], np.ones((2, J)),
+                                                    np.ones(2, bool), mask=np.full((4, 6), 2.0))])
 
 
 # ---- corrupt / missing data ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ image layout (one compiled program), so each run is a few seconds plus one compi
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import re
@@ -173,16 +174,37 @@ def _killed(proc):
     return err
 
 
+def _mixed_caches(folder):
+    """The kill test's data: the fixture's 24 samples, and 4 more with grey loss masks (repeats 2), both with
+    the empty prompt cached as their negative prompt (caption dropout reads it); one 8x8 layout."""
+    rng = np.random.default_rng(7)
+    paths = []
+    for name, demo, masks in (("a", LatentDemo(num_samples=24, latent_sizes=((8, 8),), num_edits=3,
+                                               prompt_lengths=(4, 10)), False),
+                              ("b", LatentDemo(num_samples=4, latent_sizes=((8, 8),), num_edits=2,
+                                               prompt_lengths=(4, 10), data_seed=1), True)):
+        samples = [dataclasses.replace(s, negative_prompt_embeds=rng.standard_normal((3, TINY.joint_attention_dim),
+                                                                                     ).astype(np.float32),
+                                       negative_prompt_mask=np.ones(3, bool),
+                                       mask=rng.uniform(0, 1, (8, 8)).astype(np.float32) if masks else None)
+                   for s in demo_samples(demo, 16, TINY.joint_attention_dim)]
+        paths.append(str(write_cache(folder / name, samples, metadata={"negative_prompt": " "})))
+    return paths
+
+
 @pytest.mark.slow
 def test_kill_anywhere_and_resume_is_bit_identical(assets, tmp_path):
     """SIGKILLed (1) while writing the first step's metrics line, before any checkpoint, (2) in the middle
     of an asynchronous checkpoint save, with a complete checkpoint two steps into the second epoch and
     metrics lines past it, (3) after the last checkpoint is complete but before the LoRA export; each
     rerun resumes, and the end is bit-identical to an uninterrupted run: the same LoRA file, the same
-    loss at every step, no cut or duplicated metrics line, no unfinished save left behind."""
-    steps = 18  # 24 samples, batch 2 (the step the other tests compile): 12 steps per epoch
+    loss at every step, no cut or duplicated metrics line, no unfinished save left behind. The run mixes
+    two caches (repeats 1 and 2), drops captions (0.3) and weighs the loss by masks, all of which resume."""
+    steps = 22  # 24 + 2x4 samples, batch 2 (the step the other tests compile): 16 steps per epoch
+    a, b = _mixed_caches(tmp_path)
     d = _cfg_dict(assets, train={"max_steps": steps, "save_every": 2, "keep_checkpoints": 2, "log_every": 1},
-                  data={"prefetch": 2})
+                  data={"prefetch": 2, "path": "", "datasets": [{"path": a}, {"path": b, "repeats": 2}],
+                        "caption_dropout": 0.3}, objective={"mask_min_weight": 0.1})
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(d))
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
@@ -192,15 +214,15 @@ def test_kill_anywhere_and_resume_is_bit_identical(assets, tmp_path):
     _killed(_cli(cfg_path, out, kill_at="metrics:1"))
     assert not [n for n in os.listdir(out / "checkpoints") if n.isdigit()]
     assert (out / "metrics.jsonl").read_text().startswith('{"step": 1') and _lines(out) == 0  # a cut line
-    # 2) inside the asynchronous save of step 16 (the process SIGKILLs itself right after the save began)
-    err = _killed(_cli(cfg_path, out, {KILL_DURING_SAVE_ENV: "16"}))
+    # 2) inside the asynchronous save of step 20 (the process SIGKILLs itself right after the save began)
+    err = _killed(_cli(cfg_path, out, {KILL_DURING_SAVE_ENV: "20"}))
     assert "resuming from" not in err  # nothing to resume from: started again at step 0
     left = os.listdir(out / "checkpoints")
-    assert any(n.startswith("16.") and "tmp" in n for n in left), left  # an unfinished save was left
-    assert "14" in left and _lines(out) == 16  # metrics of steps 15 and 16 are past the last complete checkpoint
-    # 3) after the last checkpoint (step 18) is complete, before the LoRA file is written
+    assert any(n.startswith("20.") and "tmp" in n for n in left), left  # an unfinished save was left
+    assert "18" in left and _lines(out) == 20  # metrics of steps 19 and 20 are past the last complete checkpoint
+    # 3) after the last checkpoint (step 22) is complete, before the LoRA file is written
     err = _killed(_cli(cfg_path, out, kill_at="export"))
-    assert f"resuming from {out / 'checkpoints'}/14 (step 14)" in err, err[-3000:]  # two steps into epoch 2
+    assert f"resuming from {out / 'checkpoints'}/18 (step 18)" in err, err[-3000:]  # two steps into epoch 2
     assert not (out / "lora_diffusers.safetensors").exists()
     # the rerun finds the run finished and only exports
     p = _cli(cfg_path, out)
@@ -216,6 +238,10 @@ def test_kill_anywhere_and_resume_is_bit_identical(assets, tmp_path):
     assert [r["step"] for r in got_m] == list(range(1, steps + 1))  # no cut, dropped or repeated line
     assert [r["loss"] for r in got_m] == [r["loss"] for r in ref_m]  # the same losses, step by step
     assert not [n for n in os.listdir(out / "checkpoints") if "tmp" in n]  # interrupted saves cleaned up
+    info = json.loads((out / "run.json").read_text())["run_info"]["dataset"]
+    assert [(c["path"], c["repeats"], c["num_samples"], c["masks"]) for c in info["caches"]] == [(a, 1, 24, 0),
+                                                                                              (b, 2, 4, 4)]
+    assert info["steps_per_epoch"] == 16
 
 
 @pytest.mark.slow
@@ -272,6 +298,28 @@ def test_a_missing_input_is_a_one_line_error_naming_the_key(assets, tmp_path, ke
     with pytest.raises(ConfigError, match="^" + re.escape(f"{key}: {typo} does not exist") + "$"):
         train(cfg, tmp_path / "run", log=lambda m: None)
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_missing_cache_of_data_datasets_names_its_entry(assets, tmp_path):
+    """Every cache of `data.datasets` is checked before any work; the error names the entry."""
+    typo = tmp_path / "nope"
+    d = _cfg_dict(assets, data={"path": "", "datasets": [{"path": assets[2]}, {"path": str(typo), "repeats": 2}]})
+    with pytest.raises(ConfigError, match="^" + re.escape(f"data.datasets[1].path: {typo} does not exist") + "$"):
+        train(config_from_dict(d), tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_a_run_json_older_than_a_key_counts_it_as_its_default():
+    """A run.json written before `data.datasets` / `data.caption_dropout` existed reads as their defaults: no
+    'changed config' warning on resume, unless the new config sets another value."""
+    from qwen_edit_jax.training.loop import config_changes
+
+    new = config_from_dict({"model": {"path": "m"}, "data": {"path": "d"}}).to_dict()
+    old = copy.deepcopy(new)
+    del old["data"]["datasets"], old["data"]["caption_dropout"], old["objective"]["mask_min_weight"]
+    assert config_changes(old, new) == []
+    new["data"]["caption_dropout"] = 0.1
+    assert config_changes(old, new) == ["data.caption_dropout: 0.0 -> 0.1"]
 
 
 def test_the_latent_demo_without_its_inputs_says_how_to_make_them(tmp_path):

@@ -7,8 +7,8 @@ r"""Encode a folder of edit pairs (or a metadata file) into the training cache t
 Layouts: a folder of target images with .txt captions and control/ (or control_0/, control_1/, …) holding
 the reference images by file stem (musubi-tuner, ai-toolkit); or metadata.jsonl / .csv / .json with
 image, edit_image (one path or a list), prompt (DiffSynth) or image_path, control_path[_N], caption
-(musubi). Every file is checked before the encoders load; bad inputs are listed with their reasons
-and nothing is written unless --skip-bad. A killed run resumes when the same command is run again
+(musubi); optional loss masks in mask/ by stem or a `mask` field. Every file is checked before the
+encoders load; bad inputs are listed with their reasons and nothing is written unless --skip-bad. A killed run resumes when the same command is run again
 (OUTPUT.partial/ holds the finished shards). docs/training.md, "Making a cache from your images".
 Exit codes: 0 done (or already complete), 2 bad input or options (nothing written), 1 failed while
 encoding (finished shards kept for resuming), 130 interrupted.
@@ -33,6 +33,16 @@ def parse_mesh(spec: str) -> tuple[int, int, int]:
     return data, fsdp, tensor
 
 
+def parse_resolutions(text: str) -> int | tuple[int, ...]:
+    """`1024` → 1024; `512,768,1024` → (512, 768, 1024)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma-separated list (512,768,1024), "
+                                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def build_parser() -> argparse.ArgumentParser:
     description, epilog = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=description, epilog=epilog,
@@ -40,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, help="dataset folder, or a metadata .jsonl / .csv / .json file")
     p.add_argument("--model", required=True, help="diffusers Qwen-Image-Edit(-2509/-2511) repo folder")
     p.add_argument("--output", required=True, help="cache folder to create (manifest.json + shards)")
-    p.add_argument("--resolution", type=int, default=1024,
-                   help="target bucket area resolution² at the image's aspect ratio, sides multiples of 32")
+    p.add_argument("--resolution", type=parse_resolutions, default=1024,
+                   help="target bucket area resolution² at the image's aspect ratio, sides multiples of 32; "
+                        "several (512,768,1024): every sample cached at each, with ids <id>@<resolution>")
     p.add_argument("--upscale", action="store_true", help="enlarge images smaller than resolution² (default: never)")
     p.add_argument("--control-resolution", default="pipeline",
                    help="reference size for the VAE: 'pipeline' (1024² area, as the pipelines encode them), "
@@ -64,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha-background", metavar="COLOR",
                    help="composite transparent images over COLOR (white, black, #rrggbb); default: reject them")
     p.add_argument("--allow-empty-prompt", action="store_true", help="accept empty captions / prompts")
+    p.add_argument("--allow-no-reference", action="store_true",
+                   help="cache samples without a reference image (a metadata row without one, or a target with "
+                        "none in any control folder) as text-to-image pairs: Qwen-Image's text-to-image prompt "
+                        "template, no reference latents (default: such samples are bad input)")
     p.add_argument("--caption-ext", default=".txt", help="caption file extension in the folder layout")
     p.add_argument("--layout", default="auto", choices=("auto", "folder", "metadata"),
                    help="force a layout (auto: a metadata file if the folder has one, else the folder layout)")
@@ -122,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             control_resolution=parse_control_resolution(args.control_resolution), batch_size=args.batch_size,
             negative_prompt=None if args.no_negative_prompt else args.negative_prompt, dtype=args.dtype,
             alpha_background=args.alpha_background, allow_empty_prompt=args.allow_empty_prompt,
+            allow_no_reference=args.allow_no_reference,
             skip_bad=args.skip_bad, caption_ext=args.caption_ext, layout=args.layout,
             control_dirs=tuple(args.control_dir), variant=args.variant, shard_bytes=int(args.shard_mb * 1024**2),
             attention=args.attention, overwrite=args.overwrite, progress=not args.no_progress, workers=args.workers,

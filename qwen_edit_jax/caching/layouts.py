@@ -8,6 +8,7 @@
     DATASET/control_0/001.png  DATASET/control_1/001.png  …   (ordered by the number)
     or musubi-tuner's numbered names in one folder:
     DATASET/control/001_0.png  DATASET/control/001_1.png  …   (ordered by the number)
+    DATASET/mask/001.png                    optional loss mask of the target (white counts, black not)
 
 **Metadata** (DiffSynth-Studio, musubi-tuner JSONL): `metadata.jsonl` / `.csv` / `.json` (a list of
 objects) in the folder, or the file itself as the dataset. Per row:
@@ -15,6 +16,7 @@ objects) in the folder, or the file itself as the dataset. Per row:
     references  `edit_image` (one path or a list), or `control_path` (one path or a list), or
                 `control_path_0`, `control_path_1`, … (ordered by the number)
     prompt      `prompt` (DiffSynth) or `caption` (musubi)
+    mask        optional `mask` or `mask_path`: the target's loss mask (white counts, black not, grey between)
 A relative path is looked up beside the metadata file first, then in the working directory (musubi's
 historical rule). Other keys are ignored.
 
@@ -38,6 +40,7 @@ METADATA_EXTENSIONS = (".jsonl", ".csv", ".json")
 LAYOUTS = ("auto", "folder", "metadata")
 _NUMBERED = re.compile(r"^(?P<stem>.+)_(?P<n>\d+)$")
 _CONTROL_DIR = re.compile(r"^control(?:_(?P<n>\d+))?$")
+MASK_DIR = "mask"
 
 
 class LayoutError(ValueError):
@@ -54,6 +57,7 @@ class RawSample:
     prompt: str | None  # metadata layouts; None → read `caption_file`
     caption_file: str | None  # folder layout
     origin: str  # where it was declared, for messages ("…/metadata.jsonl line 7", or the target path)
+    mask: str | None = None  # the target's loss mask image (mask/ by stem, or a `mask` field)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +129,10 @@ def _numbered_controls(stems: dict[str, list[str]], targets: set[str]) -> dict[s
     return out
 
 
-def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption_ext: str = ".txt") -> Listing:
-    """Target images + captions in `root`, references in `control_dirs` (default: `find_control_dirs`)."""
+def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption_ext: str = ".txt",
+                allow_no_reference: bool = False) -> Listing:
+    """Target images + captions in `root`, references in `control_dirs` (default: `find_control_dirs`).
+    `allow_no_reference`: a target with no reference in any of them is a text-to-image pair (no controls)."""
     root = os.path.abspath(root)
     names = _files(root)
     images = [n for n in names if is_image(n)]
@@ -143,6 +149,8 @@ def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption
     control_stems = [_by_stem(n for n in _files(d) if is_image(n)) for d in dirs]
     numbered = _numbered_controls(control_stems[0], set(targets)) if len(dirs) == 1 else {}
     used: list[set[str]] = [set() for _ in dirs]
+    mask_dir = os.path.join(root, MASK_DIR)
+    masks = _by_stem(n for n in _files(mask_dir) if is_image(n)) if os.path.isdir(mask_dir) else {}
     samples = []
     for stem, files in sorted(targets.items()):
         if len(files) > 1:
@@ -151,7 +159,8 @@ def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption
                                         f"(which one is the target?)", stem))
             continue
         target = os.path.join(root, files[0])
-        bad = []
+        bad: list[str] = []
+        missing: list[str] = []
         controls: list[str] = []
         for k, (d, stems) in enumerate(zip(dirs, control_stems)):
             exact = stems.get(stem, [])
@@ -168,19 +177,28 @@ def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption
                     used[k].add(os.path.splitext(nums[n][0])[0])
                 continue
             if not exact:
-                bad.append(f"missing reference image {os.path.join(d, stem)}.* for target {files[0]}")
+                missing.append(f"missing reference image {os.path.join(d, stem)}.* for target {files[0]}")
             elif len(exact) > 1:
                 bad.append(f"duplicate reference stem {stem!r} in {d}: {', '.join(exact)}")
             else:
                 controls.append(os.path.join(d, exact[0]))
                 used[k].add(stem)
+        if missing and not (allow_no_reference and not controls and len(missing) == len(dirs)):
+            bad.extend(missing)  # with --allow-no-reference only a target without any reference is a t2i pair
         caption = os.path.join(root, stem + caption_ext)
         if not os.path.isfile(caption):
             bad.append(f"missing caption {caption}")
+        if len(masks.get(stem, [])) > 1:
+            bad.append(f"duplicate mask stem {stem!r} in {mask_dir}: {', '.join(masks[stem])}")
         if bad:
             problems.extend(Problem(target, reason, stem) for reason in bad)
             continue
-        samples.append(RawSample(stem, target, tuple(controls), None, caption, target))
+        mask = os.path.join(mask_dir, masks[stem][0]) if stem in masks else None
+        samples.append(RawSample(stem, target, tuple(controls), None, caption, target, mask))
+    orphan_masks = sorted(s for s in masks if s not in targets)
+    if orphan_masks:
+        notes.append(f"{len(orphan_masks)} images in {mask_dir} match no target image (ignored): "
+                     f"{_shorten(orphan_masks)}")
     for d, stems, u in zip(dirs, control_stems, used):
         orphans = sorted(s for s in stems if s not in u and _NUMBERED.sub(r"\g<stem>", s) not in targets)
         if orphans:
@@ -190,7 +208,7 @@ def read_folder(root: str, *, control_dirs: Sequence[str] | None = None, caption
         notes.append(f"{len(others)} files in {root} are neither images nor {caption_ext} captions (ignored): "
                      f"{_shorten(others)}")
     folders = sorted(e.name + "/" for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")
-                     and os.path.join(root, e.name) not in dirs)
+                     and os.path.join(root, e.name) not in dirs and e.name != MASK_DIR)
     if folders:
         notes.append(f"folders in {root} other than the references are not read: {_shorten(folders)}")
     orphan_captions = [n for n in names if n.endswith(caption_ext) and os.path.splitext(n)[0] not in targets]
@@ -274,6 +292,19 @@ def _paths(value: Any, key: str) -> list[str]:
     return [v.strip() for v in items]
 
 
+def row_mask(row: dict[str, Any]) -> str | None:
+    """A metadata row's optional loss mask path (`mask` or `mask_path`); ValueError says why it is unusable."""
+    keys = [k for k in ("mask", "mask_path") if row.get(k) not in (None, "")]
+    if len(keys) > 1:
+        raise ValueError("has both 'mask' and 'mask_path': use one")
+    if not keys:
+        return None
+    paths = _paths(row[keys[0]], keys[0])
+    if len(paths) != 1:
+        raise ValueError(f"{keys[0]} must be one path, got {len(paths)}")
+    return paths[0]
+
+
 def row_fields(row: Any) -> tuple[str, list[str], str]:
     """(target, references, prompt) of one metadata row in DiffSynth or musubi keys; ValueError says why not."""
     if not isinstance(row, dict):
@@ -336,17 +367,23 @@ def read_metadata(path: str) -> Listing:
     for where, row in rows:
         try:
             target, controls, prompt = row_fields(row)
+            mask = row_mask(row)
         except ValueError as e:
             problems.append(Problem(where, str(e)))
             continue
         resolved = [resolve(p, base) for p in (target, *controls)]
         missing = [p for p, r in zip((target, *controls), resolved) if r is None]
+        mask_path = None
+        if mask is not None:
+            mask_path = resolve(mask, base)
+            if mask_path is None:
+                missing.append(mask)
         sid = _metadata_id(resolved[0] or os.path.join(base, target), base)
         if missing:
             problems.extend(Problem(where, f"missing image {p} (looked beside {os.path.basename(path)} and in the "
                                     f"working directory)", sid) for p in missing)
             continue
-        candidates.append(RawSample(sid, resolved[0], tuple(resolved[1:]), prompt, None, where))
+        candidates.append(RawSample(sid, resolved[0], tuple(resolved[1:]), prompt, None, where, mask_path))
     by_id: dict[str, list[RawSample]] = {}
     for s in candidates:
         by_id.setdefault(s.sample_id, []).append(s)
@@ -363,7 +400,7 @@ def read_metadata(path: str) -> Listing:
 
 # ---- either --------------------------------------------------------------------------------------
 def read_dataset(path: str | os.PathLike, *, layout: str = "auto", control_dirs: Sequence[str] = (),
-                 caption_ext: str = ".txt") -> Listing:
+                 caption_ext: str = ".txt", allow_no_reference: bool = False) -> Listing:
     """Read a dataset in any supported layout (`layout`: auto, folder or metadata)."""
     path = os.path.abspath(os.fspath(path))
     if layout not in LAYOUTS:
@@ -390,9 +427,11 @@ def read_dataset(path: str | os.PathLike, *, layout: str = "auto", control_dirs:
             listing.notes.append(f"{metadata} is used; the images with {caption_ext} captions beside it are read "
                                  f"only through it (pass --layout folder to use the captions instead)")
         return listing
-    return read_folder(path, control_dirs=control_dirs, caption_ext=caption_ext)
+    return read_folder(path, control_dirs=control_dirs, caption_ext=caption_ext,
+                       allow_no_reference=allow_no_reference)
 
 
-__all__ = ["IMAGE_EXTENSIONS", "LAYOUTS", "LayoutError", "Listing", "METADATA_NAMES", "Problem", "RawSample",
+__all__ = ["IMAGE_EXTENSIONS", "LAYOUTS", "LayoutError", "Listing", "MASK_DIR", "METADATA_NAMES", "Problem",
+           "RawSample",
            "find_control_dirs", "find_metadata", "is_image", "read_dataset", "read_folder", "read_metadata",
-           "read_rows", "resolve", "row_fields"]
+           "read_rows", "resolve", "row_fields", "row_mask"]

@@ -17,7 +17,10 @@ Steps (`train/cache_dataset.py` is the command line):
 
 The negative prompt is encoded per sample *with that sample's reference images*, as the edit
 pipelines do for true CFG (`negative_prompt_embeds` depend on the images), and stored in the
-cache's `negative_prompt_embeds` (used by sampling/validation, never by the training loss).
+cache's `negative_prompt_embeds` (used by sampling/validation; when it is blank, the default " ",
+it is the empty prompt that `data.caption_dropout` trains on). A sample's loss mask (`mask/` by
+stem, or a metadata `mask`) is resized like its target and averaged onto the latent grid
+(`imaging.latent_mask`), cached as `<key>.mask`.
 Multi-host: every process runs the same plan and the same SPMD programs on the global mesh and
 reads all images of each batch; process 0 alone writes.
 """
@@ -44,7 +47,7 @@ from ..cache_format import DEFAULT_SHARD_BYTES, CachedDataset, CachedSample
 from ..config import as_dtype
 from ..encoding import QwenPromptEncoder
 from ..errors import CheckpointError
-from ..imaging import EDIT_VARIANTS, vae_pixels
+from ..imaging import EDIT_VARIANTS, latent_mask, vae_pixels
 from ..loading import load_text_encoder, load_vae
 from ..loading.vae import QwenImageVAE
 from ..models.text_encoder import ENCODER_QUANT_MODES
@@ -53,7 +56,7 @@ from ..pipeline import VARIANT_OF_CLASS, model_index_class
 from ..preprocess import bucket_length
 from .buckets import Sizing
 from .layouts import LayoutError, Listing, read_dataset
-from .validate import GoodSample, Report, format_report, load_image, parse_background, validate
+from .validate import GoodSample, Report, format_report, load_image, load_mask, parse_background, validate
 from .writer import JOB_FORMAT, CacheExists, PartialCache, partial_path
 
 JOB_VERSION = 1
@@ -71,7 +74,7 @@ class BadInput(ValueError):
 class CacheOptions:
     """Everything that decides what is cached and how (command-line flags of the same names)."""
 
-    resolution: int = 1024
+    resolution: int | tuple[int, ...] = 1024  # several: every sample cached at each, ids `<id>@<resolution>`
     upscale: bool = False
     control_resolution: str | int = "pipeline"
     batch_size: int = 4
@@ -79,6 +82,7 @@ class CacheOptions:
     dtype: str = "bfloat16"  # encoders' weights and activations
     alpha_background: str | None = None
     allow_empty_prompt: bool = False
+    allow_no_reference: bool = False  # a sample without a reference image is a text-to-image pair
     skip_bad: bool = False
     caption_ext: str = ".txt"
     layout: str = "auto"
@@ -100,15 +104,28 @@ class CacheOptions:
             raise ValueError(f"--variant {self.variant!r}: expected one of {', '.join(EDIT_VARIANTS)}")
         if not self.caption_ext.startswith("."):
             raise ValueError(f"--caption-ext {self.caption_ext!r}: must start with '.' (e.g. .txt)")
-        self.sizing  # noqa: B018 (validates resolution / control_resolution)
+        if not isinstance(self.resolution, int) and (not self.resolution or len(set(self.resolution)) !=
+                                                      len(self.resolution)):
+            raise ValueError(f"--resolution {self.resolution!r}: one or more distinct resolutions")
+        self.sizings  # noqa: B018 (validates resolution / control_resolution)
         as_dtype(self.dtype)
         parse_background(self.alpha_background)
         if self.quantize is not None and self.quantize not in ENCODER_QUANT_MODES:
             raise ValueError(f"--quantize {self.quantize!r}: expected one of {', '.join(ENCODER_QUANT_MODES)}")
 
     @property
+    def resolutions(self) -> tuple[int, ...]:
+        return (self.resolution,) if isinstance(self.resolution, int) else tuple(self.resolution)
+
+    @property
+    def sizings(self) -> tuple[Sizing, ...]:
+        """One `Sizing` per resolution (`validate` caches every sample at each)."""
+        return tuple(Sizing(r, self.upscale, self.control_resolution) for r in self.resolutions)
+
+    @property
     def sizing(self) -> Sizing:
-        return Sizing(self.resolution, self.upscale, self.control_resolution)
+        """The first resolution's sizing."""
+        return self.sizings[0]
 
 
 @dataclasses.dataclass
@@ -194,17 +211,22 @@ def make_job(ordered: Sequence[GoodSample], listing: Listing, repo: str, variant
              options: CacheOptions) -> dict[str, Any]:
     """The job record: what decides the cache's content (see `writer`), with its fingerprint."""
     opts = {"variant": variant, "model": os.path.abspath(repo), "dtype": str(np.dtype(as_dtype(options.dtype))),
-            "resolution": options.resolution, "upscale": options.upscale,
+            "resolution": options.resolution if isinstance(options.resolution, int) else list(options.resolution),
+            "upscale": options.upscale,
             "control_resolution": options.control_resolution, "negative_prompt": options.negative_prompt,
             "alpha_background": options.alpha_background, "latent_dtype": "float32"}
     if options.quantize:  # only when set: caches made before the option keep their fingerprint
         opts["text_encoder_quantize"] = options.quantize
-    captions = {s.sample_id: s.caption_file for s in listing.samples}
+    if options.allow_no_reference:  # likewise
+        opts["allow_no_reference"] = True
+    captions = {s.origin: s.caption_file for s in listing.samples}  # by origin: ids may carry `@<resolution>`
     samples = []
     for g in ordered:
-        files = [g.target, *g.controls] + ([captions[g.sample_id]] if captions.get(g.sample_id) else [])
-        samples.append([g.sample_id, g.target, list(g.controls), g.prompt, list(g.target_size),
-                        [list(c) for c in g.control_sizes], [_stat(f) for f in files]])
+        files = [g.target, *g.controls] + ([captions[g.origin]] if captions.get(g.origin) else [])
+        files += [g.mask] if g.mask else []
+        row = [g.sample_id, g.target, list(g.controls), g.prompt, list(g.target_size),
+               [list(c) for c in g.control_sizes], [_stat(f) for f in files]]
+        samples.append(row + [g.mask] if g.mask else row)  # without masks: the record of older caches
     body = {"options": opts, "model_files": model_files(repo), "samples": samples}
     fingerprint = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
     return {"format": JOB_FORMAT, "version": JOB_VERSION, "fingerprint": fingerprint, **body}
@@ -219,6 +241,7 @@ class HostBatch:
     images: dict[tuple[int, int], tuple[np.ndarray, list[tuple[int, int]]]]  # (H, W) → ([n,3,H,W], (sample, slot))
     text: Any  # TextEncoderInputs: prompts, then negative prompts, with each sample's references
     negative: bool  # rows B..2B-1 of `text` are the negative prompt
+    masks: list[np.ndarray | None] | None = None  # per sample: [h, w] latent-grid loss mask, or None
 
 
 class Encoders:
@@ -255,14 +278,18 @@ class Encoders:
             arrays.append(x)
             slots.append((i, slot))
         refs = [[decoded[p] for p in s.controls] for s in samples]
-        if self.variant == "edit":
+        # a batch holds one layout: all samples have references, or none (text-to-image pairs, QwenImagePipeline's
+        # template without images)
+        variant = self.variant if samples[0].controls else "t2i"
+        if variant == "edit":
             refs = [r[0] for r in refs]
         prompts = [s.prompt for s in samples]
         if negative_prompt is not None:
             prompts, refs = prompts + [negative_prompt] * len(samples), refs + refs
-        text = self.encoder.prepare(prompts, refs, self.variant)
+        text = self.encoder.prepare(prompts, None if variant == "t2i" else refs, variant)
+        masks = [None if s.mask is None else latent_mask(load_mask(s.mask), s.target_size) for s in samples]
         return HostBatch(list(samples), {k: (np.stack(a), s) for k, (a, s) in images.items()}, text,
-                         negative_prompt is not None)
+                         negative_prompt is not None, masks)
 
     def encode(self, batch: HostBatch) -> list[CachedSample]:
         """Run the VAE and the text encoder on a prepared batch → one `CachedSample` per sample."""
@@ -275,7 +302,9 @@ class Encoders:
             out = distributed.to_host(self.vae.encode(x))[:n]
             for slot, z in zip(slots, out):
                 latents[slot] = np.asarray(z, np.float32)
-        out = self.encoder.encode_inputs(batch.text, self.pad_token_id)
+        pad = self.pad_token_id if batch.text.variant != "t2i" else \
+            self.encoder.processor_for("t2i").tokenizer.pad_token_id
+        out = self.encoder.encode_inputs(batch.text, pad)
         embeds = distributed.to_host(out.embeds)[:out.batch]
         mask = distributed.to_host(out.mask)[:out.batch].astype(bool)
         lengths = [int(n) for n in out.lengths]
@@ -290,7 +319,8 @@ class Encoders:
                 sample_id=s.sample_id, target=latents[(i, 0)],
                 references=[latents[(i, j + 1)] for j in range(len(s.controls))],
                 prompt_embeds=embeds[i, :lengths[i]], prompt_mask=mask[i, :lengths[i]],
-                negative_prompt_embeds=neg[0], negative_prompt_mask=neg[1]))
+                negative_prompt_embeds=neg[0], negative_prompt_mask=neg[1],
+                mask=batch.masks[i] if batch.masks else None))
         return result
 
 
@@ -316,8 +346,8 @@ def check_dataset(dataset: str, model: str, options: CacheOptions, *, log: Calla
     check_repo(model)
     variant = options.variant or read_variant(model)
     listing = read_dataset(dataset, layout=options.layout, control_dirs=options.control_dirs,
-                           caption_ext=options.caption_ext)
-    if listing.kind == "folder" and not listing.control_dirs:
+                           caption_ext=options.caption_ext, allow_no_reference=options.allow_no_reference)
+    if listing.kind == "folder" and not listing.control_dirs and not options.allow_no_reference:
         raise LayoutError(f"--dataset {listing.source}: no control/ folder; the edit models need a reference image "
                           f"per sample (control/, or control_0/, control_1/, … matched by file stem, or "
                           f"--control-dir)")
@@ -325,8 +355,9 @@ def check_dataset(dataset: str, model: str, options: CacheOptions, *, log: Calla
     bar = tqdm(total=n_files, desc="validate", unit="image", disable=None if progress else True,  # None: TTY only
                file=sys.stderr, leave=False)
     try:
-        report = validate(listing, variant, options.sizing, background=parse_background(options.alpha_background),
-                          allow_empty_prompt=options.allow_empty_prompt, workers=options.workers,
+        report = validate(listing, variant, options.sizings, background=parse_background(options.alpha_background),
+                          allow_empty_prompt=options.allow_empty_prompt,
+                          allow_no_reference=options.allow_no_reference, workers=options.workers,
                           progress=bar.update)
     finally:
         bar.close()
@@ -336,6 +367,9 @@ def check_dataset(dataset: str, model: str, options: CacheOptions, *, log: Calla
         log(f"note: {len(report.converted)} images were converted (details in the report):")
         for line in format_report(dataclasses.replace(report, bad=report.converted), limit=10):
             log(line)
+    if any(not g.controls for g in report.good) and not os.path.isdir(os.path.join(model, "tokenizer")):
+        raise FileNotFoundError(f"--model {model}: tokenizer/ not found; the text-to-image pairs "
+                                f"(--allow-no-reference) are encoded with QwenImagePipeline's tokenizer/")
     if report.bad and not options.skip_bad:
         raise BadInput(f"{report.bad_samples} of {report.total} samples have bad input", report)
     if not report.good:

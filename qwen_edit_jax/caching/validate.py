@@ -17,6 +17,9 @@ each kind of file (`load_image`):
 | EXIF orientation | applied (as diffusers' `load_image` does), a note |
 | animated (several frames) | the first frame, a note |
 
+Masks (`mask/` by stem, or a metadata `mask` field): decoded and converted to 8-bit greyscale (white =
+the loss counts, black = it does not, grey = a weight); a mask whose size differs from its target's is bad.
+
 Captions: read as UTF-8 (a BOM is dropped), surrounding whitespace stripped; a missing, non-UTF-8
 or (unless allowed) empty caption is bad. A sample is bad when any of its files is.
 """
@@ -27,7 +30,7 @@ import concurrent.futures
 import dataclasses
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
@@ -66,6 +69,7 @@ class GoodSample:
     target_size: Size
     control_sizes: tuple[Size, ...]
     origin: str
+    mask: str | None = None  # the target's loss mask image
 
     @property
     def layout(self) -> tuple[Size, ...]:
@@ -87,7 +91,7 @@ class Report:
 
     @property
     def bad_samples(self) -> int:
-        return self.total - len(self.good)
+        return self.total - len({g.origin for g in self.good})  # a sample cached at several resolutions counts once
 
     def to_json(self) -> dict:
         item = lambda p: {"file": p.where, "reason": p.reason, "sample": p.sample_id}  # noqa: E731
@@ -201,6 +205,21 @@ def load_image(path: str, background: tuple[int, int, int] | None = None) -> tup
     return rgb, tuple(notes + more)
 
 
+def load_mask(path: str) -> Image.Image:
+    """Decode a loss mask fully as an 8-bit greyscale PIL image (EXIF orientation applied); `BadImage` says why
+    it cannot be used."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            img = ImageOps.exif_transpose(im)
+        return img.convert("L")
+    except FileNotFoundError:
+        raise BadImage("mask file not found") from None
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, UnidentifiedImageError,
+            Image.DecompressionBombError) as e:
+        raise BadImage(f"not a readable mask image ({str(e) or type(e).__name__})") from None
+
+
 def check_image(path: str, background: tuple[int, int, int] | None = None) -> ImageInfo:
     """Validate one image (full decode); `BadImage` says why it cannot be used."""
     img, notes = load_image(path, background)
@@ -234,23 +253,32 @@ def check_prompt(text: str, *, allow_empty: bool = False, what: str = "prompt") 
 
 
 # ---- samples ---------------------------------------------------------------------------------------
-def check_reference_count(n: int, variant: str) -> str | None:
-    """Why `n` references do not fit `variant` (None if they do)."""
+def check_reference_count(n: int, variant: str, allow_none: bool = False) -> str | None:
+    """Why `n` references do not fit `variant` (None if they do); `allow_none`: 0 is a text-to-image pair."""
     if n == 0:
-        return "no reference image (the edit models need the image to edit)"
+        if allow_none:
+            return None
+        return ("no reference image (the edit models need the image to edit; pass --allow-no-reference to "
+                "train such rows as text-to-image pairs)")
     if variant == "edit" and n != 1:
         return (f"{n} reference images, but Qwen-Image-Edit takes exactly one; use an Edit-Plus model "
                 f"(Qwen-Image-Edit-2509/2511) for several")
     return None
 
 
-def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tuple[int, int, int] | None = None,
-             allow_empty_prompt: bool = False, workers: int | None = None,
+def validate(listing: Listing, variant: str, sizing: Sizing | Sequence[Sizing], *, background: tuple[int, int, int] | None = None,
+             allow_empty_prompt: bool = False, allow_no_reference: bool = False, workers: int | None = None,
              progress: Callable[[int], None] | None = None) -> Report:
     """Check every file of every sample (images decoded in parallel threads); nothing is encoded.
 
+    `sizing`: one, or several (`--resolution 512,768,1024`): then every good sample is listed once per
+    resolution with the id `<id>@<resolution>`, except where a resolution gives the same sizes as an
+    earlier one (a small image that is never enlarged); a size problem at any resolution makes it bad.
     `progress(n)` is called as images finish (for a progress bar).
     """
+    sizings = (sizing,) if isinstance(sizing, Sizing) else tuple(sizing)
+    several = len(sizings) > 1
+    same_size = 0
     bad: list[Problem] = list(listing.problems)
     converted: list[Problem] = []
     paths = sorted({p for s in listing.samples for p in (s.target, *s.controls)})
@@ -263,26 +291,48 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
         except BadImage as e:
             return e
 
+    def one_mask(path: str) -> ImageInfo | BadImage:
+        try:
+            m = load_mask(path)
+            return ImageInfo(path, m.width, m.height)
+        except BadImage as e:
+            return e
+
+    mask_paths = sorted({s.mask for s in listing.samples if s.mask is not None})
     with concurrent.futures.ThreadPoolExecutor(workers, "validate") as pool:
         for path, info in zip(paths, pool.map(one, paths)):
             infos[path] = info
             if progress is not None:
                 progress(1)
+        masks = dict(zip(mask_paths, pool.map(one_mask, mask_paths)))
     good: list[GoodSample] = []
     noted: set[str] = set()
     for s in listing.samples:
-        problems = _sample_problems(s, infos, variant)
-        prompt = None
+        problems = _sample_problems(s, infos, variant, allow_no_reference)
+        if s.mask is not None:
+            m, t = masks[s.mask], infos[s.target]
+            if isinstance(m, BadImage):
+                problems.append(Problem(s.mask, str(m), s.sample_id))
+            elif isinstance(t, ImageInfo) and (m.width, m.height) != (t.width, t.height):
+                problems.append(Problem(s.mask, f"mask is {m.width}×{m.height} px, its target {s.target} is "
+                                        f"{t.width}×{t.height}: a mask must have its target's size", s.sample_id))
         try:
             prompt = (read_caption(s.caption_file, allow_empty=allow_empty_prompt) if s.prompt is None
                       else check_prompt(s.prompt, allow_empty=allow_empty_prompt))
         except ValueError as e:
             problems.append(Problem(s.caption_file or s.origin, str(e), s.sample_id))
-        sizes = None
+        layouts: list[tuple[int, tuple[Size, ...]]] = []
         if not problems:
-            sizes, size_problem = _sizes(s, infos, sizing)
-            if size_problem is not None:
-                problems.append(size_problem)
+            for sz in sizings:
+                sizes, size_problem = _sizes(s, infos, sz)
+                if size_problem is not None:
+                    where = f" (at --resolution {sz.resolution})" if several else ""
+                    problems.append(dataclasses.replace(size_problem, reason=size_problem.reason + where))
+                    break
+                if any(sizes == seen for _, seen in layouts):
+                    same_size += 1
+                    continue
+                layouts.append((sz.resolution, sizes))
         if problems:
             bad.extend(problems)
             continue
@@ -291,8 +341,13 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
             if isinstance(info, ImageInfo) and info.notes and p not in noted:
                 noted.add(p)
                 converted.append(Problem(p, "; ".join(info.notes), s.sample_id))
-        good.append(GoodSample(s.sample_id, s.target, s.controls, prompt, sizes[0], sizes[1:], s.origin))
+        for res, sizes in layouts:
+            sid = f"{s.sample_id}@{res}" if several else s.sample_id
+            good.append(GoodSample(sid, s.target, s.controls, prompt, sizes[0], sizes[1:], s.origin, s.mask))
     notes = list(listing.notes)
+    if same_size:
+        notes.append(f"{same_size} sample copies are not cached twice: their images are smaller than a larger "
+                     f"--resolution and are never enlarged, so they would repeat a smaller resolution's sizes")
     many = sum(len(g.controls) > RELEASED_MAX_REFERENCES for g in good)
     if many:
         notes.append(f"{many} samples have more than {RELEASED_MAX_REFERENCES} reference images; the released "
@@ -302,9 +357,9 @@ def validate(listing: Listing, variant: str, sizing: Sizing, *, background: tupl
     return Report(listing.source, listing.kind, good, bad, converted, notes, total)
 
 
-def _sample_problems(s: RawSample, infos: dict, variant: str) -> list[Problem]:
+def _sample_problems(s: RawSample, infos: dict, variant: str, allow_no_reference: bool = False) -> list[Problem]:
     out = []
-    why = check_reference_count(len(s.controls), variant)
+    why = check_reference_count(len(s.controls), variant, allow_no_reference)
     if why is not None:
         out.append(Problem(s.origin, why, s.sample_id))
     for p in (s.target, *s.controls):
@@ -348,4 +403,5 @@ def format_report(report: Report, *, limit: int = 50) -> list[str]:
 
 
 __all__ = ["BadImage", "GoodSample", "ImageInfo", "Report", "check_image", "check_prompt", "check_reference_count",
-           "format_report", "load_image", "parse_background", "png_bit_depth", "read_caption", "validate"]
+           "format_report", "load_image", "load_mask", "parse_background", "png_bit_depth", "read_caption",
+           "validate"]

@@ -57,14 +57,30 @@ class LoraSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    """One cache of a mixed run (`data.datasets`): its folder and how many times each sample counts per epoch."""
+
+    path: str = ""
+    repeats: int = 1  # musubi-tuner's num_repeats: every sample appears this many times in each epoch
+
+
+@dataclasses.dataclass(frozen=True)
 class DataSection:
     path: str = ""  # cached dataset folder (manifest.json + shards), see training/data.py
+    datasets: tuple[DatasetEntry, ...] = ()  # several caches instead of `path`: [{path: …, repeats: 2}, …]
+    caption_dropout: float = 0.0  # probability a sample trains on its cached empty prompt (with its images)
     batch_size: int = 1  # global micro-batch (all hosts together)
     text_buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)  # prompt lengths are padded up to one of these
     shuffle: bool = True
     seed: int = 0
     verify: bool = False  # check every shard's sha256 before training
     prefetch: int = 2  # batches loaded ahead in a background thread
+
+    def sources(self) -> tuple[tuple[str, str, int], ...]:
+        """(config key, cache folder, repeats) of every cache the run reads: `path` or each `datasets` entry."""
+        if self.datasets:
+            return tuple((f"data.datasets[{i}].path", e.path, e.repeats) for i, e in enumerate(self.datasets))
+        return (("data.path", self.path, 1),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +98,8 @@ class ObjectiveSection:
     max_shift: float = 0.9
     base_seq_len: int = 256
     max_seq_len: int = 8192
+    # masked loss (caches with `mask`s): weights below this are raised to it (0: masked-out pixels do not count)
+    mask_min_weight: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,7 +222,17 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
 
     m, lo, d, ob, op, tr = cfg.model, cfg.lora, cfg.data, cfg.objective, cfg.optim, cfg.train
     need(bool(m.path), "model.path", m.path, "required (a diffusers transformer folder)")
-    need(bool(d.path), "data.path", d.path, "required (a cached dataset folder)")
+    if d.path and d.datasets:
+        problems.append(f"data.datasets={[e.path for e in d.datasets]!r}: set data.path (one cache) or "
+                        f"data.datasets (several), not both")
+    else:
+        need(bool(d.path) or bool(d.datasets), "data.path", d.path,
+             "required (a cached dataset folder), or data.datasets (several)")
+    for i, e in enumerate(d.datasets):
+        need(bool(e.path), f"data.datasets[{i}].path", e.path, "required (a cached dataset folder)")
+        need(e.repeats >= 1, f"data.datasets[{i}].repeats", e.repeats, "must be >= 1")
+    need(0 <= d.caption_dropout < 1, "data.caption_dropout", d.caption_dropout, "must be in [0, 1)")
+    need(0 <= ob.mask_min_weight <= 1, "objective.mask_min_weight", ob.mask_min_weight, "must be in [0, 1]")
     for key in ("param_dtype", "dtype"):
         v = getattr(m, key)
         need(v in DTYPE_NAMES, f"model.{key}", v, f"choose one of {sorted(DTYPE_NAMES)}")

@@ -5,20 +5,115 @@ padded up to one of a few lengths, with a mask), so XLA compiles one program per
 shuffles within buckets and the order of batches (seeded by (seed, epoch)), every host computes the
 same global plan and reads only its rows (`process_index`), and the position (epoch, batch) is part
 of the training checkpoint.
+
+Several caches mix through `DatasetMix` (`data.datasets`): their samples are numbered one after the
+other and each appears `repeats` times in every epoch's plan, shuffled with the rest. Caption dropout
+(`data.caption_dropout`) swaps a sample's prompt for its cached empty-prompt encoding; the draw
+depends only on (seed, epoch, position, row of the global batch), so it is the same on every host and
+after a resume. Masks (`<key>.mask`, see `cache_format`) travel as `loss_mask` [B, N, 4] (packed
+like the latents' 2x2 patches; ones for samples without one) whenever some cache of the run has them.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..cache_format import CachedDataset, CachedSample, DataError, ImgShapes
+from ..cache_format import CachedDataset, CachedSample, DataError, ImgShapes, SampleInfo
 from ..packing import pack_latents
+
+# ---- several caches ------------------------------------------------------------------------------
+class DatasetMix:
+    """Several cached datasets read as one: sample `i` of the mix is sample `i − offset_k` of cache k
+    (caches in the given order); `repeats[k]` is how many times cache k's samples appear per epoch.
+
+    `infos`, `len()`, `ds[i]`, `latent_channels`, `joint_attention_dim` as on a `CachedDataset`; the
+    `fingerprint` of one cache with repeats 1 is that cache's (older checkpoints resume).
+    """
+
+    def __init__(self, sources: Sequence[tuple[CachedDataset, int]]):
+        if not sources:
+            raise DataError("no cached dataset to read")
+        self.datasets = [d for d, _ in sources]
+        self.repeats = [int(r) for _, r in sources]
+        first = self.datasets[0]
+        for d, r in sources:
+            if r < 1:
+                raise DataError(f"{d.path}: repeats={r} must be >= 1")
+            for what in ("latent_channels", "joint_attention_dim"):
+                if getattr(d, what) != getattr(first, what):
+                    raise DataError(f"{d.path}: {what} is {getattr(d, what)}, but {first.path} has "
+                                    f"{getattr(first, what)}; the caches of one run must agree")
+        self.latent_channels, self.joint_attention_dim = first.latent_channels, first.joint_attention_dim
+        self.offsets = [0]
+        self.infos: list[SampleInfo] = []
+        for d in self.datasets:
+            self.infos += [dataclasses.replace(info, index=self.offsets[-1] + info.index) for info in d.infos]
+            self.offsets.append(self.offsets[-1] + len(d))
+        self.path = first.path if len(self.datasets) == 1 else ", ".join(d.path for d in self.datasets)
+        if len(self.datasets) == 1 and self.repeats == [1]:
+            self.fingerprint = first.fingerprint
+        else:
+            raw = json.dumps([[d.fingerprint, r] for d, r in sources]).encode()
+            self.fingerprint = hashlib.sha256(raw).hexdigest()[:16]
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(cache number, index in that cache) of mix index `i`."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample index {i} out of range for {len(self)} samples")
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return k, i - self.offsets[k]
+
+    def __getitem__(self, i: int) -> CachedSample:
+        k, j = self.locate(int(i))
+        return self.datasets[k][j]
+
+    def repeats_of(self, i: int) -> int:
+        return self.repeats[self.locate(i)[0]]
+
+    @property
+    def has_masks(self) -> bool:
+        return any(d.has_masks for d in self.datasets)
+
+
+def as_mix(dataset: CachedDataset | DatasetMix) -> DatasetMix:
+    return dataset if isinstance(dataset, DatasetMix) else DatasetMix([(dataset, 1)])
+
+
+def require_empty_prompts(dataset: DatasetMix) -> None:
+    """Every cache holds each sample's empty-prompt encoding (caption dropout needs it); else a one-line
+    `DataError` naming the cache and the caching flag that makes it."""
+    for d in dataset.datasets:
+        if not d.has_empty_prompt:
+            raise DataError(f"{d.path}: data.caption_dropout needs the empty prompt cached per sample; this cache's "
+                            f"negative prompt is {d.metadata.get('negative_prompt')!r}: cache it again with "
+                            f"train/cache_dataset.py --negative-prompt ' ' (the default)")
+
+
+_DROPOUT_STREAM = 0x64726F70  # "drop": the dropout draws' own stream, apart from the epoch shuffles
+
+
+def dropout_draws(seed: int, epoch: int, position: int, n: int, p: float) -> np.ndarray:
+    """[n] bool: which rows of the global step (epoch, position) train on the empty prompt."""
+    return np.random.default_rng([seed, _DROPOUT_STREAM, epoch, position]).random(n) < p
+
+
+def with_empty_prompt(sample: CachedSample) -> CachedSample:
+    """`sample` with its prompt replaced by its cached empty-prompt encoding (the negative prompt)."""
+    return dataclasses.replace(sample, prompt_embeds=sample.negative_prompt_embeds,
+                               prompt_mask=sample.negative_prompt_mask)
+
 
 # ---- batching -----------------------------------------------------------------------------------
 def text_bucket(length: int, buckets: Sequence[int]) -> int | None:
@@ -45,9 +140,11 @@ class Batch:
         return self.img_shapes, int(self.arrays["prompt_mask"].shape[-1])
 
 
-def collate(samples: Sequence[CachedSample], text_len: int) -> dict[str, np.ndarray]:
+def collate(samples: Sequence[CachedSample], text_len: int, masks: bool = False) -> dict[str, np.ndarray]:
     """Pack latents to tokens and pad prompts to `text_len`: `target` [B, N, 4C], `references`
-    [B, M, 4C] (all references concatenated in order), `prompt_embeds` [B, L, J], `prompt_mask` [B, L]."""
+    [B, M, 4C] (all references concatenated in order), `prompt_embeds` [B, L, J], `prompt_mask` [B, L];
+    with `masks`, `loss_mask` [B, N, 4]: each latent pixel's weight at its place in the 2x2 patch
+    (feature c·4 + k of a token has weight `loss_mask[..., k]`), ones for samples without a mask."""
     target = pack_latents(np.stack([np.asarray(s.target, np.float32) for s in samples]))
     refs = [np.concatenate([pack_latents(np.asarray(r, np.float32)[None]) for r in s.references], axis=1)
             if s.references else np.zeros((1, 0, target.shape[-1]), np.float32) for s in samples]
@@ -58,8 +155,13 @@ def collate(samples: Sequence[CachedSample], text_len: int) -> dict[str, np.ndar
         n = s.prompt_embeds.shape[0]
         embeds[b, :n] = s.prompt_embeds.astype(np.float32)
         mask[b, :n] = s.prompt_mask
-    return {"target": target, "references": np.concatenate(refs, axis=0), "prompt_embeds": embeds,
-            "prompt_mask": mask}
+    out = {"target": target, "references": np.concatenate(refs, axis=0), "prompt_embeds": embeds,
+           "prompt_mask": mask}
+    if masks:
+        out["loss_mask"] = pack_latents(np.stack([
+            (np.ones(s.target.shape[1:], np.float32) if s.mask is None else np.asarray(s.mask, np.float32))[None]
+            for s in samples]))
+    return out
 
 
 class BatchLoader:
@@ -69,12 +171,13 @@ class BatchLoader:
     reads only `local_rows` of each micro-batch (default: the contiguous block
     `[process_index·b, (process_index+1)·b)`, b = batch_size / process_count; with a mesh, pass
     `distributed.local_batch_rows(batch_sharding, batch_size)`). Buckets with fewer samples than
-    one step are skipped (reported in `skipped`).
+    one step are skipped (reported in `skipped`). `dataset`: one cache or a `DatasetMix` (repeats);
+    `caption_dropout`: see the module docstring (needs caches with the empty prompt cached).
     """
 
     def __init__(
         self,
-        dataset: CachedDataset,
+        dataset: CachedDataset | DatasetMix,
         *,
         batch_size: int,
         grad_accum: int = 1,
@@ -85,7 +188,15 @@ class BatchLoader:
         process_count: int = 1,
         local_rows: Sequence[int] | None = None,
         prefetch: int = 2,
+        caption_dropout: float = 0.0,
     ):
+        dataset = as_mix(dataset)
+        if not 0 <= caption_dropout < 1:
+            raise DataError(f"caption_dropout={caption_dropout}: must be in [0, 1)")
+        if caption_dropout > 0:
+            require_empty_prompts(dataset)
+        self.caption_dropout = caption_dropout
+        self.masks = dataset.has_masks
         if local_rows is None:
             if batch_size % process_count:
                 raise DataError(f"data.batch_size={batch_size} is not divisible by the {process_count} hosts")
@@ -100,12 +211,14 @@ class BatchLoader:
         buckets: dict[BucketKey, list[int]] = collections.defaultdict(list)
         self._text_lens: list[int] = []
         for info in dataset.infos:
-            tb = text_bucket(info.prompt_len, text_buckets)
+            # with dropout a row may carry the empty prompt instead: its bucket must hold both
+            length = max(info.prompt_len, info.negative_prompt_len or 0) if caption_dropout else info.prompt_len
+            tb = text_bucket(length, text_buckets)
             if tb is None:
-                raise DataError(f"{dataset.path}: sample {info.sample_id} has {info.prompt_len} prompt tokens, "
-                                f"more than the largest data.text_buckets entry {max(text_buckets)}; add a larger "
-                                f"bucket")
-            buckets[(info.img_shapes, tb)].append(info.index)
+                raise DataError(f"{dataset.datasets[dataset.locate(info.index)[0]].path}: sample {info.sample_id} "
+                                f"has {length} prompt tokens, more than the largest data.text_buckets entry "
+                                f"{max(text_buckets)}; add a larger bucket")
+            buckets[(info.img_shapes, tb)].extend([info.index] * dataset.repeats_of(info.index))
             self._text_lens.append(tb)
         self.buckets = dict(sorted(buckets.items()))
         self.skipped = {k: len(v) for k, v in self.buckets.items() if len(v) < self.per_step}
@@ -153,6 +266,7 @@ class BatchLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("fingerprint") not in (None, self.dataset.fingerprint):
             raise DataError(f"{self.dataset.path}: the checkpoint was trained on a different cached dataset "
+                            f"(or other data.datasets / repeats) "
                             f"(fingerprint {state.get('fingerprint')} != {self.dataset.fingerprint}); "
                             f"use a new output directory")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
@@ -166,12 +280,16 @@ class BatchLoader:
         idx = self._indices(epoch, position)
         a, b = self.grad_accum, self.batch_size
         rows = idx.reshape(a, b)[:, self.local_rows]
+        drop = np.zeros((a, b), bool)
+        if self.caption_dropout:
+            drop = dropout_draws(self.seed, epoch, position, a * b, self.caption_dropout).reshape(a, b)
+        drop = drop[:, self.local_rows]
         infos = [self.dataset.infos[i] for i in rows.reshape(-1)]
         img_shapes = infos[0].img_shapes
         micro = []
-        for r in rows:
-            samples = [self.dataset[int(i)] for i in r]
-            micro.append(collate(samples, self._text_lens[int(r[0])]))
+        for r, dr in zip(rows, drop):
+            samples = [with_empty_prompt(self.dataset[int(i)]) if d else self.dataset[int(i)] for i, d in zip(r, dr)]
+            micro.append(collate(samples, self._text_lens[int(r[0])], self.masks))
         arrays = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
         return Batch(img_shapes, arrays, [i.sample_id for i in infos], epoch, position)
 

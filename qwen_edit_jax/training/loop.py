@@ -37,7 +37,7 @@ from ..parallel import batch_sharding, distributed, init_opt_state, make_mesh
 from ..utils.files import atomic_path, check_output_dir
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
-from .data import BatchLoader
+from .data import BatchLoader, DatasetMix, require_empty_prompts
 from .run_log import RunLog
 from .step import make_optimizer, make_schedule, make_train_step, split_lora
 from .validation import Validation, ValidationImages, check_validation_inputs
@@ -73,7 +73,9 @@ class TrainResult:
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     """Absolute input paths (run.json must name the base checkpoint unambiguously)."""
     model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
-    data = dataclasses.replace(cfg.data, path=os.path.abspath(cfg.data.path))
+    data = dataclasses.replace(
+        cfg.data, path=cfg.data.path and os.path.abspath(cfg.data.path),
+        datasets=tuple(dataclasses.replace(e, path=os.path.abspath(e.path)) for e in cfg.data.datasets))
     lora = cfg.lora
     if lora.init_from:
         lora = dataclasses.replace(lora, init_from=os.path.abspath(lora.init_from))
@@ -91,7 +93,8 @@ def check_inputs(cfg: TrainConfig) -> None:
     a `demo_data/` folder it also says how to make the demo's inputs.
     """
     _require_path("model.path", cfg.model.path)
-    _require_path("data.path", cfg.data.path)
+    for key, path, _ in cfg.data.sources():
+        _require_path(key, path)
     if cfg.lora.init_from:
         _require_path("lora.init_from", cfg.lora.init_from)
         if not os.path.isfile(cfg.lora.init_from):
@@ -128,8 +131,10 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose value differs between two config dicts and that change what is trained."""
+    """Keys whose value differs between two config dicts and that change what is trained. A key that `old`
+    lacks (a run.json written before the key existed) counts as its default."""
     a, b = _flat(old), _flat(new)
+    a = {**{k: v for k, v in _flat(TrainConfig().to_dict()).items() if k not in a}, **a}
     changed = []
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k) and not any(k == f or k.startswith(f + ".") for f in _FREE_KEYS):
@@ -143,7 +148,18 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def check_data_matches_model(dataset: CachedDataset, dit: DiTConfig) -> None:
+def open_datasets(cfg: TrainConfig) -> DatasetMix:
+    """The run's caches (`data.path` or every `data.datasets` entry) with their repeats."""
+    return DatasetMix([(CachedDataset(path, verify=cfg.data.verify), repeats)
+                       for _, path, repeats in cfg.data.sources()])
+
+
+def check_data_matches_model(dataset: CachedDataset | DatasetMix, dit: DiTConfig) -> None:
+    """Every cache's latent channels and text width are the model's (the error names the cache)."""
+    if isinstance(dataset, DatasetMix):
+        for d in dataset.datasets:
+            check_data_matches_model(d, dit)
+        return
     channels = dit.in_channels // (dit.patch_size**2)
     if dataset.latent_channels != channels:
         raise DataError(f"{dataset.path}: latents have {dataset.latent_channels} channels, the model expects "
@@ -195,7 +211,9 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
 
 def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_main: bool) -> TrainResult:
     t_start = time.perf_counter()
-    dataset = CachedDataset(cfg.data.path, verify=cfg.data.verify)
+    dataset = open_datasets(cfg)
+    if cfg.data.caption_dropout:
+        require_empty_prompts(dataset)  # before the model loads
     mesh = _make_mesh(cfg)
     # prompts are encoded before the DiT loads, and the text encoder released: never both in memory
     images = ValidationImages.prepare(cfg, mesh, log) if cfg.validation.every and cfg.validation.prompts else None
@@ -245,26 +263,29 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
                        params, loss_steps=n if losses else 0, schedule_steps=schedule_steps)
 
 
-def _open_loader(cfg: TrainConfig, dataset: CachedDataset, local_rows: Any, log: Callable[[str], None]) -> BatchLoader:
+def _open_loader(cfg: TrainConfig, dataset: DatasetMix, local_rows: Any, log: Callable[[str], None]) -> BatchLoader:
     """This process's batches (its rows of each global batch), with a warning for buckets never used."""
     d = cfg.data
     loader = BatchLoader(dataset, batch_size=d.batch_size, grad_accum=cfg.optim.grad_accum,
                          text_buckets=d.text_buckets, shuffle=d.shuffle, seed=d.seed,
                          process_index=jax.process_index(), process_count=jax.process_count(),
-                         local_rows=local_rows, prefetch=d.prefetch)
+                         local_rows=local_rows, prefetch=d.prefetch, caption_dropout=d.caption_dropout)
     if loader.skipped:
         log(f"warning: {sum(loader.skipped.values())} samples in buckets smaller than one step "
             f"({loader.per_step} samples) are never used: {loader.skipped}")
     return loader
 
 
-def _run_info(cfg: TrainConfig, dit_config: DiTConfig, dataset: CachedDataset, loader: BatchLoader, params: Any,
+def _run_info(cfg: TrainConfig, dit_config: DiTConfig, dataset: DatasetMix, loader: BatchLoader, params: Any,
               schedule_steps: int) -> dict[str, Any]:
     """run.json's informational section: the base, the dataset, the adapter size, the machine."""
     return {"base_model": {"path": cfg.model.path, "config": dit_config.to_dict()},
             "dataset": {"path": dataset.path, "num_samples": len(dataset), "fingerprint": dataset.fingerprint,
                         "steps_per_epoch": loader.steps_per_epoch,
-                        "buckets": {_bucket_name(k): len(v) for k, v in loader.buckets.items()}},
+                        "buckets": {_bucket_name(k): len(v) for k, v in loader.buckets.items()},
+                        "caches": [{"path": d.path, "repeats": r, "num_samples": len(d), "fingerprint": d.fingerprint,
+                                    "masks": sum(i.has_mask for i in d.infos)}
+                                   for d, r in zip(dataset.datasets, dataset.repeats)]},
             "lora_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
             "schedule_steps": schedule_steps,
             "devices": [str(d) for d in jax.devices()], "process_count": jax.process_count(),
@@ -363,7 +384,7 @@ class _Steps:
             (self.bar.write if self.bar is not None else self.log)(f"validation grid: {path}")
 
 
-def _load_model(cfg: TrainConfig, dataset: CachedDataset, mesh: Any):
+def _load_model(cfg: TrainConfig, dataset: DatasetMix, mesh: Any):
     """Base model (placed on `mesh`) with fresh or file-initialised adapters, split into (LoRA, base)."""
     options = cfg.model_options()
     if jax.default_backend() == "cpu" and options.dtype != jnp.float32:

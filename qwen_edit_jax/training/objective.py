@@ -108,12 +108,16 @@ def flow_matching_loss(
     key: jax.Array,
     table: TimestepTable,
     img_shapes: tuple[tuple[int, int, int], ...],
+    mask_min_weight: float = 0.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Weighted flow-matching MSE on the target tokens of one micro-batch.
 
     `batch`: `target` [B, N, C] packed clean target latents (fp32), `references` [B, M, C] packed
     reference latents (absent or M = 0 for text-to-image), `prompt_embeds` [B, L, J],
-    `prompt_mask` [B, L] bool. `img_shapes`: (1, h, w) of the target, then of each reference.
+    `prompt_mask` [B, L] bool, optionally `loss_mask` [B, N, 4] (`training.data.collate`): the
+    per-sample loss is then the weighted mean Σ w·err / Σ w with w = max(mask, `mask_min_weight`) on
+    every channel of the latent pixel (0 for a sample whose weights are all 0). `img_shapes`: (1, h, w)
+    of the target, then of each reference.
     """
     x0 = batch["target"].astype(F32)
     b, n_target, _ = x0.shape
@@ -132,6 +136,12 @@ def flow_matching_loss(
         img_shapes=img_shapes,
     )[:, :n_target]
     err = jnp.square(pred.astype(F32) - (noise - x0))
-    per_sample = jnp.mean(err, axis=(1, 2))
+    if "loss_mask" in batch:
+        w = jnp.maximum(batch["loss_mask"].astype(F32), mask_min_weight)
+        w = jnp.tile(w, (1, 1, err.shape[-1] // w.shape[-1]))  # feature c·4 + k ← weight k (packing order)
+        total = jnp.sum(w, axis=(1, 2))
+        per_sample = jnp.sum(w * err, axis=(1, 2)) / jnp.where(total > 0, total, 1.0)
+    else:
+        per_sample = jnp.mean(err, axis=(1, 2))
     loss = jnp.mean(per_sample * weight)
     return loss, {"mse": jnp.mean(per_sample), "sigma": jnp.mean(sigma)}

@@ -568,11 +568,12 @@ def config_model(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None) 
 
 def config_workload(cfg: TrainConfig, dit: DiTConfig, log: Callable[[str], None] = lambda s: None) -> Workload:
     """The largest micro-batch the config trains on: the cache's largest sample (images and prompt bucket)
-    when `data.path` holds one, else a 1024² edit with one 1024² reference and a 256-token prompt."""
+    when `data.path` (or a `data.datasets` entry) holds one, else a 1024² edit with one 1024² reference and a 256-token prompt."""
     kw = dict(batch=cfg.data.batch_size, grad_accum=cfg.optim.grad_accum)
-    if cfg.data.path and os.path.exists(os.path.join(cfg.data.path, MANIFEST)):
-        ds = CachedDataset(cfg.data.path)
-        info = max(ds.infos, key=lambda i: sum(int(np.prod(s)) for s in i.img_shapes))
+    caches = [p for _, p, _ in cfg.data.sources() if p and os.path.exists(os.path.join(p, MANIFEST))]
+    if caches:
+        infos = [i for p in caches for i in CachedDataset(p).infos]
+        info = max(infos, key=lambda i: sum(int(np.prod(s)) for s in i.img_shapes))
         text = text_bucket(info.prompt_len, cfg.data.text_buckets) or max(cfg.data.text_buckets)
         return Workload(tuple(tuple(s) for s in info.img_shapes), text_len=text, **kw)
     log(f"plan: no cache at data.path {cfg.data.path!r}; planning a 1024x1024 edit + one 1024x1024 reference, "

@@ -68,7 +68,9 @@ class TrainStep:
 
     `img_shapes`: (1, h, w) of the target, then of each reference — one list, or one per sample
     (all equal), as the model and `sampling.sample` accept. `arrays`: `target` [A, B, N, C],
-    `references` [A, B, M, C], `prompt_embeds` [A, B, L, J], `prompt_mask` [A, B, L] (A = grad-accumulation micro-batches, B = batch). `rng` is a typed key;
+    `references` [A, B, M, C], `prompt_embeds` [A, B, L, J], `prompt_mask` [A, B, L], optionally
+    `loss_mask` [A, B, N, 4] (A = grad-accumulation micro-batches, B = batch; a run's batches all
+    carry `loss_mask` or none do). `rng` is a typed key;
     the step's randomness is `fold_in(rng, step)` so a resumed run draws the same noise.
 
     With `mesh`, every call is jitted with explicit shardings: parameters, base and optimiser state
@@ -94,10 +96,11 @@ class TrainStep:
         graphdef, tx = self.graphdef, self.tx
         n_target = int(np.prod(img_shapes[0]))
         table = timestep_table(self.objective, n_target)
+        min_weight = self.objective.mask_min_weight
 
         def micro_loss(params, base, micro, key):
             model = nnx.merge(graphdef, params, base)
-            return flow_matching_loss(model, micro, key, table, img_shapes)
+            return flow_matching_loss(model, micro, key, table, img_shapes, min_weight)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
