@@ -185,3 +185,57 @@ def test_lokr_factorization_is_lycoris():
     for dim in (127, 128, 250, 360, 3072, 12288, 18432):
         for f in (-1, 2, 4, 8, 16):
             assert lokr_factorization(dim, f) == factorization(dim, f), (dim, f)
+
+
+# ---- which modules and how big ---------------------------------------------------------------------
+def test_patterns_match_peft(base, tmp_path):
+    import re
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model_state_dict
+
+    tm, base_path, flat = base
+    exclude = r"transformer_blocks\.0\.img_mlp"
+    rank_pattern = {"to_k": 2, r"transformer_blocks\.1\.attn\.to_out\.0": 6}
+    alpha_pattern = {"to_v": 3.0, "img_mlp.net.2": 1.0}
+    lora = q.LoraConfig(rank=4, alpha=8.0, targets=("to_qkv", "to_out", "img_mlp"), exclude=(exclude,),
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
+    with pytest.raises(ValueError, match="resolve_lora_config"):
+        q.init_transformer(TINY, q.ModelOptions(lora=lora))
+    model = _trained(q.model_from_params(TINY, q.ModelOptions(lora=lora), flat), seed=3)
+    ours = _ours(model)
+    path = save_lora(model, tmp_path / "patterns.safetensors")
+    # PEFT's own selection and sizes for the same request on the diffusers model
+    names = [n for n, m in tm.named_modules() if isinstance(m, torch.nn.Linear)
+             and re.search(r"attn\.to_[qkv]$|attn\.to_out\.0$|img_mlp\.net\.(0\.proj|2)$", n) and not re.search(exclude, n)]
+    peft_tm = copy.deepcopy(tm)
+    peft_tm.add_adapter(PeftLoraConfig(r=4, lora_alpha=8.0, target_modules=names, rank_pattern=rank_pattern,
+                                       alpha_pattern=alpha_pattern))
+    want = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(peft_tm).items()}
+    from safetensors.numpy import load_file
+
+    got = {k.removeprefix("transformer."): v.shape for k, v in load_file(path).items()}
+    assert got == want
+    # the same scales: PEFT's layer.scaling against ours (B·scale is what we export)
+    layer = dict(peft_tm.named_modules())["transformer_blocks.1.attn.to_v"]
+    assert layer.scaling["default"] == 3.0 / 4 == model.transformer_blocks.attn.to_qkv.lora_layer_scale[...][1, 2]
+    ref = _ref(_diffusers_with(tm, path))
+    assert_differs(ours, _ref(tm), 1e-2, "patterned LoRA vs base")
+    assert_close(ours, ref, 5e-6, "patterned LoRA in diffusers")  # measured 5.2e-7
+    load_lora_into_adapters(_trained(model, seed=4), path)
+    _same_tensors(model, path, "diffusers")
+
+
+def test_plan_resolution():
+    lora = q.LoraConfig(rank=4, include=(r"transformer_blocks\.1\.",), rank_pattern={"add_k_proj": 8})
+    plan = {name: (ranks, alphas) for name, ranks, alphas in resolve_lora_config(lora, 2).plan}
+    assert plan["add_qkv_proj"][0] == ((0, 0, 0), (4, 8, 4)) and plan["add_qkv_proj"][1] == ((0, 0, 0), (4, 8, 4))
+    assert plan["img_mlp.fc1"][0] == ((0,), (4,)) and "img_mod" not in plan
+    with pytest.raises(ValueError, match="select no module"):
+        resolve_lora_config(q.LoraConfig(include=("nothing",)), 2)
+    with pytest.raises(ValueError, match="not a regular expression"):
+        q.LoraConfig(exclude=("(",))
+    with pytest.raises(ValueError, match="rank_pattern"):
+        q.LoraConfig(rank_pattern={"to_q": 0})
+    with pytest.raises(ValueError, match="dora"):
+        q.ModelOptions(lora=q.LoraConfig(type="dora"), quantize="int8")
