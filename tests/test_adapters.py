@@ -16,9 +16,7 @@ import torch
 from flax import nnx
 
 import qwen_edit_jax as q
-from qwen_edit_jax.errors import LoraError
 from qwen_edit_jax.lora import (
-    apply_lora,
     load_lora_into_adapters,
     read_lora_file,
     resolve_lora_config,
@@ -66,7 +64,8 @@ def _diffusers_with(tm, path):
 def base(tmp_path_factory):
     tm = make_torch_model(TINY, seed=5)
     path = save_torch_model(tm, tmp_path_factory.mktemp("base"))
-    flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(q.load_transformer(path), nnx.Param))}
+    state = nnx.state(q.load_transformer(path), nnx.Param)
+    flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(state)}
     return tm, path, flat
 
 
@@ -133,7 +132,9 @@ def _lycoris_merged(weight: np.ndarray, w, strength: float = 1.0) -> np.ndarray:
     lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         lin.weight.copy_(torch.from_numpy(weight))
-    t = lambda v: None if v is None else torch.from_numpy(np.ascontiguousarray(v))  # noqa: E731
+    def t(v):
+        return None if v is None else torch.from_numpy(np.ascontiguousarray(v))
+
     with torch.no_grad():
         mod = LokrModule.make_module_from_state_dict("m", lin, t(w.w1), t(w.w1_a), t(w.w1_b), t(w.w2), t(w.w2_a),
                                                      t(w.w2_b), None, None, torch.tensor(w.alpha or 1.0), None)
@@ -169,12 +170,14 @@ def test_lokr_matches_lycoris(base, tmp_path):
             ly = LokrModule("m", torch.nn.Linear(weight.shape[1], weight.shape[0]), lora_dim=8, alpha=4.0)
             assert ly.lokr_w1.shape == w.w1.shape and ly.lokr_w2_a.shape == w.w2_a.shape
             assert ly.lokr_w2_b.shape == w.w2_b.shape and float(ly.scale) == w.scale == 0.5
-            assert_close(w.merged(weight, 0.7), _lycoris_merged(weight, w, 0.7), 1e-6, "LoKr strength")  # measured 7.7e-8
+            # measured 7.7e-8
+            assert_close(w.merged(weight, 0.7), _lycoris_merged(weight, w, 0.7), 1e-6, "LoKr strength")
         with torch.no_grad():
             lin.weight.copy_(torch.from_numpy(_lycoris_merged(weight, w)))
     ref = _ref(ref_tm)
     assert_close(ours, ref, 5e-6, "LoKr adapters vs LyCORIS merge")  # measured 3.8e-7
-    assert_close(_ours(q.load_transformer(base_path, lora=paths["comfyui"])), ref, 5e-6, "LoKr merged")  # measured 3.8e-7
+    merged = q.load_transformer(base_path, lora=paths["comfyui"])
+    assert_close(_ours(merged), ref, 5e-6, "LoKr merged")  # measured 3.8e-7
     load_lora_into_adapters(_trained(model, seed=8), paths["kohya"])
     _same_tensors(model, paths["kohya"], "kohya")
 
@@ -194,7 +197,7 @@ def test_patterns_match_peft(base, tmp_path):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model_state_dict
 
-    tm, base_path, flat = base
+    tm, _, flat = base
     exclude = r"transformer_blocks\.0\.img_mlp"
     rank_pattern = {"to_k": 2, r"transformer_blocks\.1\.attn\.to_out\.0": 6}
     alpha_pattern = {"to_v": 3.0, "img_mlp.net.2": 1.0}
@@ -206,8 +209,9 @@ def test_patterns_match_peft(base, tmp_path):
     ours = _ours(model)
     path = save_lora(model, tmp_path / "patterns.safetensors")
     # PEFT's own selection and sizes for the same request on the diffusers model
-    names = [n for n, m in tm.named_modules() if isinstance(m, torch.nn.Linear)
-             and re.search(r"attn\.to_[qkv]$|attn\.to_out\.0$|img_mlp\.net\.(0\.proj|2)$", n) and not re.search(exclude, n)]
+    kinds = r"attn\.to_[qkv]$|attn\.to_out\.0$|img_mlp\.net\.(0\.proj|2)$"  # targets to_qkv, to_out, img_mlp
+    names = [n for n, m in tm.named_modules()
+             if isinstance(m, torch.nn.Linear) and re.search(kinds, n) and not re.search(exclude, n)]
     peft_tm = copy.deepcopy(tm)
     peft_tm.add_adapter(PeftLoraConfig(r=4, lora_alpha=8.0, target_modules=names, rank_pattern=rank_pattern,
                                        alpha_pattern=alpha_pattern))

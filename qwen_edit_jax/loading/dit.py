@@ -24,8 +24,14 @@ from ..config import DiTConfig, ModelOptions
 from ..errors import CheckpointError
 from ..lora.merge import apply_lora
 from ..lora.plan import resolve_options
-from ..models.dit import ADAPTER_STATE, BASE_PARAMS, QwenImageTransformer, abstract_model, fresh_lora_state
-from ..models.dit import init_dora_magnitudes
+from ..models.dit import (
+    ADAPTER_STATE,
+    BASE_PARAMS,
+    QwenImageTransformer,
+    abstract_model,
+    fresh_lora_state,
+    init_dora_magnitudes,
+)
 from ..models.offload import HOST, is_offloaded
 from ..parallel import param_shardings
 from ..weights.checkpoint import SCALE_SUFFIX  # a quantized `….kernel` has its scales at `….kernel_scale`

@@ -60,6 +60,16 @@ def _slot_tables(mod: Any, layers: int | None, slots: int) -> tuple[np.ndarray, 
     return np.where(scale > 0, ranks, 0), scale
 
 
+def _pick(j: int | None, v: np.ndarray) -> np.ndarray:
+    return v if j is None else v[j]
+
+
+def _slot(values: dict[str, np.ndarray], name: str, layer: int | None, j: int | None) -> np.ndarray:
+    """The writable view of one layer's (and one q/k/v slot's, for grouped adapters) leaf."""
+    v = values[name] if layer is None else values[name][layer]
+    return v if j is None else v[j]
+
+
 def iter_adapter_records(model: Any) -> Iterable[tuple[str, Any]]:
     """(diffusers module name, record) in torch layout for every adapter slice the model holds.
 
@@ -80,17 +90,19 @@ def iter_adapter_records(model: Any) -> Iterable[tuple[str, Any]]:
             at = {n: (v if v is None or layer is None else v[layer]) for n, v in leaves.items()}
             for j, name in enumerate(entry.torch_modules(layer)):
                 slot = j if mod.lora_grouped else 0
+                gj = j if mod.lora_grouped else None
                 r, s = int(ranks[li, slot]), F32(scales[li, slot])
                 if r == 0 or s == 0:
                     continue
-                pick = (lambda v: v[j]) if mod.lora_grouped else (lambda v: v)  # noqa: E731
                 if mod.lora_type == "lokr":
-                    w2 = {"w2": pick(at["lokr_w2"])} if at["lokr_w2"] is not None else {
-                        "w2_a": pick(at["lokr_w2_a"]), "w2_b": pick(at["lokr_w2_b"])}
+                    if at["lokr_w2"] is not None:
+                        w2 = {"w2": _pick(gj, at["lokr_w2"])}
+                    else:
+                        w2 = {"w2_a": _pick(gj, at["lokr_w2_a"]), "w2_b": _pick(gj, at["lokr_w2_b"])}
                     rank = None if "w2" in w2 else w2["w2_b"].shape[0]
                     # alpha = scale·rank reproduces the scale (incl. a per-layer 0/1 plan factor) in every loader
                     alpha = None if rank is None else float(s) * rank
-                    yield name, files.LokrWeights(w1=pick(at["lokr_w1"]), **w2, alpha=alpha)
+                    yield name, files.LokrWeights(w1=_pick(gj, at["lokr_w1"]), **w2, alpha=alpha)
                     continue
                 a, b = at["lora_A"], at["lora_B"]
                 if not entry.fused:
@@ -103,7 +115,8 @@ def iter_adapter_records(model: Any) -> Iterable[tuple[str, Any]]:
                 bt = np.ascontiguousarray(bj.T)
                 a_t, b_t = np.ascontiguousarray(aj.T), (bt if s == 1 else bt * s)
                 if mod.lora_type == "dora":
-                    yield name, files.DoraWeights(a_t, b_t, 1.0, None, np.ascontiguousarray(pick(at["lora_magnitude"])))
+                    m = np.ascontiguousarray(_pick(gj, at["lora_magnitude"]))
+                    yield name, files.DoraWeights(a_t, b_t, 1.0, None, m)
                 else:
                     yield name, files.LoraWeights(a_t, b_t)
 
@@ -223,34 +236,32 @@ def load_lora_into_adapters(model: Any, path: str | os.PathLike, *, strict: bool
             if strict:
                 raise LoraError(f"{path}: LoRA module {module} has no adapter in this model (lora.include/exclude)")
             continue
-
-        def slot_of(name: str) -> np.ndarray:
-            v = val[name] if layer is None else val[name][layer]
-            return v[j] if mod.lora_grouped else v
-
+        gj = j if mod.lora_grouped else None
         if kind == "lokr":
             for part in ("w1", "w2", "w2_a", "w2_b"):
                 got, want = getattr(w, part), val.get(f"lokr_{part}")
-                if (got is None) != (want is None) or (got is not None and got.shape != slot_of(f"lokr_{part}").shape):
-                    raise LoraError(f"{path}: LoKr module {module} has "
-                                    f"{ {p: list(getattr(w, p).shape) for p in ('w1', 'w2', 'w2_a', 'w2_b') if getattr(w, p) is not None} }; "
-                                    f"the model's adapter differs (lora.rank / lora.lokr_factor)")
+                if (got is None) != (want is None) or (
+                        got is not None and got.shape != _slot(val, f"lokr_{part}", layer, gj).shape):
+                    have = {p: list(getattr(w, p).shape) for p in ("w1", "w2", "w2_a", "w2_b")
+                            if getattr(w, p) is not None}
+                    raise LoraError(f"{path}: LoKr module {module} has {have}; the model's adapter differs "
+                                    f"(lora.rank / lora.lokr_factor)")
             ratio = F32(w.scale / scale)
             for part in ("w1", "w2", "w2_a", "w2_b"):
                 if getattr(w, part) is not None:
                     v = getattr(w, part).astype(F32) * (ratio if part in ("w2", "w2_b") else F32(1))
-                    slot_of(f"lokr_{part}")[...] = v
+                    _slot(val, f"lokr_{part}", layer, gj)[...] = v
             continue
         if w.rank != rank:
             raise LoraError(f"{path}: LoRA module {module} has rank {w.rank}, the model's adapter has rank {rank}")
         a_new = w.A.astype(F32).T
         b_new = (w.B.astype(F32) * F32(w.scale / scale)).T
-        a_slot, b_slot = slot_of("lora_A"), slot_of("lora_B")
+        a_slot, b_slot = _slot(val, "lora_A", layer, gj), _slot(val, "lora_B", layer, gj)
         if a_new.shape[0] != a_slot.shape[-2]:
             raise LoraError(f"{path}: LoRA module {module} has A {list(w.A.shape)}; the model's linear has "
                             f"{a_slot.shape[-2]} inputs")
         if kind == "dora":
-            slot_of("lora_magnitude")[...] = w.magnitude.astype(F32)
+            _slot(val, "lora_magnitude", layer, gj)[...] = w.magnitude.astype(F32)
         if not entry.fused or mod.lora_grouped:
             a_slot[:, :rank], b_slot[:rank] = a_new, b_new
         else:

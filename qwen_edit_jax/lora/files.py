@@ -105,7 +105,8 @@ class DoraWeights(LoraWeights):
     kind = "dora"
 
     def merge_args(self, strength: float = 1.0) -> tuple[str, tuple[np.ndarray, ...], float]:
-        return self.kind, (self.A.astype(F32), self.B.astype(F32), self.magnitude.astype(F32)), float(strength) * self.scale
+        arrays = (self.A.astype(F32), self.B.astype(F32), self.magnitude.astype(F32))
+        return self.kind, arrays, float(strength) * self.scale
 
 
 @dataclasses.dataclass
@@ -189,7 +190,8 @@ class LoraFile:
         ranks = sorted({w.rank for w in self.modules.values()})
         alphas = any(w.alpha is not None for w in self.modules.values())
         fused = f", {len(self.fused_modules)} fused QKV modules (original merged layout)" if self.fused_modules else ""
-        return (f"{'DoRA' if self.kind == 'dora' else 'LoRA'}, {self.style} key style, {len(self.modules)} modules, rank {ranks}, "
+        kind = "DoRA" if self.kind == "dora" else "LoRA"
+        return (f"{kind}, {self.style} key style, {len(self.modules)} modules, rank {ranks}, "
                 f"{'with' if alphas else 'no'} alpha{fused}")
 
 
@@ -390,7 +392,7 @@ def is_lora_file(path: str | os.PathLike) -> bool:
 def _plain_only(modules: Mapping[str, Any], what: str, target: str) -> None:
     kinds = {w.kind for w in modules.values()} - {"lora"}
     if kinds:
-        raise LoraError(f"{what}: {sorted(kinds)[0]} adapters cannot be converted to {target}; "
+        raise LoraError(f"{what}: {min(kinds)} adapters cannot be converted to {target}; "
                         f"only plain LoRA files can (merge them into the base instead)")
 
 

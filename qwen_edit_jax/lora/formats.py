@@ -143,7 +143,8 @@ def key_names(module: str, style: str, kind: str = "lora") -> dict[str, str]:
         elif style == "kohya":
             base = "lycoris_" + module.replace(".", "_")
         else:
-            raise ValueError(f"LoKr adapters are written with LyCORIS keys: format 'comfyui' or 'kohya', not {style!r}")
+            raise ValueError(f"LoKr adapters are written with LyCORIS keys: format 'comfyui' or 'kohya', "
+                             f"not {style!r}")
         return {p: f"{base}.{p}" for p in (*LOKR_PARTS, "alpha")}
     if style == "diffusers":
         return {"A": f"transformer.{module}.lora_A.weight", "B": f"transformer.{module}.lora_B.weight"}

@@ -4,5 +4,16 @@ from .build import abstract_model, fresh_lora_state, init_dora_magnitudes, init_
 from .layers import ADAPTER_STATE, LoraTable, lokr_factorization
 from .transformer import BASE_PARAMS, QwenImageTransformer, count_params, normalize_img_shapes
 
-__all__ = ["ADAPTER_STATE", "BASE_PARAMS", "LoraTable", "init_dora_magnitudes", "lokr_factorization", "QwenImageTransformer", "abstract_model", "count_params", "fresh_lora_state",
-           "init_transformer", "normalize_img_shapes"]
+__all__ = [
+           "ADAPTER_STATE",
+           "BASE_PARAMS",
+           "LoraTable",
+           "QwenImageTransformer",
+           "abstract_model",
+           "count_params",
+           "fresh_lora_state",
+           "init_dora_magnitudes",
+           "init_transformer",
+           "lokr_factorization",
+           "normalize_img_shapes",
+]

@@ -267,7 +267,9 @@ class Linear(nnx.Module):
         g = (out_shape[0],) if grouped else ()
         in_m, in_n = lokr_factorization(in_features, lora.lokr_factor)
         out_l, out_k = lokr_factorization(out_dim, lora.lokr_factor)
-        rep = lambda *shape: (None,) * (len(g) + len(shape))  # noqa: E731  small factors: replicated
+        def rep(*shape: int) -> tuple[None, ...]:  # small factors: replicated
+            return (None,) * (len(g) + len(shape))
+
         # kaiming_uniform(a=√5) on a [rows, cols] tensor: bound 1/√cols (LyCORIS's init)
         w1 = jax.random.uniform(rngs.params(), (*g, out_l, in_m), F32, -1, 1) / math.sqrt(in_m)
         self.lokr_w1 = nnx.LoRAParam(w1, out_sharding=rep(out_l, in_m))
@@ -452,7 +454,7 @@ class FeedForward(nnx.Module):
     """`img_mlp` / `txt_mlp`: fc1 (D→4D, diffusers `net.0.proj`) → tanh-GELU → fc2 (`net.2`)."""
 
     def __init__(self, dim: int, *, options: ModelOptions, rngs: nnx.Rngs, name: str, layer: jax.Array | None = None):
-        lin = dict(options=options, rngs=rngs, layer=layer)
+        lin = {"options": options, "rngs": rngs, "layer": layer}
         self.fc1 = Linear(dim, 4 * dim, axes=("embed", "mlp"), name=f"{name}.fc1", **lin)
         self.fc2 = Linear(4 * dim, dim, axes=("mlp", "embed"), name=f"{name}.fc2", **lin)
         self.custom_grads = options.custom_grads
