@@ -107,17 +107,18 @@ def test_dora_export_loads_in_diffusers(base, tmp_path):
     path = save_lora(model, tmp_path / "dora.safetensors")
     parsed = read_lora_file(path)
     assert parsed.kind == "dora" and parsed.style == "diffusers"
-    ref = _ref(_diffusers_with(tm, path))
+    peft_tm = _diffusers_with(tm, path)
+    ref = _ref(peft_tm)
     assert_close(ours, ref, 5e-6, "DoRA export in diffusers")  # measured 3.8e-7
     # merged by our loader (the records' `merged`) and resumed into adapters
     assert_close(_ours(q.load_transformer(base_path, lora=path)), ref, 5e-6, "DoRA merged")  # measured 5.0e-7
     load_lora_into_adapters(_trained(model, seed=7), path)
     _same_tensors(model, path, "diffusers")
-    _dora_grads_match_peft(model, _diffusers_with(tm, path), scale=2.0)
+    _dora_grads_match_peft(model, peft_tm, ours.shape, scale=2.0)
     # strength: what diffusers' set_adapters(weights=0.5) does to one PEFT layer
     w = parsed.modules["transformer_blocks.1.attn.to_k"]
     weight = tm.transformer_blocks[1].attn.to_k.weight.detach().numpy()
-    peft_layer = _diffusers_with(tm, path).transformer_blocks[1].attn.to_k
+    peft_layer = peft_tm.transformer_blocks[1].attn.to_k
     peft_layer.set_scale("a", 0.5)
     x = torch.randn(4, weight.shape[1])
     with torch.no_grad():
@@ -125,13 +126,13 @@ def test_dora_export_loads_in_diffusers(base, tmp_path):
     assert_close(x.numpy() @ w.merged(weight, 0.5).T, ref_half, 5e-6, "DoRA strength")  # measured 2.6e-7
 
 
-def _dora_grads_match_peft(model, peft_tm, scale: float):
+def _dora_grads_match_peft(model, peft_tm, out_shape, scale: float):
     """Gradients of ⟨output, R⟩ w.r.t. A, B and m equal PEFT's (its norm detached as ours); B is exported as
     scale·Bᵀ, so ∂/∂B_ours = scale·(∂/∂B_file)ᵀ."""
     import jax
 
     hidden, enc, sigma = _inputs()
-    r = np.random.default_rng(11).standard_normal(_ours(model).shape).astype(np.float32)
+    r = np.random.default_rng(11).standard_normal(out_shape).astype(np.float32)
     graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
 
     def loss(p):
