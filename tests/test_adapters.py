@@ -275,3 +275,24 @@ def test_plan_resolution():
         q.LoraConfig(rank_pattern={"to_q": 0})
     with pytest.raises(ValueError, match="dora"):
         q.ModelOptions(lora=q.LoraConfig(type="dora"), quantize="int8")
+
+
+def test_unsupported_adapter_files_are_one_line_errors(tmp_path):
+    from safetensors.numpy import save_file
+
+    from qwen_edit_jax.errors import LoraError
+
+    m, z = "transformer_blocks.0.attn.to_q", np.zeros((2, 128), np.float32)
+    cases = {
+        "LoHa": {f"lycoris_{m.replace('.', '_')}.hada_w1_a": z},
+        "dora_scale": {f"diffusion_model.{m}.lora_A.weight": z, f"diffusion_model.{m}.dora_scale": z[:1].T},
+        "mixes adapter kinds": {f"transformer.{m}.lora_A.weight": z, f"transformer.{m}.lora_B.weight": z.T,
+                                f"lycoris_{'transformer_blocks_1_attn_to_q'}.lokr_w1": z[:, :8]},
+        "needs lokr_w2": {f"diffusion_model.{m}.lokr_w1": np.zeros((8, 8), np.float32)},
+    }
+    for i, (msg, tensors) in enumerate(cases.items()):
+        path = str(tmp_path / f"{i}.safetensors")
+        save_file(tensors, path)
+        with pytest.raises(LoraError, match=msg) as e:
+            read_lora_file(path)
+        assert "\n" not in str(e.value) and path in str(e.value)
