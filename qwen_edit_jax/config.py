@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any, Literal
 
 import jax.numpy as jnp
@@ -177,27 +178,82 @@ def quant_scale_rows(mode: str, in_features: int) -> int:
 DEFAULT_LORA_TARGETS = ("to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp")
 
 
+AdapterType = Literal["lora", "dora", "lokr"]
+ADAPTER_TYPES: tuple[str, ...] = AdapterType.__args__
+
+
+def _pattern_items(value: Any, what: str, cast: type) -> tuple[tuple[str, Any], ...]:
+    """A `{regex: value}` mapping (or its items) as a sorted-by-insertion tuple of pairs (hashable, frozen)."""
+    items = tuple(value.items()) if isinstance(value, dict) else tuple(tuple(kv) for kv in value)
+    out = []
+    for key, v in items:
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"LoRA {what}: {key!r} is not a regular expression ({e})") from None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0 or (cast is int and v != int(v)):
+            raise ValueError(f"LoRA {what}[{key!r}]={v!r}: must be a positive {cast.__name__}")
+        out.append((str(key), cast(v)))
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """Which linears carry LoRA adapters and how.
+    """Which linears carry trainable adapters, of which kind, and how big.
 
     `targets` are module names as in the model (`to_qkv`, `add_qkv_proj`, `to_out`, `to_add_out`,
     `img_mlp`/`txt_mlp` = both MLP linears, `img_mlp.fc1` … for one, `img_mod`, `txt_mod`).
     `qkv_mode="split"` gives each of q, k, v its own rank-r adapter (exactly a standard LoRA);
     `"shared"` uses one A for all three (the original merged-QKV PyTorch parameterisation).
+
+    `type`: "lora" (ΔW = s·B·A), "dora" (PEFT's weight-decomposed LoRA: W' = m·(W + s·B·A)/‖W + s·B·A‖,
+    norm per output row) or "lokr" (LyCORIS: ΔW = kron(w1, w2), factor sizes from `lokr_factor`).
+    `include` / `exclude` (regular expressions, `re.search`) and `rank_pattern` / `alpha_pattern`
+    (`{regex: value}`, PEFT's matching rule, see `lora.plan`) act on diffusers module names such as
+    `transformer_blocks.12.attn.to_q`; they need the per-layer `plan` that
+    `qwen_edit_jax.lora.resolve_lora_config(lora, num_layers)` fills in (loading does it).
     """
 
     rank: int = 16
     alpha: float | None = None  # None: alpha = rank (scale 1)
     targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
     qkv_mode: QKVMode = "split"
+    type: AdapterType = "lora"
+    lokr_factor: int = -1  # LyCORIS `factor`: -1 = the most balanced factorisation
+    include: tuple[str, ...] = ()  # regexes over diffusers module names; empty = every targeted module
+    exclude: tuple[str, ...] = ()
+    rank_pattern: tuple[tuple[str, int], ...] = ()  # also accepts a dict {regex: rank}
+    alpha_pattern: tuple[tuple[str, float], ...] = ()  # also accepts a dict {regex: alpha}
+    # resolved per-layer adapters, by model linear name ("to_qkv", "img_mlp.fc1" …): ranks[layer][slot]
+    # (0 = none) and alphas[layer][slot]; slot = q/k/v for the fused projections in split mode
+    plan: tuple[tuple[str, tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]], ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "rank_pattern", _pattern_items(self.rank_pattern, "rank_pattern", int))
+        object.__setattr__(self, "alpha_pattern", _pattern_items(self.alpha_pattern, "alpha_pattern", float))
         if self.rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {self.rank}")
         if self.qkv_mode not in QKVMode.__args__:
             raise ValueError(f"LoRA qkv_mode must be 'split' or 'shared', got {self.qkv_mode!r}")
+        if self.type not in ADAPTER_TYPES:
+            raise ValueError(f"LoRA type must be one of {list(ADAPTER_TYPES)}, got {self.type!r}")
+        if self.type != "lora" and self.qkv_mode != "split":
+            raise ValueError(f"LoRA type {self.type!r} needs qkv_mode='split', got {self.qkv_mode!r}")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ValueError(f"LoRA lokr_factor must be -1 or positive, got {self.lokr_factor}")
+        for what in ("include", "exclude"):
+            for pat in getattr(self, what):
+                try:
+                    re.compile(pat)
+                except re.error as e:
+                    raise ValueError(f"LoRA {what}: {pat!r} is not a regular expression ({e})") from None
+        if self.has_patterns and self.qkv_mode != "split":
+            raise ValueError("LoRA include/exclude/rank_pattern/alpha_pattern need qkv_mode='split'")
+        if self.type == "lokr" and (self.rank_pattern or self.alpha_pattern):
+            raise ValueError("LoRA rank_pattern/alpha_pattern are for type lora/dora (LoKr: use include/exclude)")
         known = {"to_qkv", "add_qkv_proj", "to_out", "to_add_out", "img_mlp", "txt_mlp", "img_mod", "txt_mod"}
         known |= {f"{m}.{f}" for m in ("img_mlp", "txt_mlp") for f in ("fc1", "fc2")}
         bad = [t for t in self.targets if t not in known]
@@ -208,9 +264,26 @@ class LoraConfig:
     def scale(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
+    @property
+    def has_patterns(self) -> bool:
+        """True if include / exclude / rank_pattern / alpha_pattern make adapters differ per module or layer."""
+        return bool(self.include or self.exclude or self.rank_pattern or self.alpha_pattern)
+
     def targets_module(self, name: str) -> bool:
         """True if the model linear `name` (e.g. 'img_mlp.fc1', 'to_qkv') gets an adapter."""
         return name in self.targets or name.split(".")[0] in self.targets
+
+    def plan_for(self, name: str) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[float, ...], ...]] | None:
+        """(ranks[layer][slot], alphas[layer][slot]) of the model linear `name`; None without patterns."""
+        if not self.has_patterns:
+            return None
+        if self.plan is None:
+            raise ValueError("LoraConfig with include/exclude/rank_pattern/alpha_pattern needs its per-layer plan: "
+                             "pass it through qwen_edit_jax.lora.resolve_lora_config(lora, num_layers) first")
+        for key, ranks, alphas in self.plan:
+            if key == name:
+                return ranks, alphas
+        return (), ()  # resolved: no adapter on this linear in any layer
 
 
 _DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
@@ -276,3 +349,6 @@ class ModelOptions:
             raise ValueError(f"attention must be one of {list(ATTENTION_KERNELS)}, got {self.attention!r}")
         if self.lora is not None and not self.fuse_qkv:
             raise ValueError("LoRA is implemented on the fused-QKV layout only (fuse_qkv=True)")
+        if self.lora is not None and self.lora.type == "dora" and (self.quantize or self.offload != "none"):
+            raise ValueError("LoRA type 'dora' needs the base weights' row norms on the device: not supported with "
+                             "a quantized (quantize) or offloaded (offload='base') base; use type 'lora' or 'lokr'")

@@ -23,7 +23,15 @@ from tqdm.auto import tqdm
 from ..config import DiTConfig, ModelOptions
 from ..errors import CheckpointError
 from ..lora.merge import apply_lora
-from ..models.dit import BASE_PARAMS, QwenImageTransformer, abstract_model, fresh_lora_state
+from ..lora.plan import resolve_options
+from ..models.dit import (
+    ADAPTER_STATE,
+    BASE_PARAMS,
+    QwenImageTransformer,
+    abstract_model,
+    fresh_lora_state,
+    init_dora_magnitudes,
+)
 from ..models.offload import HOST, is_offloaded
 from ..parallel import param_shardings
 from ..weights.checkpoint import SCALE_SUFFIX  # a quantized `….kernel` has its scales at `….kernel_scale`
@@ -65,12 +73,14 @@ def array_from_lazy(lazy: LazyParams, path: str, sharding: Sharding, dtype: Any)
 
 
 def init_lora(model: QwenImageTransformer, mesh: Mesh | None, seed: int = 0) -> None:
-    """Give `model` fresh LoRA adapters (A random, B zero), computed on device already in their shardings."""
-    abstract = nnx.state(abstract_model(model.config, model.options), nnx.LoRAParam)
+    """Give `model` fresh adapters (A random, B zero, DoRA magnitudes = the base's row norms), computed on device
+    already in their shardings."""
+    abstract = nnx.state(abstract_model(model.config, model.options), ADAPTER_STATE)
     out_sh = param_shardings(abstract, mesh) if mesh is not None else None
     make = jax.jit(lambda: fresh_lora_state(model.config, model.options, seed), out_shardings=out_sh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         nnx.update(model, make())
+        init_dora_magnitudes(model)
 
 
 def place_params(lazy: LazyParams, options: ModelOptions, *, mesh: Mesh | None = None, lora_seed: int = 0,
@@ -84,9 +94,10 @@ def place_params(lazy: LazyParams, options: ModelOptions, *, mesh: Mesh | None =
     `options.quantize`. With `options.offload="base"` the blocks' frozen leaves are placed in host memory
     (`models.offload.is_offloaded`).
     """
+    options = resolve_options(options, lazy.config)  # per-layer adapter plan from lora include/exclude/patterns
     model = abstract_model(lazy.config, options)
     graphdef, state = nnx.split(model)
-    base = {k: v for k, v in _flat(state).items() if not isinstance(v, nnx.LoRAParam)}
+    base = {k: v for k, v in _flat(state).items() if isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam)}
     scales = {k for k in base if k.endswith(".kernel" + SCALE_SUFFIX)}
     pre_quantized = any(p.endswith(".kernel" + SCALE_SUFFIX) for p in lazy.paths())
     if pre_quantized and not scales:

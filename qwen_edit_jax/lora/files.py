@@ -29,6 +29,32 @@ from . import formats
 F32 = np.float32
 
 
+# ---- the merge math, once: numpy here, jnp under jit in `merge.apply_lora` (same operators) -----------------
+def lora_merge(w: Any, a: Any, b: Any, s: Any) -> Any:
+    """W + s·B·A for W `[out, in]`, A `[r, in]`, B `[out, r]` (fp32)."""
+    return w + s * (b @ a)
+
+
+def dora_merge(w: Any, a: Any, b: Any, m: Any, s: Any) -> Any:
+    """PEFT's DoRA: m · (W + s·B·A) / ‖W + s·B·A‖, the norm per output row over the inputs."""
+    v = w + s * (b @ a)
+    return (m / ((v * v).sum(axis=1) ** 0.5))[:, None] * v
+
+
+def kron(w1: Any, w2: Any) -> Any:
+    """kron(w1 `[l, m]`, w2 `[k, n]`) = `[l·k, m·n]` (numpy or jnp)."""
+    (l, m), (k, n) = w1.shape, w2.shape
+    return (w1[:, None, :, None] * w2[None, :, None, :]).reshape(l * k, m * n)
+
+
+def lokr_merge(w: Any, w1: Any, w2: Any, s: Any) -> Any:
+    """W + s·kron(w1, w2) (LyCORIS LoKr)."""
+    return w + s * kron(w1, w2)
+
+
+MERGES = {"lora": lora_merge, "dora": dora_merge, "lokr": lokr_merge}
+
+
 @dataclasses.dataclass
 class LoraWeights:
     """One module's LoRA in torch layout: ΔW = scale · B @ A."""
@@ -38,21 +64,108 @@ class LoraWeights:
     scale: float = 1.0
     alpha: float | None = None  # as stored in the file (None: no alpha)
 
+    kind = "lora"
+
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.A.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.B.shape[0])
 
     def delta(self) -> np.ndarray:
         """ΔW [out, in] in fp32."""
         return (self.B.astype(F32) * F32(self.scale)) @ self.A.astype(F32)
 
+    def merge_args(self, strength: float = 1.0) -> tuple[str, tuple[np.ndarray, ...], float]:
+        """(kind, fp32 arrays, scale) for `MERGES[kind](weight, *arrays, scale)`."""
+        return self.kind, (self.A.astype(F32), self.B.astype(F32)), float(strength) * self.scale
+
     def merged(self, weight: np.ndarray, strength: float = 1.0) -> np.ndarray:
-        """The base weight `[out, in]` with this LoRA baked in: W + strength·scale·B@A, in fp32."""
-        delta = (self.B.astype(F32) * F32(self.scale * strength)) @ self.A.astype(F32)
-        if delta.shape != weight.shape:
-            raise LoraError(f"its delta B@A is {list(delta.shape)} but the base weight is {list(weight.shape)} "
-                            f"[out, in] (does the LoRA belong to another model size?)")
-        return weight.astype(F32) + delta
+        """The base weight `[out, in]` with this adapter merged at `strength`, in fp32.
+
+        LoRA: W + strength·scale·B·A. DoRA: PEFT's rule with scale·strength as PEFT's `set_scale` /
+        diffusers' `set_adapters(weights)` apply it (m unchanged). LoKr: W + strength·ΔW.
+        """
+        kind, arrays, s = self.merge_args(strength)
+        return MERGES[kind](np.asarray(weight, F32), *arrays, F32(s))
+
+
+@dataclasses.dataclass
+class DoraWeights(LoraWeights):
+    """One module's DoRA (PEFT): W' = m · (W + scale·B·A) / ‖W + scale·B·A‖ per output row."""
+
+    magnitude: np.ndarray | None = None  # [out]
+
+    kind = "dora"
+
+    def merge_args(self, strength: float = 1.0) -> tuple[str, tuple[np.ndarray, ...], float]:
+        arrays = (self.A.astype(F32), self.B.astype(F32), self.magnitude.astype(F32))
+        return self.kind, arrays, float(strength) * self.scale
+
+
+@dataclasses.dataclass
+class LokrWeights:
+    """One module's LoKr (LyCORIS): ΔW = scale · kron(w1, w2), torch layout; a factor may be given as `_a @ _b`.
+
+    scale = alpha / rank when a factor is rank-decomposed (rank = its `_b`'s first dimension), else 1 — LyCORIS's
+    `LokrModule` (alpha is reset to the rank when both factors are full) and diffusers' `_bake_lokr_alpha_`.
+    """
+
+    w1: np.ndarray | None = None  # [l, m]
+    w1_a: np.ndarray | None = None  # [l, r]
+    w1_b: np.ndarray | None = None  # [r, m]
+    w2: np.ndarray | None = None  # [k, n]
+    w2_a: np.ndarray | None = None  # [k, r]
+    w2_b: np.ndarray | None = None  # [r, n]
+    alpha: float | None = None
+
+    kind = "lokr"
+
+    @property
+    def rank(self) -> int | None:
+        """The decomposition rank (None when both factors are full)."""
+        for b in (self.w2_b, self.w1_b):
+            if b is not None:
+                return int(b.shape[0])
+        return None
+
+    @property
+    def scale(self) -> float:
+        r = self.rank
+        return 1.0 if r is None or self.alpha is None else float(self.alpha) / r
+
+    def factors(self) -> tuple[np.ndarray, np.ndarray]:
+        """(w1, w2) as full fp32 matrices."""
+        w1 = self.w1.astype(F32) if self.w1 is not None else self.w1_a.astype(F32) @ self.w1_b.astype(F32)
+        w2 = self.w2.astype(F32) if self.w2 is not None else self.w2_a.astype(F32) @ self.w2_b.astype(F32)
+        return w1, w2
+
+    @property
+    def in_features(self) -> int:
+        w1, w2 = self.factors()
+        return int(w1.shape[1] * w2.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        w1, w2 = self.factors()
+        return int(w1.shape[0] * w2.shape[0])
+
+    def delta(self) -> np.ndarray:
+        return F32(self.scale) * kron(*self.factors())
+
+    def merge_args(self, strength: float = 1.0) -> tuple[str, tuple[np.ndarray, ...], float]:
+        return self.kind, self.factors(), float(strength) * self.scale
+
+    merged = LoraWeights.merged
+
+
+AdapterWeights = LoraWeights | DoraWeights | LokrWeights
 
 
 @dataclasses.dataclass
@@ -61,15 +174,24 @@ class LoraFile:
 
     path: str
     style: str
-    modules: dict[str, LoraWeights]
+    modules: dict[str, AdapterWeights]
     fused_modules: list[str]  # fused names found in the file (to_qkv / add_qkv_proj), already split
     metadata: dict[str, str]
 
+    @property
+    def kind(self) -> str:
+        """"lora", "dora" or "lokr" (one kind per file)."""
+        return next(iter(self.modules.values())).kind
+
     def describe(self) -> str:
+        if self.kind == "lokr":
+            ranks = sorted({w.rank or 0 for w in self.modules.values()})
+            return f"LoKr, {self.style} key style, {len(self.modules)} modules, decomposition rank {ranks} (0: full)"
         ranks = sorted({w.rank for w in self.modules.values()})
         alphas = any(w.alpha is not None for w in self.modules.values())
         fused = f", {len(self.fused_modules)} fused QKV modules (original merged layout)" if self.fused_modules else ""
-        return (f"LoRA, {self.style} key style, {len(self.modules)} modules, rank {ranks}, "
+        kind = "DoRA" if self.kind == "dora" else "LoRA"
+        return (f"{kind}, {self.style} key style, {len(self.modules)} modules, rank {ranks}, "
                 f"{'with' if alphas else 'no'} alpha{fused}")
 
 
@@ -151,8 +273,11 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         if pk.part in slot:
             raise LoraError(f"{path}: module {pk.module} has two {pk.part} tensors ({slot[pk.part]!r} and {k!r})")
         slot[pk.part] = k
-        if pk.part == "A":
+        if pk.part in ("A", "lokr_w1", "lokr_w1_a"):
             styles[pk.style] = styles.get(pk.style, 0) + 1
+        if pk.part == "unsupported":
+            why = next(v for s, v in formats.UNSUPPORTED_WHY.items() if s in k)
+            raise LoraError(f"{path}: {k!r}: {why}")
     if not_lora:
         raise LoraError(f"{path}: {len(not_lora)} keys are not LoRA tensors (lora_A/lora_B, lora_down/lora_up, "
                         f"alpha), e.g. {not_lora[:3]}; is this a base model rather than a LoRA?")
@@ -170,9 +295,20 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
         except Exception as e:
             raise LoraError(f"{path}: tensor {key!r} is truncated or corrupt ({e})") from None
 
-    modules: dict[str, LoraWeights] = {}
+    modules: dict[str, AdapterWeights] = {}
     fused = []
+    kinds = {("lokr" if any(p in slot for p in formats.LOKR_PARTS) else "dora" if "magnitude" in slot else "lora")
+             for slot in groups.values()}
+    if len(kinds) > 1:
+        raise LoraError(f"{path}: mixes adapter kinds {sorted(kinds)}; one file holds one kind (LoRA, DoRA or LoKr)")
     for module, slot in groups.items():
+        if "lokr" in kinds:
+            w = _read_lokr(path, module, slot, get)
+            entry, _, j = formats.resolve(module)
+            if entry.fused and j is None:
+                raise LoraError(f"{path}: LoKr on a fused q|k|v module ({module}) is not supported")
+            modules[module] = w
+            continue
         if "A" not in slot or "B" not in slot:
             have = next(iter(slot.values()))
             raise LoraError(f"{path}: module {module} has no lora_{'A' if 'A' not in slot else 'B'} "
@@ -192,8 +328,16 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
             scale, _ = peft_scale(module, a.shape[0])
         else:
             scale = 1.0
-        w = LoraWeights(a, b, float(scale), alpha)
+        if "magnitude" in slot:
+            m = get(slot["magnitude"]).reshape(-1)
+            if m.shape[0] != b.shape[0]:
+                raise LoraError(f"{path}: {slot['magnitude']!r} has {m.shape[0]} values, lora_B has {b.shape[0]} rows")
+            w = DoraWeights(a, b, float(scale), alpha, m)
+        else:
+            w = LoraWeights(a, b, float(scale), alpha)
         entry, _, j = formats.resolve(module)
+        if entry.fused and j is None and w.kind == "dora":
+            raise LoraError(f"{path}: DoRA on a fused q|k|v module ({module}) is not supported")
         if entry.fused and j is None:
             fused.append(module)
             modules.update(_split_fused(module, w, path))
@@ -203,7 +347,28 @@ def read_lora_file(path: str | os.PathLike) -> LoraFile:
     return LoraFile(path, style, modules, fused, metadata)
 
 
-def read_lora(path: str | os.PathLike) -> dict[str, LoraWeights]:
+def _read_lokr(path: str, module: str, slot: dict[str, str], get: Any) -> LokrWeights:
+    parts = {p.removeprefix("lokr_"): get(slot[p]) for p in formats.LOKR_PARTS if p in slot}
+    for side in ("w1", "w2"):
+        full, pair = side in parts, (f"{side}_a" in parts, f"{side}_b" in parts)
+        if full == any(pair) or (any(pair) and not all(pair)):
+            raise LoraError(f"{path}: LoKr module {module} needs lokr_{side} or both lokr_{side}_a and "
+                            f"lokr_{side}_b, has {sorted(slot)}")
+    if any(v.ndim != 2 for v in parts.values()):
+        raise LoraError(f"{path}: LoKr module {module} has a factor that is not a matrix "
+                        f"({ {k: list(v.shape) for k, v in parts.items()} }); only linear layers are supported")
+    alpha = None
+    if "alpha" in slot:
+        alpha = float(np.asarray(get(slot["alpha"]), np.float64).reshape(-1)[0])
+    w = LokrWeights(**parts, alpha=alpha)
+    try:
+        w.factors()
+    except ValueError as e:
+        raise LoraError(f"{path}: LoKr module {module}: factor shapes do not chain ({e})") from None
+    return w
+
+
+def read_lora(path: str | os.PathLike) -> dict[str, AdapterWeights]:
     """{diffusers module name: LoraWeights (A [r, in], B [out, r], scale)} from a file in any key style."""
     return read_lora_file(path).modules
 
@@ -219,9 +384,16 @@ def is_lora_file(path: str | os.PathLike) -> bool:
         return False
     for k in keys:
         pk = formats.parse_key(k)
-        if pk is not None and pk.part in ("A", "B"):
+        if pk is not None and pk.part in ("A", "B", *formats.LOKR_PARTS):
             return True
     return False
+
+
+def _plain_only(modules: Mapping[str, Any], what: str, target: str) -> None:
+    kinds = {w.kind for w in modules.values()} - {"lora"}
+    if kinds:
+        raise LoraError(f"{what}: {min(kinds)} adapters cannot be converted to {target}; "
+                        f"only plain LoRA files can (merge them into the base instead)")
 
 
 def lora_to_fused(lora: LoraFile) -> dict[str, LoraWeights]:
@@ -232,6 +404,7 @@ def lora_to_fused(lora: LoraFile) -> dict[str, LoraWeights]:
     (kept unbaked when q, k, v share one scale, so their values are copied bit for bit).
     Groups where q, k or v is missing get a zero block; other modules pass through unchanged.
     """
+    _plain_only(lora.modules, lora.path, "the fused merged-QKV layout")
     out: dict[str, LoraWeights] = {}
     groups: dict[tuple[str, int], dict[int, LoraWeights]] = {}
     for module, w in lora.modules.items():
@@ -278,6 +451,7 @@ def lora_file_tensors(modules: Mapping[str, LoraWeights], *, format: str, dtype:
     Styles with an alpha key (kohya, lightx2v) store alpha (= rank when the file had none); the others bake
     any scale ≠ 1 into B so that every loader applies scale 1. `dtype` casts A and B.
     """
+    _plain_only(modules, "LoRA", f"key style {format!r} conversion")
     cast = None if dtype is None else np.dtype(as_dtype(dtype))
     out: dict[str, np.ndarray] = {}
     for name in sorted(modules):

@@ -25,7 +25,9 @@ from typing import Literal
 from ..weights import keymap
 
 WRITE_STYLES = ("diffusers", "comfyui", "kohya", "diffsynth", "lightx2v")
-Part = Literal["A", "B", "alpha"]
+Part = Literal["A", "B", "alpha", "magnitude", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+               "lokr_w2_b", "unsupported"]
+LOKR_PARTS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 
 _PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.")
 _KOHYA_PREFIXES = ("lora_unet_", "lycoris_")
@@ -35,7 +37,19 @@ _SUFFIXES: tuple[tuple[str, Part], ...] = (
     (".lora_A.weight", "A"), (".lora_B.weight", "B"),
     (".lora_down.weight", "A"), (".lora_up.weight", "B"),
     (".alpha", "alpha"),
+    # DoRA (PEFT / diffusers: the magnitude m of W' = m·(W + ΔW)/‖W + ΔW‖, one value per output)
+    (".lora_magnitude_vector.default.weight", "magnitude"), (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    # LoKr (LyCORIS): ΔW = kron(w1, w2), either factor possibly rank-decomposed as w_a @ w_b
+    *((f".{p}", p) for p in ("lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_w1", "lokr_w2")),
+    # recognised, refused with a clear error: LyCORIS DoRA scale, LoKr Tucker cores, LoHa
+    *((s, "unsupported") for s in (".dora_scale", ".lokr_t1", ".lokr_t2", ".hada_w1_a", ".hada_w1_b", ".hada_w2_a",
+                                   ".hada_w2_b", ".hada_t1", ".hada_t2")),
 )
+UNSUPPORTED_WHY = {".dora_scale": "LyCORIS/kohya DoRA (dora_scale) is not supported; DoRA files need PEFT's "
+                                  "lora_magnitude_vector keys",
+                   ".lokr_t": "LoKr with Tucker cores (lokr_t1/lokr_t2, conv layers) is not supported",
+                   ".hada_": "LoHa (hada_*) adapters are not supported"}
 _FUSED_SUFFIX = re.compile(r"^(.*)\.lora_([AB])\.[A-Za-z0-9_]+\.weight$")  # PEFT with a custom adapter name
 
 
@@ -111,8 +125,27 @@ def parse_key(key: str) -> ParsedKey | None:
     return ParsedKey(body, part, style or "diffsynth")
 
 
-def key_names(module: str, style: str) -> dict[str, str]:
-    """Keys of one module's tensors in a write style: {'A': …, 'B': …} (+ 'alpha' for kohya and lightx2v)."""
+def key_names(module: str, style: str, kind: str = "lora") -> dict[str, str]:
+    """Keys of one module's tensors in a write style: {'A': …, 'B': …} (+ 'alpha' for kohya and lightx2v).
+
+    kind "dora": + 'magnitude' (`….lora_magnitude_vector`), diffusers style only (what diffusers / PEFT read).
+    kind "lokr": {'lokr_w1': …, 'lokr_w2': …, 'lokr_w2_a': …, 'lokr_w2_b': …, 'alpha': …} in LyCORIS keys,
+    comfyui (`diffusion_model.<m>.lokr_w1`) or kohya (`lycoris_<m with . → _>.lokr_w1`, as ai-toolkit writes).
+    """
+    if kind == "dora":
+        if style != "diffusers":
+            raise ValueError(f"DoRA adapters are written with PEFT's keys (format 'diffusers'), not {style!r}")
+        keys = key_names(module, style)
+        return {**keys, "magnitude": f"transformer.{module}.lora_magnitude_vector"}
+    if kind == "lokr":
+        if style == "comfyui":
+            base = f"diffusion_model.{module}"
+        elif style == "kohya":
+            base = "lycoris_" + module.replace(".", "_")
+        else:
+            raise ValueError(f"LoKr adapters are written with LyCORIS keys: format 'comfyui' or 'kohya', "
+                             f"not {style!r}")
+        return {p: f"{base}.{p}" for p in (*LOKR_PARTS, "alpha")}
     if style == "diffusers":
         return {"A": f"transformer.{module}.lora_A.weight", "B": f"transformer.{module}.lora_B.weight"}
     if style == "comfyui":

@@ -1,9 +1,11 @@
-"""Merge LoRA files into base weights (exact to fp32): into a loaded model in place (`apply_lora`), or as a
-lazy view of base weights on disk that the merge command streams to a file (`LoraMergedParams`)."""
+"""Merge adapter files (LoRA, DoRA, LoKr) into base weights (exact to fp32): into a loaded model in place
+(`apply_lora`), or as a lazy view of base weights on disk that the merge command streams to a file
+(`LoraMergedParams`)."""
 
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Any
 
 import jax
@@ -14,7 +16,7 @@ from ..config import as_dtype
 from ..errors import LoraError
 from ..weights import keymap
 from ..weights.lazy import Index, LazyParams, check_out, into_out, norm_index
-from .files import read_lora
+from .files import MERGES, read_lora
 
 F32 = np.float32
 
@@ -66,54 +68,49 @@ def _normalize_specs(specs: Any) -> list[tuple[str, float]]:
     return out
 
 
-@jax.jit
-def _merged_top(kernel, a, b):
-    delta = jnp.matmul(a.T, b.T, precision=jax.lax.Precision.HIGHEST)  # [in, out]
-    return (kernel.astype(jnp.float32) + delta.reshape(kernel.shape)).astype(kernel.dtype)
+@partial(jax.jit, static_argnames=("kinds", "layer_axis", "j"), donate_argnums=(0,))
+def _merge_into(kernel, layer, arrays, scales, *, kinds, layer_axis, j):
+    """Merge adapters (`files.MERGES[kind]`, in order, fp32) into one torch-layout slice of a Flax kernel.
 
-
-def _merged_stacked(kernel, layer, a, b, j):
-    delta = jnp.matmul(a.T, b.T, precision=jax.lax.Precision.HIGHEST)  # [in, out]
-    sl = jax.lax.dynamic_index_in_dim(kernel, layer, axis=0, keepdims=False)
-    if j is None:
-        new = (sl.astype(jnp.float32) + delta).astype(kernel.dtype)
-    else:
-        new = sl.at[:, j].set((sl[:, j].astype(jnp.float32) + delta).astype(kernel.dtype))
-    return jax.lax.dynamic_update_index_in_dim(kernel, new, layer, axis=0)
-
-
-_merged_stacked_jit = jax.jit(_merged_stacked, static_argnames=("j",), donate_argnums=(0,))
+    kernel `[in, out]`, or stacked `[L, in, out]` / fused `[L, in, 3, out]` (slice `layer`, q/k/v `j`).
+    """
+    sl = jax.lax.dynamic_index_in_dim(kernel, layer, axis=0, keepdims=False) if layer_axis else kernel
+    w = (sl if j is None else sl[:, j]).astype(jnp.float32).T  # [out, in]
+    with jax.default_matmul_precision("highest"):
+        for kind, arrs, s in zip(kinds, arrays, scales):
+            w = MERGES[kind](w, *arrs, s)
+    new = w.T.astype(kernel.dtype)
+    if j is not None:
+        new = sl.at[:, j].set(new)
+    return jax.lax.dynamic_update_index_in_dim(kernel, new, layer, axis=0) if layer_axis else new
 
 
 def apply_lora(model: Any, specs: Any) -> Any:
-    """Merge LoRA file(s) into the model's base weights, in place; returns the model.
+    """Merge adapter file(s) — LoRA, DoRA, LoKr, any key style — into the model's base weights, in place.
 
-    `specs`: a path, or a list of paths / (path, strength) pairs. Deltas of all files for one
-    linear are summed in fp32 (one matmul of the concatenated ranks) and added to the weight in
-    fp32 before rounding to the parameter dtype once, so merging is exact to fp32.
+    `specs`: a path, or a list of paths / (path, strength) pairs. Each linear's weight is taken to fp32 once,
+    every file's adapter for it is merged in order with the records' own rule (`files.MERGES`, the math of
+    `LoraWeights.merged` / `DoraWeights.merged` / `LokrWeights.merged`), and the result rounded to the
+    parameter dtype once, so merging is exact to fp32.
     """
-    pending: dict[tuple[str, int | None, int | None], list[tuple[np.ndarray, np.ndarray]]] = {}
-    entries: dict[str, keymap.ModuleEntry] = {}
+    pending: dict[tuple[str, int | None, int | None], list[tuple[str, tuple, float]]] = {}
     for path, strength in _normalize_specs(specs):
         for module, w in read_lora(path).items():
             entry, layer, j = locate_module(model, module, path)
             kernel = module_at(model, entry.flax).kernel
             in_dim = kernel.shape[1] if entry.stacked else kernel.shape[0]
             out_dim = kernel.shape[-1]
-            if w.A.shape[1] != in_dim or w.B.shape[0] != out_dim:
-                raise LoraError(f"{path}: LoRA for {module} has A {list(w.A.shape)}, B {list(w.B.shape)}; the model's "
-                                f"linear is {in_dim} → {out_dim} (does the LoRA belong to another model size?)")
-            entries[entry.flax] = entry
-            pending.setdefault((entry.flax, layer, j), []).append(
-                (w.A.astype(F32), w.B.astype(F32) * F32(w.scale * strength)))
-    for (flax_path, layer, j), pieces in pending.items():
-        a = np.concatenate([p[0] for p in pieces], axis=0)
-        b = np.concatenate([p[1] for p in pieces], axis=1)
+            if w.in_features != in_dim or w.out_features != out_dim:
+                raise LoraError(f"{path}: {w.kind} adapter for {module} is {w.in_features} → {w.out_features}; the "
+                                f"model's linear is {in_dim} → {out_dim} (does it belong to another model size?)")
+            pending.setdefault((entry.flax, layer, j), []).append(w.merge_args(strength))
+    for (flax_path, layer, j), items in pending.items():
         var = module_at(model, flax_path).kernel
-        if layer is None:
-            var.set_value(_merged_top(var[...], a, b))
-        else:
-            var.set_value(_merged_stacked_jit(var[...], jnp.int32(layer), a, b, j=j))
+        kinds = tuple(k for k, _, _ in items)
+        arrays = tuple(a for _, a, _ in items)
+        scales = tuple(np.float32(s) for _, _, s in items)
+        var.set_value(_merge_into(var[...], jnp.int32(0 if layer is None else layer), arrays, scales, kinds=kinds,
+                                  layer_axis=layer is not None, j=j))
     return model
 
 
@@ -149,10 +146,10 @@ class LoraMergedParams:
                                     f"{lazy.config.num_layers} layers (does the LoRA belong to another model?)")
                 leaf = f"{entry.flax}.kernel"
                 shape = shapes[f"{module}.weight"]  # [out, in]
-                a, b = getattr(record, "A", None), getattr(record, "B", None)
-                if a is not None and b is not None and (a.shape[1] != shape[1] or b.shape[0] != shape[0]):
-                    raise LoraError(f"{path}: LoRA for {module} has A {list(a.shape)}, B {list(b.shape)}; the base "
-                                    f"weight is {list(shape)} [out, in] (does the LoRA belong to another model size?)")
+                if (record.out_features, record.in_features) != tuple(shape):
+                    raise LoraError(f"{path}: {record.kind} adapter for {module} is {record.in_features} → "
+                                    f"{record.out_features}; the base weight is {list(shape)} [out, in] (does it "
+                                    f"belong to another model size?)")
                 self._hits.setdefault(leaf, {}).setdefault(layer, []).append(
                     (j if entry.fused else None, path, module, record, float(strength)))
                 self.modules += 1

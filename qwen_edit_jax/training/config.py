@@ -17,6 +17,7 @@ import yaml
 from ..config import (
     DEFAULT_LORA_TARGETS,
     DTYPE_NAMES,
+    AdapterType,
     AttentionImpl,
     LoraConfig,
     ModelOptions,
@@ -54,6 +55,13 @@ class LoraSection:
     qkv_mode: QKVMode = "split"
     init_from: str | None = None  # start from a standard LoRA file (split mode)
     seed: int = 0  # A initialisation
+    type: AdapterType = "lora"  # lora | dora (PEFT's weight-decomposed LoRA) | lokr (LyCORIS Kronecker product)
+    lokr_factor: int = -1  # LoKr factor sizes as LyCORIS's factorization(dim, factor); -1: most balanced
+    # regular expressions (re.search) over diffusers module names, e.g. transformer_blocks\.(1[0-9])\.
+    include: tuple[str, ...] = ()  # empty: every module of `targets`
+    exclude: tuple[str, ...] = ()
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)  # {regex: rank}, PEFT's matching
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)  # {regex: alpha}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,7 +205,9 @@ class TrainConfig:
     # ---- derived runtime objects -----------------------------------------------------------------
     def lora_config(self) -> LoraConfig:
         lo = self.lora
-        return LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=lo.targets, qkv_mode=lo.qkv_mode)
+        return LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=lo.targets, qkv_mode=lo.qkv_mode, type=lo.type,
+                          lokr_factor=lo.lokr_factor, include=lo.include, exclude=lo.exclude,
+                          rank_pattern=lo.rank_pattern, alpha_pattern=lo.alpha_pattern)
 
     def model_options(self) -> ModelOptions:
         m = self.model
@@ -240,6 +250,16 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
     need(lo.rank > 0, "lora.rank", lo.rank, "must be positive")
     need(lo.alpha is None or lo.alpha > 0, "lora.alpha", lo.alpha, "must be positive (or null for alpha = rank)")
     need(len(lo.targets) > 0, "lora.targets", list(lo.targets), "at least one target module")
+    need(lo.lokr_factor == -1 or lo.lokr_factor > 0, "lora.lokr_factor", lo.lokr_factor, "must be -1 or positive")
+    if lo.type == "dora":
+        need(m.quantize is None and m.offload == "none", "lora.type", lo.type,
+             "DoRA needs the base weights on the device in float: not with model.quantize or model.offload")
+        bad = [f for f in cfg.export.formats if f != "diffusers"]
+        need(not bad, "export.formats", list(cfg.export.formats), "DoRA is written with PEFT's keys: use [diffusers]")
+    if lo.type == "lokr":
+        bad = [f for f in cfg.export.formats if f not in ("comfyui", "kohya")]
+        need(not bad, "export.formats", list(cfg.export.formats),
+             "LoKr is written with LyCORIS keys: use [comfyui] and/or [kohya]")
     need(d.batch_size > 0, "data.batch_size", d.batch_size, "must be positive")
     need(len(d.text_buckets) > 0 and all(b > 0 for b in d.text_buckets), "data.text_buckets",
          list(d.text_buckets), "a non-empty list of positive lengths")
@@ -345,6 +365,11 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, str):
             raise bad("a string")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return {_coerce(k, args[0], f"{key}.{k}", where): _coerce(v, args[1], f"{key}.{k}", where)
+                for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad("a mapping")

@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from .. import parallel
 from ..cache_format import MANIFEST, CachedDataset
 from ..config import DiTConfig, ModelOptions, preset
+from ..lora.plan import resolve_options
 from ..models.dit import abstract_model, count_params
 from ..models.offload import HOST, is_offloaded
 from ..weights.loader import open_lazy_params
@@ -189,6 +190,7 @@ class StepProgram:
 def build_step(cfg: DiTConfig, opts: ModelOptions, mesh: Mesh, workload: Workload,
                optim: OptimSection = OptimSection(), objective: ObjectiveSection = ObjectiveSection()) -> StepProgram:
     """The real LoRA training step for `cfg` on `mesh` with abstract, placed arguments."""
+    opts = resolve_options(opts, cfg)  # per-layer adapter plan for this (possibly extrapolated) depth
     graphdef, lora_abs, base_abs = nnx.split(abstract_model(cfg, opts), nnx.LoRAParam, ...)
 
     def placed(state, offload=False):
@@ -380,7 +382,7 @@ def plan_step(cfg: DiTConfig, opts: ModelOptions, target: Target, mesh: Mesh, wo
               extrapolate: Sequence[int] = (4, 8), mfu: float = 1.0, host_gbps: float = HOST_GBPS) -> dict:
     """Compile the step for `target` and return the plan as a flat dict (the JSON line of the CLIs)."""
     chip = target.chip
-    model_abs = abstract_model(cfg, opts)
+    model_abs = abstract_model(cfg, resolve_options(opts, cfg))
     prog = build_step(cfg, opts, mesh, workload, optim, objective)
     mem = step_memory(prog, chip, lambda c: build_step(c, opts, mesh, workload, optim, objective), cfg, extrapolate)
     sizes, peak, oom, source = mem.sizes, mem.peak, mem.oom, mem.source

@@ -19,14 +19,16 @@ class Attention(nnx.Module):
     `[heads·head_dim]` with heads outermost (diffusers' `unflatten(-1, (-1, head_dim))`).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, *, options: ModelOptions, rngs: nnx.Rngs):
+    def __init__(self, dim: int, heads: int, head_dim: int, *, options: ModelOptions, rngs: nnx.Rngs,
+                 layer: jax.Array | None = None):
         self.heads, self.head_dim = heads, head_dim
         self.fuse_qkv = options.fuse_qkv
         self.kernel_name = options.attention  # a name in models.kernels
         lin = dict(options=options, rngs=rngs)
         if self.fuse_qkv:
-            self.to_qkv = Linear(dim, (3, dim), axes=("embed", "qkv", "heads"), name="to_qkv", **lin)
-            self.add_qkv_proj = Linear(dim, (3, dim), axes=("embed", "qkv", "heads"), name="add_qkv_proj", **lin)
+            qkv = dict(axes=("embed", "qkv", "heads"), layer=layer, **lin)
+            self.to_qkv = Linear(dim, (3, dim), name="to_qkv", **qkv)
+            self.add_qkv_proj = Linear(dim, (3, dim), name="add_qkv_proj", **qkv)
         else:  # benchmark baseline: six separate projections, as in diffusers
             for n in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
                 setattr(self, n, Linear(dim, dim, axes=("embed", "heads"), **lin))
@@ -34,8 +36,8 @@ class Attention(nnx.Module):
         self.norm_k = RMSNorm(head_dim, options=options)
         self.norm_added_q = RMSNorm(head_dim, options=options)
         self.norm_added_k = RMSNorm(head_dim, options=options)
-        self.to_out = Linear(dim, dim, axes=("heads", "embed"), name="to_out", **lin)
-        self.to_add_out = Linear(dim, dim, axes=("heads", "embed"), name="to_add_out", **lin)
+        self.to_out = Linear(dim, dim, axes=("heads", "embed"), name="to_out", layer=layer, **lin)
+        self.to_add_out = Linear(dim, dim, axes=("heads", "embed"), name="to_add_out", layer=layer, **lin)
 
     def _project(self, x: jax.Array, stream: str) -> tuple[jax.Array, jax.Array, jax.Array]:
         if self.fuse_qkv:

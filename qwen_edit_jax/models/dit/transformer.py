@@ -53,9 +53,9 @@ def _modulation(mod: jax.Array) -> Modulation:
 class Block(nnx.Module):
     """One `transformer_blocks[i]` (diffusers `QwenImageTransformerBlock`)."""
 
-    def __init__(self, cfg: DiTConfig, options: ModelOptions, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: DiTConfig, options: ModelOptions, *, rngs: nnx.Rngs, layer: jax.Array | None = None):
         d = cfg.inner_dim
-        lin = dict(options=options, rngs=rngs)
+        lin = dict(options=options, rngs=rngs, layer=layer)  # layer: this block's index (per-layer adapter plans)
         self.img_mod = Linear(d, 6 * d, axes=("embed", "mod"), name="img_mod", **lin)
         self.txt_mod = Linear(d, 6 * d, axes=("embed", "mod"), name="txt_mod", **lin)
         self.attn = Attention(d, cfg.num_attention_heads, cfg.attention_head_dim, **lin)
@@ -143,12 +143,18 @@ class QwenImageTransformer(nnx.Module):
         self.img_in = Linear(config.in_channels, d, axes=(None, "embed"), **lin)
         self.txt_in = Linear(config.joint_attention_dim, d, axes=(None, "embed"), **lin)
 
-        @nnx.split_rngs(splits=config.num_layers)
-        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(r: nnx.Rngs) -> Block:
-            return Block(config, options, rngs=r)
+        if options.lora is not None and options.lora.has_patterns:
+            plan_layers = {len(ranks) for _, ranks, _ in options.lora.plan or ()}
+            if options.lora.plan is None or plan_layers - {config.num_layers}:
+                raise ValueError(f"the LoRA plan has {sorted(plan_layers) or 'no'} layers, the model "
+                                 f"{config.num_layers}: resolve it with qwen_edit_jax.lora.resolve_lora_config")
 
-        self.transformer_blocks = make_blocks(rngs)
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=(0, 0), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(r: nnx.Rngs, layer: jax.Array) -> Block:
+            return Block(config, options, rngs=r, layer=layer)
+
+        self.transformer_blocks = make_blocks(rngs, jnp.arange(config.num_layers))
         self.norm_out = NormOut(d, **lin)
         self.proj_out = Linear(d, config.out_features, axes=("embed", None), **lin)
 
