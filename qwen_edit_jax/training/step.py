@@ -182,9 +182,9 @@ class TrainStep:
             else:
                 def body(carry, inp):
                     i, micro = inp
-                    (l, a), g = grad_fn(params, base, micro, jax.random.fold_in(key, i))
+                    (loss_i, a), g = grad_fn(params, base, micro, jax.random.fold_in(key, i))
                     gsum, lsum, asum = carry
-                    return (jax.tree.map(jnp.add, gsum, g), lsum + l, jax.tree.map(jnp.add, asum, a)), None
+                    return (jax.tree.map(jnp.add, gsum, g), lsum + loss_i, jax.tree.map(jnp.add, asum, a)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
                 aux0 = {"mse": jnp.zeros((), jnp.float32), "sigma": jnp.zeros((), jnp.float32)}
