@@ -272,6 +272,8 @@ def test_run_with_ema_resumes_bit_identical_and_exports_both(assets, tmp_path):
         a, b = load_file(str(out / name)), load_file(str(tmp_path / "ref" / name))
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert res.lora_files == [str(out / "lora_diffusers.safetensors"), str(out / "lora_diffusers_ema.safetensors")]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(0.1 <= r["sigma"] <= 0.9 for r in rows)  # t in [100, 900]
     trained, ema = load_file(res.lora_files[0]), load_file(res.lora_files[1])
     assert any(not np.array_equal(trained[k], ema[k]) for k in trained)
     # the exported adapters are the schedule-free evaluation parameters and the EMA of those
