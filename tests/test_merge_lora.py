@@ -143,7 +143,7 @@ def test_merge_errors_name_the_file_and_module(setup, tmp_path):
     wrong = str(tmp_path / "wrong.safetensors")
     save_file({"transformer.proj_out.lora_A.weight": np.ones((2, d + 8), np.float32),
                "transformer.proj_out.lora_B.weight": np.ones((TINY.out_features, 2), np.float32)}, wrong)
-    with pytest.raises(LoraError, match=r"wrong.safetensors: LoRA for proj_out has A \[2, \d+\]"):
+    with pytest.raises(LoraError, match=r"wrong.safetensors: lora adapter for proj_out is \d+ → \d+; the base weight is"):
         merge_loras(repo, [wrong], out, progress=False)
     with pytest.raises(ValueError, match="--quantize int8 needs --format merged"):
         merge_loras(repo, [p1], out, quantize="int8", progress=False)

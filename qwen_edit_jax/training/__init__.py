@@ -2,7 +2,8 @@
 
 Modules: `config` (the YAML-backed `TrainConfig`), `objective` (flow matching, timestep
 samplers), `data` (the bucketed loader over the cache of `qwen_edit_jax.cache_format`), `step` (`make_train_step`,
-the optimiser), `checkpoint` (Orbax, resume), `loop` (`train`), `demo` (the latent demo's synthetic inputs, for tests
+the optimisers, LoRA+), `ema` (the adapters' EMA in the optimiser state), `checkpoint` (Orbax, resume), `loop`
+(`train`), `run_log` (metrics.jsonl, TensorBoard, wandb), `demo` (the latent demo's synthetic inputs, for tests
 and fixtures; the trainer never makes its inputs).
 """
 

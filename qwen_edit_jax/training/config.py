@@ -108,10 +108,21 @@ class ObjectiveSection:
     max_seq_len: int = 8192
     # masked loss (caches with `mask`s): weights below this are raised to it (0: masked-out pixels do not count)
     mask_min_weight: float = 0.0
+    # musubi-tuner's --min_timestep / --max_timestep, on the 0…num_train_timesteps scale (t = σ·1000):
+    # timesteps are drawn only from the part of the σ grid in [min_timestep, max_timestep]; null = no bound
+    min_timestep: float | None = None
+    max_timestep: float | None = None
+
+
+Optimizer = Literal["adamw", "adafactor", "prodigy", "schedule_free_adamw"]
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
+    # adamw: optax.adamw; adafactor: optax.adafactor (HF's scale_parameter=False, relative_step=False);
+    # prodigy: optax.contrib.prodigy (learning_rate multiplies its estimated step size: 1.0 as in its paper);
+    # schedule_free_adamw: optax.contrib.schedule_free_adamw (export, validation, EMA use its evaluation params)
+    optimizer: Optimizer = "adamw"
     learning_rate: float = 1e-4
     weight_decay: float = 0.01
     b1: float = 0.9
@@ -126,6 +137,7 @@ class OptimSection:
     schedule_steps: int | None = None
     max_grad_norm: float | None = 1.0  # None or 0: no clipping
     grad_accum: int = 1
+    lora_plus_ratio: float | None = None  # LoRA+ (musubi-tuner's loraplus_lr_ratio): lora_B leaves train at lr × ratio
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +160,9 @@ class TrainSection:
     async_checkpointing: bool = True
     progress: bool = True
     tensorboard: bool = True  # TensorBoard event files in DIR/tensorboard (metrics.jsonl is always written)
+    # EMA of the adapter weights (SimpleTuner's --ema_decay): decay min(ema_decay, (1+t)/(10+t)) at its t-th
+    # update, as diffusers' EMAModel; checkpointed, exported as lora_<format>_ema.safetensors, used by validation
+    ema_decay: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +206,21 @@ class ExportSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class WandbSection:
+    """Weights & Biases run (`pip install wandb`): the scalars and validation grids TensorBoard gets."""
+
+    project: str = ""
+    entity: str | None = None
+    name: str | None = None  # None: wandb's generated name
+    mode: Literal["online", "offline", "disabled"] | None = None  # None: wandb's default (WANDB_MODE)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection:
+    wandb: WandbSection | None = None  # None: no wandb
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelSection = ModelSection()
     lora: LoraSection = LoraSection()
@@ -201,6 +231,7 @@ class TrainConfig:
     train: TrainSection = TrainSection()
     validation: ValidationSection = ValidationSection()
     export: ExportSection = ExportSection()
+    log: LogSection = LogSection()
 
     # ---- derived runtime objects -----------------------------------------------------------------
     def lora_config(self) -> LoraConfig:
@@ -279,6 +310,28 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
     need(op.max_grad_norm is None or op.max_grad_norm >= 0, "optim.max_grad_norm", op.max_grad_norm,
          "must be >= 0 (0 or null disables clipping)")
     need(op.grad_accum >= 1, "optim.grad_accum", op.grad_accum, "must be >= 1")
+    need(op.lora_plus_ratio is None or op.lora_plus_ratio > 0, "optim.lora_plus_ratio", op.lora_plus_ratio,
+         "must be positive (or null: off)")
+    if op.optimizer == "prodigy":
+        need(op.lora_plus_ratio is None, "optim.lora_plus_ratio", op.lora_plus_ratio,
+             "not with optim.optimizer=prodigy (it estimates one step size for all adapters); set it to null")
+        need(op.learning_rate >= 0.1, "optim.learning_rate", op.learning_rate,
+             "with optim.optimizer=prodigy it multiplies Prodigy's estimated step size: use about 1.0")
+    if op.optimizer == "schedule_free_adamw":
+        need(op.schedule == "constant", "optim.schedule", op.schedule,
+             "must be constant with optim.optimizer=schedule_free_adamw (it replaces the decay; warmup_steps applies)")
+        need(op.b1 > 0, "optim.b1", op.b1, "must be > 0 with optim.optimizer=schedule_free_adamw (its interpolation)")
+    need(tr.ema_decay is None or 0 < tr.ema_decay < 1, "train.ema_decay", tr.ema_decay,
+         "must be in (0, 1), e.g. 0.999 (or null: off)")
+    n = ob.num_train_timesteps
+    need(ob.min_timestep is None or 0 <= ob.min_timestep < n, "objective.min_timestep", ob.min_timestep,
+         f"must be in [0, {n}) (objective.num_train_timesteps) or null")
+    need(ob.max_timestep is None or 0 < ob.max_timestep <= n, "objective.max_timestep", ob.max_timestep,
+         f"must be in (0, {n}] (objective.num_train_timesteps) or null")
+    need(ob.min_timestep is None or ob.max_timestep is None or ob.min_timestep < ob.max_timestep,
+         "objective.max_timestep", ob.max_timestep, f"must exceed objective.min_timestep={ob.min_timestep}")
+    if cfg.log.wandb is not None:
+        need(bool(cfg.log.wandb.project), "log.wandb.project", cfg.log.wandb.project, "required when log.wandb is set")
     need(op.schedule_steps is None or op.schedule_steps >= 1, "optim.schedule_steps", op.schedule_steps,
          "must be >= 1 (or null: the run's train.max_steps)")
     need(tr.max_steps >= 1, "train.max_steps", tr.max_steps, "must be >= 1")

@@ -4,7 +4,7 @@ Outputs in `output_dir`: `run.json` (the resolved config, readable again with `-
 `metrics.jsonl` (one JSON object per logged step), `tensorboard/` (the same scalars and the validation
 grids), `validation/step_NNNNNN.png` (before/after edit grids, `training/validation.py`),
 `checkpoints/<step>/` (Orbax), and at the end `lora_<format>.safetensors` (standard separate q/k/v
-LoRA, via `qwen_edit_jax.lora.adapters`).
+LoRA, via `qwen_edit_jax.lora.adapters`; with `train.ema_decay` also `lora_<format>_ema.safetensors`).
 Running the same command again on the same `output_dir` resumes from the newest complete
 checkpoint; the data order, noise and timesteps depend only on (seed, step), so a resumed run
 ends with bit-identical LoRA weights on the same hardware.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
 from .data import BatchLoader, DatasetMix, require_empty_prompts
 from .run_log import RunLog
-from .step import make_optimizer, make_schedule, make_train_step, split_lora
+from .step import ema_params, eval_params, make_optimizer, make_schedule, make_train_step, split_lora
 from .validation import Validation, ValidationImages, check_validation_inputs
 
 CHECKPOINT_DIR = "checkpoints"
@@ -47,7 +48,7 @@ RUN_JSON = "run.json"
 # Sections whose change between runs does not affect the trained weights.
 _FREE_KEYS = {"train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.progress",
               "train.async_checkpointing", "train.tensorboard", "data.prefetch", "data.verify", "export", "validation",
-              "demo"}  # demo: a section of older run.json files
+              "log", "demo"}  # demo: a section of older run.json files
 # A missing input under a folder of this name is the demo's: the error says how to make it.
 DEMO_DATA_DIR = "demo_data"
 
@@ -65,9 +66,11 @@ class TrainResult:
     last_loss: float | None  # mean loss of the last `loss_steps` steps (disjoint from the first when ≥ 2 ran)
     lora_files: list[str]
     seconds: float
-    lora_params: Any = None  # the trained LoRA parameters (pure dict, as `split_lora` returns them)
+    lora_params: Any = None  # the trained LoRA parameters as exported (pure dict, as `split_lora` returns them;
+    # schedule-free: its evaluation parameters)
     loss_steps: int = 0  # steps averaged in first_loss / last_loss: min(10, steps run // 2), at least 1
     schedule_steps: int | None = None  # length of the learning-rate schedule this run followed
+    ema_params: Any = None  # the EMA of the adapters (`train.ema_decay`), as exported to lora_<format>_ema
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
@@ -100,6 +103,9 @@ def check_inputs(cfg: TrainConfig) -> None:
         if not os.path.isfile(cfg.lora.init_from):
             raise ConfigError(f"lora.init_from: {cfg.lora.init_from} is not a LoRA file")
     check_validation_inputs(cfg)
+    if cfg.log.wandb is not None and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"log.wandb={cfg.to_dict()['log']['wandb']}: the wandb package is not installed "
+                          f"(pip install wandb, or pip install 'qwen-edit-jax[wandb]')")
 
 
 def _require_path(key: str, path: str) -> None:
@@ -175,15 +181,19 @@ def _make_mesh(cfg: TrainConfig):
     return make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor)
 
 
-def export_lora(model: nnx.Module, output_dir: str, cfg: TrainConfig) -> list[str]:
-    """Write the trained adapters in each `export.formats` style. Every process calls this (adapters
-    spread over several hosts are gathered slice by slice); only process 0 writes files."""
+def export_lora(model: nnx.Module, output_dir: str, cfg: TrainConfig, *, suffix: str = "") -> list[str]:
+    """Write the trained adapters in each `export.formats` style as `lora_<format><suffix>.safetensors`
+    (`suffix="_ema"`: the EMA weights). Every process calls this (adapters spread over several hosts are
+    gathered slice by slice); only process 0 writes files."""
     paths = []
     for fmt in cfg.export.formats:
         tensors = lora_tensors(model, format=fmt, dtype=cfg.export.dtype)
-        path = os.path.join(output_dir, f"lora_{fmt}.safetensors")
+        path = os.path.join(output_dir, f"lora_{fmt}{suffix}.safetensors")
         if jax.process_index() == 0:
-            write_lora_tensors(path, tensors, format=fmt, metadata={"qwen_edit_jax.base_model": cfg.model.path})
+            meta = {"qwen_edit_jax.base_model": cfg.model.path}
+            if suffix == "_ema":
+                meta["qwen_edit_jax.ema_decay"] = str(cfg.train.ema_decay)
+            write_lora_tensors(path, tensors, format=fmt, metadata=meta)
         paths.append(path)
     return paths
 
@@ -219,8 +229,10 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
     images = ValidationImages.prepare(cfg, mesh, log) if cfg.validation.every and cfg.validation.prompts else None
     dit_config, graphdef, params, base, local_rows = _load_model(cfg, dataset, mesh)
     # the optimiser state's structure does not depend on the schedule's length (fixed after resuming)
-    tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps, ema_decay=cfg.train.ema_decay)
     opt_state = init_opt_state(tx, params, mesh)
+    if mesh is None:  # committed to the device, as a restored checkpoint is: a resumed run compiles the same
+        params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])  # program (cache hit)
     with contextlib.ExitStack() as stack:
         loader = stack.enter_context(contextlib.closing(_open_loader(cfg, dataset, local_rows, log)))
         ckpt = stack.enter_context(contextlib.closing(TrainCheckpointer(
@@ -232,12 +244,13 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
         if resumed is not None:
             params, opt_state, rng, start, schedule_steps = _resume(cfg, ckpt, resumed, params, opt_state, loader,
                                                                     run_path, log)
-        tx, schedule = make_optimizer(cfg.optim, schedule_steps)
+        tx, schedule = make_optimizer(cfg.optim, schedule_steps, ema_decay=cfg.train.ema_decay)
         if is_main:
             _write_json(run_path, {**cfg.to_dict(), RUN_INFO_KEY: _run_info(cfg, dit_config, dataset, loader, params,
                                                                             schedule_steps)})
         run_log = stack.enter_context(contextlib.closing(
-            RunLog(output_dir, resumed_step=start, enabled=is_main, tensorboard=cfg.train.tensorboard)))
+            RunLog(output_dir, resumed_step=start, enabled=is_main, tensorboard=cfg.train.tensorboard,
+                   wandb=cfg.log.wandb, config=cfg.to_dict())))
         if start < cfg.train.max_steps:
             log("compiling the training step (the first step; can take minutes on the full model) ...")
         bar = None
@@ -248,11 +261,15 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
                        loader, ckpt, run_log, bar, schedule, schedule_steps, base, rng, log)
         if cfg.validation.every:
             steps.validation = Validation(cfg, images, dataset, graphdef, mesh, output_dir, write=is_main)
+            log(f"validation uses the {validation_weights(cfg)} weights")
             if start == 0:
-                steps.validate(0, params)
-        params = steps.run(params, opt_state, start)
+                steps.validate(0, params, opt_state)
+        params, opt_state = steps.run(params, opt_state, start)
         ckpt.wait()
+    params, ema = eval_params(opt_state, params), ema_params(opt_state)
     files = export_lora(nnx.merge(graphdef, params, base), output_dir, cfg)
+    if ema is not None:
+        files += export_lora(nnx.merge(graphdef, ema, base), output_dir, cfg, suffix="_ema")
     for f in files:
         log(f"wrote {f}")
     losses = steps.losses
@@ -260,7 +277,15 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
     return TrainResult(output_dir, max(start, cfg.train.max_steps), resumed,
                        float(np.mean(losses[:n])) if losses else None,
                        float(np.mean(losses[-n:])) if losses else None, files, time.perf_counter() - t_start,
-                       params, loss_steps=n if losses else 0, schedule_steps=schedule_steps)
+                       params, loss_steps=n if losses else 0, schedule_steps=schedule_steps, ema_params=ema)
+
+
+def validation_weights(cfg: TrainConfig) -> str:
+    """Which adapters validation samples with: `EMA` (train.ema_decay set), else the trained ones
+    (schedule-free: its evaluation parameters)."""
+    if cfg.train.ema_decay is not None:
+        return f"EMA (train.ema_decay={cfg.train.ema_decay})"
+    return "schedule-free evaluation" if cfg.optim.optimizer == "schedule_free_adamw" else "trained"
 
 
 def _open_loader(cfg: TrainConfig, dataset: DatasetMix, local_rows: Any, log: Callable[[str], None]) -> BatchLoader:
@@ -319,8 +344,8 @@ class _Steps:
     def global_batch(self) -> int:
         return self.cfg.data.batch_size * self.cfg.optim.grad_accum
 
-    def run(self, params: Any, opt_state: Any, start: int) -> Any:
-        """Train from step `start` to `train.max_steps`; returns the final LoRA params."""
+    def run(self, params: Any, opt_state: Any, start: int) -> tuple[Any, Any]:
+        """Train from step `start` to `train.max_steps`; returns the final LoRA params and optimiser state."""
         tr = self.cfg.train
         window: list[tuple[int, Any]] = []  # (step, on-device metrics) not yet fetched
         self.t_fetch = time.perf_counter()
@@ -343,9 +368,9 @@ class _Steps:
             if save_now:  # every step up to `done` was checked finite in `_report`, so the saved state is too
                 self._save(done, params, opt_state)
             if validate_now:
-                self.validate(done, params)
+                self.validate(done, params, opt_state)
                 self.t_fetch = time.perf_counter()  # the next step's time excludes the validation
-        return params
+        return params, opt_state
 
     def _report(self, ready: list[tuple[int, Any]], step: int, epoch: int, log_now: bool) -> None:
         """Fetch the ready steps' metrics in one transfer, stop on a non-finite one, log and show the last."""
@@ -374,11 +399,14 @@ class _Steps:
         # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
         self.ckpt.save(done, _copy(params), _copy(opt_state), meta)
 
-    def validate(self, step: int, params: Any) -> None:
-        """Run the validation at `step` and log its metrics and grid."""
-        metrics, grid, path = self.validation(step, params, self.base)
+    def validate(self, step: int, params: Any, opt_state: Any) -> None:
+        """Run the validation at `step` with the EMA weights when kept (else the evaluation parameters) and
+        log its metrics and grid."""
+        weights = ema_params(opt_state)
+        metrics, grid, path = self.validation(step, eval_params(opt_state, params) if weights is None else weights,
+                                              self.base)
         if metrics:
-            self.run_log.scalars(step, metrics)
+            self.run_log.scalars(step, {**metrics, "validation_weights": "ema" if weights is not None else "trained"})
         if grid is not None:
             self.run_log.image("validation/grid", step, grid)
             (self.bar.write if self.bar is not None else self.log)(f"validation grid: {path}")
@@ -423,6 +451,10 @@ def _restore(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, 
         changes = config_changes(old, cfg.to_dict())
         if changes:
             log(f"warning: resuming with a changed config: {'; '.join(changes)}")
+    if ema_params(opt_state) is not None and not ckpt.has_ema(step):
+        raise ConfigError(f"train.ema_decay={cfg.train.ema_decay}: {ckpt.directory}/{step} was saved without an EMA "
+                          f"(train.ema_decay was null), so it cannot resume one; resume with train.ema_decay=null "
+                          f"or start a new output dir")
     try:
         return ckpt.restore(step, params, opt_state)
     except Exception as e:  # structure/shape mismatch: LoRA rank, targets or optimiser changed

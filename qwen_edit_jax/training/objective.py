@@ -13,6 +13,8 @@ Every sampler draws an index on a 1000-point σ grid (`num_train_timesteps`):
   grid σ = (n − i)/n; no weight.
 * `resolution_shift`: as `diffsynth` but μ depends on the target's token count (0.5 at 256 tokens →
   0.9 at 8192, the inference schedule's rule; musubi-tuner's `qwen_shift`).
+
+`objective.min_timestep` / `max_timestep` keep only the grid's part with σ·1000 in that range (`restrict_timesteps`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..sampling.schedule import FlowMatchConfig, calculate_shift, exponential_shift, stretch_to_terminal
-from .config import ObjectiveSection
+from .config import ConfigError, ObjectiveSection
 
 F32 = jnp.float32
 
@@ -82,6 +84,7 @@ def timestep_table(cfg: ObjectiveSection, n_target_tokens: int) -> TimestepTable
     if weighting == "auto":
         weighting = "bell" if kind in ("diffsynth", "resolution_shift") else "none"
     weights = bell_weights(sigmas, n) if weighting == "bell" else np.ones_like(sigmas)
+    sigmas, weights = restrict_timesteps(cfg, sigmas, weights)
     return TimestepTable(
         sigmas=sigmas.astype(np.float32),
         weights=weights.astype(np.float32),
@@ -89,6 +92,22 @@ def timestep_table(cfg: ObjectiveSection, n_target_tokens: int) -> TimestepTable
         logit_mean=cfg.logit_mean,
         logit_std=cfg.logit_std,
     )
+
+
+def restrict_timesteps(cfg: ObjectiveSection, sigmas: np.ndarray, weights: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The part of the grid with t = σ·num_train_timesteps in [min_timestep, max_timestep] (musubi-tuner's
+    bounds), weights as on the full grid. Every sampler then draws its index over that part: uniform over
+    the allowed indices, logit-normal mapped onto them (as musubi-tuner rescales t into the range)."""
+    lo, hi = cfg.min_timestep, cfg.max_timestep
+    if lo is None and hi is None:
+        return sigmas, weights
+    t = sigmas * cfg.num_train_timesteps
+    keep = (t >= (-np.inf if lo is None else lo)) & (t <= (np.inf if hi is None else hi))
+    if not keep.any():
+        raise ConfigError(f"objective.min_timestep={lo}, objective.max_timestep={hi}: no timestep of the "
+                          f"{cfg.timestep_sampling} grid (t from {t.min():.1f} to {t.max():.1f}) lies in that range")
+    return sigmas[keep], weights[keep]
 
 
 def sample_timesteps(key: jax.Array, batch: int, table: TimestepTable) -> tuple[jax.Array, jax.Array]:

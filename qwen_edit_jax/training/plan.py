@@ -188,8 +188,10 @@ class StepProgram:
 
 
 def build_step(cfg: DiTConfig, opts: ModelOptions, mesh: Mesh, workload: Workload,
-               optim: OptimSection = OptimSection(), objective: ObjectiveSection = ObjectiveSection()) -> StepProgram:
-    """The real LoRA training step for `cfg` on `mesh` with abstract, placed arguments."""
+               optim: OptimSection = OptimSection(), objective: ObjectiveSection = ObjectiveSection(),
+               ema_decay: float | None = None) -> StepProgram:
+    """The real LoRA training step for `cfg` on `mesh` with abstract, placed arguments (`ema_decay`: the
+    optimiser state also holds the adapters' EMA, `train.ema_decay`)."""
     opts = resolve_options(opts, cfg)  # per-layer adapter plan for this (possibly extrapolated) depth
     graphdef, lora_abs, base_abs = nnx.split(abstract_model(cfg, opts), nnx.LoRAParam, ...)
 
@@ -203,7 +205,7 @@ def build_step(cfg: DiTConfig, opts: ModelOptions, mesh: Mesh, workload: Workloa
         return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), vals, sh)
 
     params, base = placed(lora_abs), placed(base_abs, opts.offload == "base")
-    tx, _ = make_optimizer(optim, max_steps=1000)
+    tx, _ = make_optimizer(optim, max_steps=1000, ema_decay=ema_decay)
     opt_abs = jax.eval_shape(tx.init, params)
     opt_sh = parallel.like_params(opt_abs, params, jax.tree.map(lambda x: x.sharding, params), mesh)
     opt_state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), opt_abs, opt_sh)
@@ -379,12 +381,14 @@ def step_memory(prog: StepProgram, chip: Chip, build: Callable[[DiTConfig], Step
 
 def plan_step(cfg: DiTConfig, opts: ModelOptions, target: Target, mesh: Mesh, workload: Workload, *,
               optim: OptimSection = OptimSection(), objective: ObjectiveSection = ObjectiveSection(),
-              extrapolate: Sequence[int] = (4, 8), mfu: float = 1.0, host_gbps: float = HOST_GBPS) -> dict:
+              ema_decay: float | None = None, extrapolate: Sequence[int] = (4, 8), mfu: float = 1.0,
+              host_gbps: float = HOST_GBPS) -> dict:
     """Compile the step for `target` and return the plan as a flat dict (the JSON line of the CLIs)."""
     chip = target.chip
     model_abs = abstract_model(cfg, resolve_options(opts, cfg))
-    prog = build_step(cfg, opts, mesh, workload, optim, objective)
-    mem = step_memory(prog, chip, lambda c: build_step(c, opts, mesh, workload, optim, objective), cfg, extrapolate)
+    prog = build_step(cfg, opts, mesh, workload, optim, objective, ema_decay)
+    mem = step_memory(prog, chip, lambda c: build_step(c, opts, mesh, workload, optim, objective, ema_decay), cfg,
+                      extrapolate)
     sizes, peak, oom, source = mem.sizes, mem.peak, mem.oom, mem.source
     flops = flops_per_device(prog.jaxpr(), mesh, workload.batch)
     leaves = jax.tree.leaves(prog.base)
@@ -593,7 +597,7 @@ def plan_training(cfg: TrainConfig, where: str, *, log: Callable[[str], None] = 
     devices = target.devices if m.enabled else target.devices[:1]
     mesh = parallel.make_mesh(*((m.data, m.fsdp, m.tensor) if m.enabled else (1, 1, 1)), devices=devices)
     opts, workload = cfg.model_options(), config_workload(cfg, dit, log)
-    kw = dict(optim=cfg.optim, objective=cfg.objective)
+    kw = dict(optim=cfg.optim, objective=cfg.objective, ema_decay=cfg.train.ema_decay)
     log(f"plan: compiling the training step for {target.name} ({len(devices)}× {devices[0].device_kind})")
     result = plan_step(dit, opts, target, mesh, workload, **kw)
     result["suggestion"], result["tried"] = None, []

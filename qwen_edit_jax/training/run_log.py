@@ -1,10 +1,16 @@
-"""What a run logs: `metrics.jsonl` (one JSON object per logged step) and TensorBoard event files.
+"""What a run logs: `metrics.jsonl` (one JSON object per logged step), TensorBoard event files and,
+optionally, a Weights & Biases run.
 
-`RunLog.scalars(step, record)` writes the record to both; `RunLog.image(tag, step, image)` goes to
-TensorBoard only (the PNG files are written by the validation). TensorBoard events go to
+`RunLog.scalars(step, record)` writes the record to all of them; `RunLog.image(tag, step, image)` goes to
+TensorBoard and wandb (the PNG files are written by the validation). TensorBoard events go to
 `DIR/tensorboard/` through tensorboardX's `SummaryWriter` (no TensorFlow needed); scalars are grouped
 as `train/…` and `validation/…`. On resume, both logs drop what came after the resumed step, so a
 run killed after its last checkpoint shows no duplicated or orphaned points. Only process 0 writes.
+
+wandb (`log.wandb`, `pip install wandb`): the same tags as TensorBoard, files under `DIR/wandb/`, the run's
+config; a resumed run continues the same wandb run (its id is kept in `DIR/wandb_run_id`). wandb cannot
+drop points, so steps logged after the last checkpoint before a kill stay, and wandb ignores the rerun's
+points at those steps.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from PIL import Image
 from tensorboardX import SummaryWriter
 
 from ..utils.files import atomic_path
+from .config import WandbSection
 
 METRICS = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_ID = "wandb_run_id"
 _VALIDATION_KEYS = ("validation_distance",)
 
 
@@ -60,35 +68,68 @@ def scalar_tag(key: str) -> str:
     return f"validation/{key}" if key in _VALIDATION_KEYS else f"train/{key}"
 
 
-class RunLog:
-    """metrics.jsonl + (optionally) TensorBoard, for process 0; a no-op elsewhere."""
+def open_wandb(output_dir: str, cfg: WandbSection, config: dict[str, Any] | None, resumed: bool) -> Any:
+    """A wandb run writing under `output_dir/wandb`; a resumed run continues the run id kept in the folder."""
+    try:
+        import wandb  # optional: only runs with log.wandb need it
+    except ImportError:
+        raise ImportError("log.wandb is set but the wandb package is not installed: pip install wandb "
+                          "(or pip install 'qwen-edit-jax[wandb]')") from None
+    id_path = os.path.join(output_dir, WANDB_ID)
+    run_id = None
+    if resumed and os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip() or None
+    run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode, dir=output_dir,
+                     config=config, id=run_id, resume="allow" if run_id else None)
+    with atomic_path(id_path, overwrite=True) as tmp, open(tmp, "w") as f:
+        f.write(run.id + "\n")
+    return run
 
-    def __init__(self, output_dir: str, *, resumed_step: int, enabled: bool, tensorboard: bool):
+
+def _numeric(key: str, value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch"
+
+
+class RunLog:
+    """metrics.jsonl + (optionally) TensorBoard and wandb, for process 0; a no-op elsewhere."""
+
+    def __init__(self, output_dir: str, *, resumed_step: int, enabled: bool, tensorboard: bool,
+                 wandb: WandbSection | None = None, config: dict[str, Any] | None = None):
         self.metrics = MetricsLog(os.path.join(output_dir, METRICS), keep_until=resumed_step, enabled=enabled)
-        self.writer = None
+        self.writer = self.wandb = None
         if enabled and tensorboard:
             # purge_step: events at steps > the resumed one (written after the last checkpoint) are hidden
             self.writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR), purge_step=resumed_step + 1)
+        if enabled and wandb is not None:
+            self.wandb = open_wandb(output_dir, wandb, config, resumed=resumed_step > 0)
 
     def scalars(self, step: int, record: dict[str, Any]) -> None:
-        """One metrics.jsonl line `{"step": step, **record}`; its numeric scalars also to TensorBoard."""
+        """One metrics.jsonl line `{"step": step, **record}`; its numeric scalars also to TensorBoard and wandb."""
         self.metrics.write({"step": step, **record})
-        if self.writer is None:
-            return
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-                self.writer.add_scalar(scalar_tag(key), value, step)
-        self.writer.flush()
+        numeric = {scalar_tag(k): v for k, v in record.items() if _numeric(k, v)}
+        if self.writer is not None:
+            for tag, value in numeric.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=step)
 
     def image(self, tag: str, step: int, image: Image.Image) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
             self.writer.flush()
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({tag: wandb.Image(image.convert("RGB"))}, step=step)
 
     def close(self) -> None:
         self.metrics.close()
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
 
 
-__all__ = ["METRICS", "TENSORBOARD_DIR", "MetricsLog", "RunLog", "scalar_tag"]
+__all__ = ["METRICS", "TENSORBOARD_DIR", "WANDB_ID", "MetricsLog", "RunLog", "open_wandb", "scalar_tag"]

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..models.dit import normalize_img_shapes
 from ..parallel import batch_sharding, distributed, replicated, sharded_jit
 from .config import ObjectiveSection, OptimSection
+from .ema import EmaState, with_ema
 from .objective import flow_matching_loss, timestep_table
 
 Params = Any  # nested dict of arrays (nnx.to_pure_dict of the LoRA state)
@@ -44,13 +45,84 @@ def make_schedule(cfg: OptimSection, max_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, lr, cfg.warmup_steps), main], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: OptimSection, max_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (decoupled weight decay) with the schedule, after global-norm clipping when set."""
+def _is_lora_b(path: tuple) -> bool:
+    last = path[-1] if path else None
+    return getattr(last, "key", getattr(last, "name", None)) == "lora_B"
+
+
+def lora_plus(ratio: float) -> optax.GradientTransformation:
+    """LoRA+ (Hayou et al. 2024; musubi-tuner's `loraplus_lr_ratio`): the updates of the `lora_B` leaves × `ratio`.
+
+    Placed after the learning rate of an optimiser whose rate multiplies its whole update (AdamW with its
+    decoupled decay, Adafactor, schedule-free AdamW's inner step), this equals giving B its own parameter
+    group at `learning_rate × ratio`. Other leaves (`lora_A`, DoRA's `lora_magnitude`, LoKr's factors) keep
+    the base rate."""
+    return optax.masked(optax.scale(ratio),
+                        lambda tree: jax.tree_util.tree_map_with_path(lambda p, _: _is_lora_b(p), tree))
+
+
+def make_optimizer(cfg: OptimSection, max_steps: int, *, ema_decay: float | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`cfg.optimizer` with the schedule, after global-norm clipping when set (and LoRA+, EMA when set).
+
+    * `adamw`: `optax.adamw` (decoupled weight decay × lr).
+    * `adafactor`: `optax.adafactor` as Hugging Face's `Adafactor(scale_parameter=False, relative_step=False)`:
+      `learning_rate` is the step size, its own update clipping (RMS 1) and decay-rate schedule (0.8); b1, b2
+      and eps are not used; weight decay × lr as AdamW's.
+    * `prodigy`: `optax.contrib.prodigy`; `learning_rate` (and the schedule) multiplies its estimated step size.
+    * `schedule_free_adamw`: `optax.contrib.schedule_free` over AdamW without momentum, as
+      `optax.contrib.schedule_free_adamw` composes it; b1 is its interpolation. Evaluate (export, validate,
+      EMA) with `eval_params(opt_state, params)`.
+
+    `ema_decay`: the state also carries the EMA of the (evaluation) parameters (`training/ema.py`).
+    """
     schedule = make_schedule(cfg, max_steps)
     # identity() when clipping is off keeps the state structure, so a run can resume with clipping toggled
     clip = optax.clip_by_global_norm(cfg.max_grad_norm) if cfg.max_grad_norm else optax.identity()
-    adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    return optax.chain(clip, adamw), schedule
+    plus = [lora_plus(cfg.lora_plus_ratio)] if cfg.lora_plus_ratio else []
+    if cfg.optimizer == "adamw":
+        opt = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "adafactor":
+        wd = cfg.weight_decay
+        opt = optax.adafactor(schedule, multiply_by_parameter_scale=False,
+                              weight_decay_rate=(lambda count: wd * schedule(count)) if wd else None)
+    elif cfg.optimizer == "prodigy":
+        if plus:
+            raise ValueError("optim.lora_plus_ratio is not supported with optim.optimizer=prodigy")
+        opt = optax.contrib.prodigy(schedule, betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    elif cfg.optimizer == "schedule_free_adamw":
+        inner = optax.chain(optax.scale_by_rms(decay=cfg.b2, eps=cfg.eps, eps_in_sqrt=False, bias_correction=True),
+                            optax.add_decayed_weights(cfg.weight_decay), optax.scale_by_learning_rate(schedule), *plus)
+        opt, plus = optax.contrib.schedule_free(inner, learning_rate=schedule, b1=cfg.b1), []
+    else:
+        raise ValueError(f"optim.optimizer={cfg.optimizer!r}: unknown optimizer")
+    tx = optax.chain(clip, opt, *plus)
+    if ema_decay is not None:
+        tx = with_ema(tx, ema_decay, eval_params)
+    return tx, schedule
+
+
+def _schedule_free_state(state: Any) -> Any:
+    if isinstance(state, optax.contrib.ScheduleFreeState):
+        return state
+    if isinstance(state, tuple):  # chains and wrappers (NamedTuples are tuples)
+        for s in state:
+            found = _schedule_free_state(s)
+            if found is not None:
+                return found
+    return None
+
+
+def eval_params(opt_state: Any, params: Params) -> Params:
+    """The parameters to evaluate, export and average: `optax.contrib.schedule_free_eval_params` for a
+    schedule-free optimiser's state, else `params` themselves."""
+    sf = _schedule_free_state(opt_state.opt if isinstance(opt_state, EmaState) else opt_state)
+    return params if sf is None else optax.contrib.schedule_free_eval_params(sf, params)
+
+
+def ema_params(opt_state: Any) -> Params | None:
+    """The EMA of the adapters carried by `opt_state` (`make_optimizer(ema_decay=…)`), or None."""
+    return opt_state.ema if isinstance(opt_state, EmaState) else None
 
 
 def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, Params, Params]:
@@ -113,9 +185,9 @@ class TrainStep:
             else:
                 def body(carry, inp):
                     i, micro = inp
-                    (l, a), g = grad_fn(params, base, micro, jax.random.fold_in(key, i))
+                    (loss_i, a), g = grad_fn(params, base, micro, jax.random.fold_in(key, i))
                     gsum, lsum, asum = carry
-                    return (jax.tree.map(jnp.add, gsum, g), lsum + l, jax.tree.map(jnp.add, asum, a)), None
+                    return (jax.tree.map(jnp.add, gsum, g), lsum + loss_i, jax.tree.map(jnp.add, asum, a)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
                 aux0 = {"mse": jnp.zeros((), jnp.float32), "sigma": jnp.zeros((), jnp.float32)}
