@@ -150,3 +150,40 @@ def test_merge_errors_name_the_file_and_module(setup, tmp_path):
     with pytest.raises(ValueError, match="overlaps the base"):
         merge_loras(repo, [p1], os.path.join(repo, "out"), progress=False)
     assert not os.path.exists(out)
+
+
+def test_merge_bakes_dora_and_lokr_files(setup, tmp_path):
+    """A DoRA file (PEFT keys) then a LoKr file (LyCORIS keys) merged in order: each touched weight equals
+    PEFT's DoRA rule m·(W + s·B·A)/‖W + s·B·A‖ (rows) followed by LyCORIS's W + s·kron(w1, w2_a·w2_b),
+    written here in numpy from their definitions; untouched weights are copied bit for bit."""
+    tm, repo, _, _ = setup
+    rng = np.random.default_rng(3)
+    d, r = TINY.inner_dim, 4
+    base = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+    dora_mod, lokr_mod = "transformer_blocks.0.attn.to_q", "transformer_blocks.1.img_mlp.net.2"
+    a, b = rng.standard_normal((r, d)).astype(np.float32), rng.standard_normal((d, r)).astype(np.float32) * 0.1
+    m = rng.uniform(0.5, 1.5, d).astype(np.float32)
+    dora = str(tmp_path / "dora.safetensors")
+    save_file({f"transformer.{dora_mod}.lora_A.weight": a, f"transformer.{dora_mod}.lora_B.weight": b,
+               f"transformer.{dora_mod}.lora_magnitude_vector": m}, dora)
+    out_f, in_f = base[f"{lokr_mod}.weight"].shape
+    w1 = rng.standard_normal((4, 4)).astype(np.float32)
+    w2a = rng.standard_normal((out_f // 4, 2)).astype(np.float32) * 0.1
+    w2b = rng.standard_normal((2, in_f // 4)).astype(np.float32)
+    flat = "lycoris_" + lokr_mod.replace(".", "_")
+    lokr = str(tmp_path / "lokr.safetensors")
+    save_file({f"{flat}.lokr_w1": w1, f"{flat}.lokr_w2_a": w2a, f"{flat}.lokr_w2_b": w2b,
+               f"{flat}.alpha": np.asarray(1.0, np.float32)}, lokr)
+    single = str(tmp_path / "merged.safetensors")
+    merge_loras(repo, [(dora, 0.5), lokr], single, format="comfyui", progress=False)
+
+    w = base[f"{dora_mod}.weight"].astype(np.float64)
+    v = w + 0.5 * (b.astype(np.float64) @ a)
+    dora_ref = m[:, None] * v / np.linalg.norm(v, axis=1, keepdims=True)
+    lokr_ref = base[f"{lokr_mod}.weight"] + 0.5 * np.kron(w1, w2a @ w2b)  # alpha 1 / rank 2
+    with safe_open(single, "np") as f:
+        got = {k.removeprefix("model.diffusion_model."): k for k in f.keys()}  # noqa: SIM118
+        assert_close(f.get_tensor(got[f"{dora_mod}.weight"]), dora_ref, 1.5e-6, "DoRA merged")  # measured 1.3e-7
+        assert_close(f.get_tensor(got[f"{lokr_mod}.weight"]), lokr_ref, 1e-6, "LoKr merged")  # measured 0 (fp32 sum)
+        untouched = f"{dora_mod.replace('to_q', 'to_k')}.weight"
+        np.testing.assert_array_equal(f.get_tensor(got[untouched]), base[untouched])

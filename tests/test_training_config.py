@@ -84,6 +84,8 @@ def test_yaml_exponent_strings_are_numbers(tmp_path):
     ({"train": {"save_every": 0}}, r"train\.save_every=0: must be >= 1"),
     ({"mesh": {"fsdp": 0}}, r"mesh\.fsdp=0: must be >= 1 or -1"),
     ({"export": {"formats": ["onnx"]}}, r"export\.formats\[0\]='onnx' is not one of"),
+    ({"lora": {"type": "dora"}, "export": {"formats": ["kohya"]}}, r"export\.formats=\['kohya'\]: DoRA is written"),
+    ({"lora": {"type": "lokr"}, "export": {"formats": ["diffusers"]}}, r"export\.formats=\['diffusers'\]: LoKr"),
     ({"demo": {"enabled": True}}, r"unknown config key\(s\) \['demo'\]"),  # the trainer makes no inputs
 ])
 def test_bad_values_name_the_key(patch, message):
@@ -106,6 +108,13 @@ def test_file_errors(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(DEMO, ["optim.learning_rate"])
+
+
+def test_export_formats_default_to_the_adapter_type():
+    assert TrainConfig().export_formats() == ("diffusers",)
+    lokr = json.loads(json.dumps(MIN)) | {"lora": {"type": "lokr"}}
+    assert config_from_dict(lokr).export_formats() == ("comfyui",)  # LyCORIS keys, no extra setting
+    assert config_from_dict(lokr | {"export": {"formats": ["kohya"]}}).export_formats() == ("kohya",)
 
 
 def test_defaults_follow_the_recipe():

@@ -201,7 +201,8 @@ class ValidationSection:
 class ExportSection:
     """LoRA files written at the end as `DIR/lora_<format>.safetensors` (standard separate q/k/v keys)."""
 
-    formats: tuple[Literal["diffusers", "comfyui", "kohya", "diffsynth"], ...] = ("diffusers",)
+    # null: the adapter type's standard keys — [diffusers] for lora and dora (PEFT), [comfyui] for lokr (LyCORIS)
+    formats: tuple[Literal["diffusers", "comfyui", "kohya", "diffsynth"], ...] | None = None
     dtype: str = "float32"
 
 
@@ -234,6 +235,12 @@ class TrainConfig:
     log: LogSection = LogSection()
 
     # ---- derived runtime objects -----------------------------------------------------------------
+    def export_formats(self) -> tuple[str, ...]:
+        """`export.formats`, or the adapter type's standard key style when it is null."""
+        if self.export.formats is not None:
+            return self.export.formats
+        return ("comfyui",) if self.lora.type == "lokr" else ("diffusers",)
+
     def lora_config(self) -> LoraConfig:
         lo = self.lora
         return LoraConfig(rank=lo.rank, alpha=lo.alpha, targets=lo.targets, qkv_mode=lo.qkv_mode, type=lo.type,
@@ -285,11 +292,11 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
     if lo.type == "dora":
         need(m.quantize is None and m.offload == "none", "lora.type", lo.type,
              "DoRA needs the base weights on the device in float: not with model.quantize or model.offload")
-        bad = [f for f in cfg.export.formats if f != "diffusers"]
-        need(not bad, "export.formats", list(cfg.export.formats), "DoRA is written with PEFT's keys: use [diffusers]")
+        bad = [f for f in cfg.export_formats() if f != "diffusers"]
+        need(not bad, "export.formats", list(cfg.export_formats()), "DoRA is written with PEFT's keys: use [diffusers]")
     if lo.type == "lokr":
-        bad = [f for f in cfg.export.formats if f not in ("comfyui", "kohya")]
-        need(not bad, "export.formats", list(cfg.export.formats),
+        bad = [f for f in cfg.export_formats() if f not in ("comfyui", "kohya")]
+        need(not bad, "export.formats", list(cfg.export_formats()),
              "LoKr is written with LyCORIS keys: use [comfyui] and/or [kohya]")
     need(d.batch_size > 0, "data.batch_size", d.batch_size, "must be positive")
     need(len(d.text_buckets) > 0 and all(b > 0 for b in d.text_buckets), "data.text_buckets",

@@ -182,11 +182,11 @@ def _make_mesh(cfg: TrainConfig):
 
 
 def export_lora(model: nnx.Module, output_dir: str, cfg: TrainConfig, *, suffix: str = "") -> list[str]:
-    """Write the trained adapters in each `export.formats` style as `lora_<format><suffix>.safetensors`
+    """Write the trained adapters in each `cfg.export_formats()` style as `lora_<format><suffix>.safetensors`
     (`suffix="_ema"`: the EMA weights). Every process calls this (adapters spread over several hosts are
     gathered slice by slice); only process 0 writes files."""
     paths = []
-    for fmt in cfg.export.formats:
+    for fmt in cfg.export_formats():
         tensors = lora_tensors(model, format=fmt, dtype=cfg.export.dtype)
         path = os.path.join(output_dir, f"lora_{fmt}{suffix}.safetensors")
         if jax.process_index() == 0:
