@@ -42,9 +42,9 @@ def dora_merge(w: Any, a: Any, b: Any, m: Any, s: Any) -> Any:
 
 
 def kron(w1: Any, w2: Any) -> Any:
-    """kron(w1 `[l, m]`, w2 `[k, n]`) = `[l·k, m·n]` (numpy or jnp)."""
-    (l, m), (k, n) = w1.shape, w2.shape
-    return (w1[:, None, :, None] * w2[None, :, None, :]).reshape(l * k, m * n)
+    """kron(w1 `[a, c]`, w2 `[b, d]`) = `[a·b, c·d]` (numpy or jnp)."""
+    (a, c), (b, d) = w1.shape, w2.shape
+    return (w1[:, None, :, None] * w2[None, :, None, :]).reshape(a * b, c * d)
 
 
 def lokr_merge(w: Any, w1: Any, w2: Any, s: Any) -> Any:
