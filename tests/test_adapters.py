@@ -94,6 +94,7 @@ def _same_tensors(model, path, fmt):
 
 
 # ---- DoRA -------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dora_export_loads_in_diffusers(base, tmp_path):
     tm, base_path, flat = base
     lora = q.LoraConfig(rank=3, alpha=6.0, targets=ALL_TARGETS, type="dora")
@@ -174,6 +175,7 @@ def _lycoris_merged(weight: np.ndarray, w, strength: float = 1.0) -> np.ndarray:
         return mod(torch.eye(weight.shape[1])).T.numpy()  # LokrModule.forward on the identity: the merged weight
 
 
+@pytest.mark.slow
 def test_lokr_matches_lycoris(base, tmp_path):
     from lycoris.modules.lokr import LokrModule
 

@@ -144,7 +144,7 @@ def _grad_close(ours, ref) -> bool:
     return rel_err(ours, ref) <= TOL
 
 
-@pytest.mark.parametrize("qkv_mode", ["split", "shared"])
+@pytest.mark.parametrize("qkv_mode", [pytest.param("split", marks=pytest.mark.slow), "shared"])
 def test_lora_gradients_equal_peft(base, qkv_mode):
     """dLoss/dA and dLoss/dB of every adapter equal PEFT's autograd ones (the model's hand-written
     backward pieces: LoRA matmuls, tanh-GELU, RoPE tables, flash attention with a padded text mask)."""

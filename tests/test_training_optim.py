@@ -261,6 +261,7 @@ def _cfg(assets, **sections):
     return config_from_dict(d)
 
 
+@pytest.mark.slow
 def test_run_with_ema_resumes_bit_identical_and_exports_both(assets, tmp_path):
     loop.train(_cfg(assets), tmp_path / "ref", log=lambda m: None)
     out = tmp_path / "run"
