@@ -29,15 +29,23 @@ def module_at(model: Any, flax_path: str) -> Any:
     return m
 
 
-def locate_module(model: Any, module: str, path: str) -> tuple[keymap.ModuleEntry, int | None, int | None]:
-    hit = keymap.find_module(module, fuse_qkv=model.options.fuse_qkv)
+def locate(module: str, path: str, num_layers: int, fuse_qkv: bool, *, what: str = "model"
+           ) -> tuple[keymap.ModuleEntry, int | None, int | None]:
+    """A LoRA file's module → (key-map entry, layer, q/k/v index or None) in a model of `num_layers` blocks;
+    a module with no linear or beyond the depth is an error naming the file (`what`: the model, in words)."""
+    hit = keymap.find_module(module, fuse_qkv=fuse_qkv)
     if hit is None:
-        raise LoraError(f"{path}: LoRA module {module} has no linear in this model")
+        raise LoraError(f"{path}: LoRA module {module} has no linear in the {what}")
     entry, layer, j = hit
-    if entry.stacked and not 0 <= layer < model.config.num_layers:
-        raise LoraError(f"{path}: LoRA module {module} is beyond the model's {model.config.num_layers} layers "
+    if entry.stacked and not 0 <= layer < num_layers:
+        raise LoraError(f"{path}: LoRA module {module} is beyond the {what}'s {num_layers} layers "
                         f"(does the LoRA belong to another model?)")
     return entry, layer, (j if entry.fused else None)
+
+
+def locate_module(model: Any, module: str, path: str) -> tuple[keymap.ModuleEntry, int | None, int | None]:
+    """`locate` in a built model."""
+    return locate(module, path, model.config.num_layers, model.options.fuse_qkv)
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
@@ -137,13 +145,8 @@ class LoraMergedParams:
         shapes = keymap.torch_shapes(lazy.config)
         for path, strength in specs:
             for module, record in read_lora(path).items():
-                hit = keymap.find_module(module, fuse_qkv=lazy.fuse_qkv)
-                if hit is None or hit[0].kind != "linear":
-                    raise LoraError(f"{path}: LoRA module {module} matches no linear weight of the base model")
-                entry, layer, j = hit
-                if entry.stacked and not 0 <= layer < lazy.config.num_layers:
-                    raise LoraError(f"{path}: LoRA module {module} is beyond the base model's "
-                                    f"{lazy.config.num_layers} layers (does the LoRA belong to another model?)")
+                # read_lora keeps only modules that resolve to a linear
+                entry, layer, j = locate(module, path, lazy.config.num_layers, lazy.fuse_qkv, what="base model")
                 leaf = f"{entry.flax}.kernel"
                 shape = shapes[f"{module}.weight"]  # [out, in]
                 if (record.out_features, record.in_features) != tuple(shape):
@@ -151,7 +154,7 @@ class LoraMergedParams:
                                     f"{record.out_features}; the base weight is {list(shape)} [out, in] (does it "
                                     f"belong to another model size?)")
                 self._hits.setdefault(leaf, {}).setdefault(layer, []).append(
-                    (j if entry.fused else None, path, module, record, float(strength)))
+                    (j, path, module, record, float(strength)))
                 self.modules += 1
         self._stacked = {p: e.stacked for p, e in leaves.items()}
 
