@@ -18,6 +18,11 @@ import atexit
 import os
 import shutil
 import tempfile
+import uuid
+
+import pytest
+
+import gcs_emulator
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -89,3 +94,16 @@ def pytest_collection_finish(session):
 def pytest_sessionfinish(session, exitstatus):
     if _scheduler is not None:
         _scheduler.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """`gs://bkt` on a Cloud Storage emulator, one per test process (clients cache the emulator's address)."""
+    with gcs_emulator.start() as url:
+        yield url
+
+
+@pytest.fixture
+def gcs_dir(gcs_bucket, request):
+    """A fresh `gs://` prefix for one test."""
+    return f"{gcs_bucket}/{request.node.name.replace('[', '-').replace(']', '')}-{uuid.uuid4().hex[:8]}"
