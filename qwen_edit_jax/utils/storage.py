@@ -22,6 +22,7 @@ import shutil
 from collections.abc import Callable, Iterator
 
 from etils import epath
+from etils.epath import backend as epath_backend
 
 from .files import atomic_path, check_output_dir
 
@@ -68,6 +69,13 @@ def check_output(path: str | os.PathLike, option: str) -> str:
     return normalize(path) if is_remote(path) else check_output_dir(path, option)
 
 
+def refresh(path: str | os.PathLike) -> None:
+    """Forget gcsfs's cached listings at and under a `gs://` path (another process or tensorstore may have
+    written there since this process listed it); nothing to do for a local path."""
+    if is_remote(path):
+        epath_backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache(normalize(path)[len(REMOTE_PREFIX):])
+
+
 def exists(path: str | os.PathLike) -> bool:
     return as_path(path).exists()
 
@@ -78,7 +86,8 @@ def isdir(path: str | os.PathLike) -> bool:
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
-    """Names directly under a folder or prefix (empty when it does not exist)."""
+    """Names directly under a folder or prefix (empty when it does not exist), listed afresh."""
+    refresh(path)
     p = as_path(path)
     return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
@@ -89,7 +98,9 @@ def size(path: str | os.PathLike) -> int:
 
 
 def files_under(path: str | os.PathLike) -> list[str]:
-    """Relative paths (`/`-separated) of every file under a folder or prefix, sorted; empty when absent."""
+    """Relative paths (`/`-separated) of every file under a folder or prefix, sorted, listed afresh; empty when
+    absent."""
+    refresh(path)
     p = as_path(path)
     if not p.is_dir():
         return []
