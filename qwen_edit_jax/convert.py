@@ -255,6 +255,10 @@ def merge_loras(
         as_dtype(dtype)  # validate early
     if not loras:
         raise ValueError("give at least one --lora FILE[:STRENGTH]")
+    storage.check_scheme(output, "--output")
+    if storage.is_remote(output) and format != "merged":
+        raise ValueError(f"--output {output}: a bucket takes --format merged (a merged Orbax checkpoint); write the "
+                         f"{format} output to a local path and copy it (gcloud storage cp -r)")
     if not os.path.exists(base):
         raise CheckpointError(f"--base {base}: no such file or folder")
     out_abs, base_abs = os.path.abspath(output), os.path.abspath(base)
