@@ -155,9 +155,9 @@ def convert(
         what, n, nbytes = convert_lora(input, output, direction, format=format, dtype=dtype, overwrite=overwrite)
         return ConvertResult(detected, output, direction, what, n, nbytes, time.perf_counter() - t0)
     if direction == "to_standard" and storage.is_remote(output):
-        raise ValueError(f"--output {output}: a bucket takes merged checkpoints (--direction to_merged) and LoRA files; "
-                         f"write the {'ComfyUI file' if format == 'comfyui' else 'diffusers folder'} to a local path "
-                         f"and copy it (gcloud storage cp -r)")
+        what = "ComfyUI file" if format == "comfyui" else "diffusers folder"
+        raise ValueError(f"--output {output}: a bucket takes merged checkpoints (--direction to_merged) and LoRA "
+                         f"files; write the {what} to a local path and copy it (gcloud storage cp -r)")
     if direction == "to_merged" and format is not None:
         raise ValueError(f"--format {format} does not apply to a base model's to_merged output (a merged Orbax "
                          f"checkpoint has no key style); drop --format, or use it with --direction to_standard")

@@ -104,7 +104,10 @@ scheduler_from_json = read_scheduler_config
 def transformer_config_source(path: str | os.PathLike, repo_dir: str | os.PathLike) -> str | None:
     """The config for a `transformer=` checkpoint: None when a config.json lies beside it, else the repo's."""
     path = os.fspath(path)
-    folder = path if storage.isdir(path) else posixpath.dirname(path) if storage.is_remote(path) else os.path.dirname(path)
+    if storage.isdir(path):
+        folder = path
+    else:
+        folder = posixpath.dirname(path) if storage.is_remote(path) else os.path.dirname(path)
     if storage.exists(storage.join(folder, "config.json")):
         return None
     return os.path.join(os.fspath(repo_dir), "transformer", "config.json")

@@ -221,8 +221,9 @@ def _wait_for_object(url: str, proc: subprocess.Popen, timeout: float = 300) -> 
 def _download(url: str, folder) -> str:
     """Every object under `url` into `folder` (listed by the emulator: gcsfs caches listings per process, and
     another process wrote these)."""
+    skip = len(url.split("/", 3)[3]) + 1  # the prefix and its slash
     for name in gcs_emulator.objects(url):
-        storage.download_file(f"gs://{name}", os.path.join(folder, name.split("/", 1)[1][len(url.split("/", 3)[3]) + 1:]))
+        storage.download_file(f"gs://{name}", os.path.join(folder, name.split("/", 1)[1][skip:]))
     return str(folder)
 
 
@@ -252,8 +253,8 @@ def test_cache_to_a_bucket_resumes_and_equals_the_local_run(tmp_path, reference,
     assert gcs_emulator.objects(partial) == []  # the records are gone once the manifest commits the cache
     local = _download(cache, tmp_path / "done")
     assert sorted(os.listdir(local)) == sorted(os.listdir(ref))
-    entries = [[{k: v for k, v in e.items() if k != "crc32"} for e in json.loads(open(os.path.join(c, "manifest.json"))
-                                                                                .read())["samples"]] for c in (ref, local)]
+    manifests = [json.loads(open(os.path.join(c, "manifest.json")).read()) for c in (ref, local)]
+    entries = [[{k: v for k, v in e.items() if k != "crc32"} for e in m["samples"]] for m in manifests]
     assert entries[0] == entries[1]  # ids, shards, keys, shapes (crc32: the tensors up to float rounding, below)
     assert_same_cache(CachedDataset(ref, verify=True), CachedDataset(local, verify=True), kept)
     rerun = _start([*args, "--output", cache, "--no-progress"])

@@ -16,8 +16,8 @@ from qwen_edit_jax.convert import convert
 from qwen_edit_jax.errors import CheckpointError
 from qwen_edit_jax.utils import storage
 from qwen_edit_jax.weights import checkpoint
+from qwen_edit_jax.testing.random_weights import write_random_transformer
 from tests.test_convert import TINY, _lora_sd, flax_params, tensors_of
-from tests.torch_reference import make_torch_model, save_torch_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,9 +42,9 @@ def _names(url: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny diffusers folder and its local merged conversion."""
+    """A tiny diffusers folder (random weights, no torch) and its local merged conversion."""
     tmp = tmp_path_factory.mktemp("gcs-base")
-    folder = save_torch_model(make_torch_model(TINY, seed=4), tmp / "base")
+    folder = write_random_transformer(tmp / "base", TINY, seed=4)
     convert(folder, tmp / "merged", "to_merged", progress=False)
     return str(folder), str(tmp / "merged")
 
@@ -69,7 +69,8 @@ def test_merged_checkpoint_in_a_bucket(base, gcs_dir, capsys):
     for p in a.paths():
         x, y = a.read(p), b.read(p)
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), p
-    ours, ref = flax_params(q.load_transformer(url, progress=False)), flax_params(q.load_transformer(local, progress=False))
+    ours = flax_params(q.load_transformer(url, progress=False))
+    ref = flax_params(q.load_transformer(local, progress=False))
     assert sorted(ours) == sorted(ref)
     for k in ref:
         np.testing.assert_array_equal(ours[k], ref[k], err_msg=k)
@@ -110,6 +111,10 @@ def test_safetensors_in_a_bucket_load_from_a_local_copy(base, gcs_dir, tmp_path,
     stamps = {n: os.stat(os.path.join(copy, n)).st_mtime_ns for n in os.listdir(copy)}
     q.load_transformer(url, progress=False)
     assert stamps == {n: os.stat(os.path.join(copy, n)).st_mtime_ns for n in os.listdir(copy)}  # reused
+    storage.write_text(f"{url}/config.json", open(os.path.join(folder, "config.json")).read() + "\n")
+    assert storage.local_copy(url, progress=False) == copy  # a size differs: that file is fetched again
+    assert open(os.path.join(copy, "config.json")).read().endswith("}\n\n")
+    assert [n for n in stamps if os.stat(os.path.join(copy, n)).st_mtime_ns != stamps[n]] == ["config.json"]
 
 
 def test_lora_to_a_bucket_and_standard_base_refused(base, gcs_dir, tmp_path, capsys):

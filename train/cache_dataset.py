@@ -8,9 +8,10 @@ Layouts: a folder of target images with .txt captions and control/ (or control_0
 the reference images by file stem (musubi-tuner, ai-toolkit); or metadata.jsonl / .csv / .json with
 image, edit_image (one path or a list), prompt (DiffSynth) or image_path, control_path[_N], caption
 (musubi); optional loss masks in mask/ by stem or a `mask` field. Every file is checked before the
-encoders load; bad inputs are listed with their reasons and nothing is written unless --skip-bad. A killed run resumes when the same command is run again
-(OUTPUT.partial/ holds the finished shards; for a gs://bucket/prefix OUTPUT, the shards are uploaded to it as
-they fill, OUTPUT.partial/ holds the records, and manifest.json is written last). docs/training.md, "Making a cache from your images".
+encoders load; bad inputs are listed with their reasons and nothing is written unless --skip-bad. A killed run
+resumes when the same command is run again (OUTPUT.partial/ holds the finished shards; for a gs://bucket/prefix
+OUTPUT, the shards are uploaded to it as they fill, OUTPUT.partial/ holds the records, and manifest.json is written
+last). docs/training.md, "Making a cache from your images".
 Exit codes: 0 done (or already complete), 2 bad input or options (nothing written), 1 failed while
 encoding (finished shards kept for resuming), 130 interrupted.
 """
