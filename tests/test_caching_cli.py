@@ -222,7 +222,7 @@ def _download(url: str, folder) -> str:
     """Every object under `url` into `folder` (listed by the emulator: gcsfs caches listings per process, and
     another process wrote these)."""
     skip = len(url.split("/", 3)[3]) + 1  # the prefix and its slash
-    for name in gcs_emulator.objects(url):
+    for name in gcs_emulator.objects(url + "/"):
         storage.download_file(f"gs://{name}", os.path.join(folder, name.split("/", 1)[1][skip:]))
     return str(folder)
 
@@ -244,13 +244,13 @@ def test_cache_to_a_bucket_resumes_and_equals_the_local_run(tmp_path, reference,
     with pytest.raises(DataError, match=r"manifest.json: missing; .* is not a complete cached dataset"):
         CachedDataset(_download(cache, tmp_path / "killed"))
     kept = {json.loads(storage.read_text(f"gs://{n}"))["shard"]["file"]: json.loads(storage.read_text(f"gs://{n}"))
-            ["shard"]["sha256"] for n in gcs_emulator.objects(partial) if n.endswith(".json") and "/shard-" in n}
+            ["shard"]["sha256"] for n in gcs_emulator.objects(partial + "/") if n.endswith(".json") and "/shard-" in n}
     assert kept and len(kept) < 4
     proc = _start([*args, "--output", cache, "--no-progress"])
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     assert f"resuming {partial}: " in stderr and "resumed" in stdout
-    assert gcs_emulator.objects(partial) == []  # the records are gone once the manifest commits the cache
+    assert gcs_emulator.objects(partial + "/") == []  # the records are gone once the manifest commits the cache
     local = _download(cache, tmp_path / "done")
     assert sorted(os.listdir(local)) == sorted(os.listdir(ref))
     manifests = [json.loads(open(os.path.join(c, "manifest.json")).read()) for c in (ref, local)]

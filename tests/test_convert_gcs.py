@@ -37,7 +37,7 @@ def _errors(err: str) -> list[str]:
 def _names(url: str) -> list[str]:
     """Object names under `url`, relative to it (the emulator's listing)."""
     rel = len(url.split("/", 3)[3]) + 1
-    return sorted(n.split("/", 1)[1][rel:] for n in objects(url))
+    return sorted(n.split("/", 1)[1][rel:] for n in objects(url + "/"))
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,13 @@ When every sample is written, `manifest.json` is assembled from the records, the
 `job.json` are removed, and the folder is renamed to `OUTPUT` (the format of `cache_format`).
 
 **Bucket output** (`OUTPUT` = `gs://bucket/prefix`; object stores have no rename): the shards go
-straight to their final names `OUTPUT/shard-NNNNN.safetensors` (each written to a local temporary
-folder, uploaded whole — an object appears only complete — and deleted locally), while `job.json` and
-the records live in `OUTPUT.partial/`. `OUTPUT/manifest.json`, written last, is the commit marker:
-a prefix without it is not a cache (`CachedDataset` refuses it), so readers never take a half-written
-one. Then `OUTPUT.partial/` is deleted. `--overwrite` of a complete cache in a bucket deletes its
-manifest (uncommitting it) and its shards when the new run starts, since nothing can be swapped in.
+straight to their final names `OUTPUT/shard-NNNNN.safetensors`, each written to a local folder first (one
+per output under the system's temporary folder, cleared when a run opens it), uploaded whole (an object
+appears only complete) and deleted locally; `job.json` and the records live in `OUTPUT.partial/`.
+`OUTPUT/manifest.json`, written last, is the commit marker: a prefix without it is not a cache
+(`CachedDataset` refuses it), so readers never take a half-written one. Then `OUTPUT.partial/` is
+deleted. `--overwrite` of a complete cache in a bucket deletes its manifest (uncommitting it) and its
+shards when the new run starts, since nothing can be swapped in.
 
 Samples are written in the plan's order and shards end on batch boundaries, so a resumed run
 recomputes exactly the batches an uninterrupted run would have computed next.
@@ -24,6 +25,7 @@ recomputes exactly the batches an uninterrupted run would have computed next.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -84,6 +86,16 @@ def describe_job_change(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(parts) or "the job record differs"
 
 
+def _staging_dir(output: str) -> str:
+    """A fresh local folder for the shard being written to the bucket `output`: one name per output, so a rerun
+    after a kill clears what the killed run left there."""
+    digest = hashlib.sha256(output.encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), f"qwen-edit-jax-cache-{digest}")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    return folder
+
+
 class PartialCache:
     """Owns the unfinished cache of `output`: decides at open whether to resume, writes shards, finishes
     (see module doc).
@@ -109,7 +121,7 @@ class PartialCache:
                 os.makedirs(self.partial)
             self.created = True
             _write_json(storage.join(self.partial, JOB), job)
-        self.staging = tempfile.mkdtemp(prefix="qwen-edit-jax-shard-") if self.remote else self.partial
+        self.staging = _staging_dir(self.output) if self.remote else self.partial
         shards = [r["shard"] for r in records]
         entries = [e for r in records for e in r["entries"]]
         channels = records[-1]["latent_channels"] if records else None
