@@ -312,6 +312,7 @@ def save_merged(
         (LazyLeaf, LazyLeafHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, use_compression=compression,
                                           type_handler_registry=registry)
+
     def write(folder: str, drop: bool) -> None:
         """config.json, the params, and the marker last (the commit on a bucket)."""
         storage.write_text(storage.join(folder, "config.json"), json.dumps(lazy.config.to_dict(), indent=2) + "\n")
