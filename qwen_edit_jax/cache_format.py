@@ -41,6 +41,7 @@ import ml_dtypes  # noqa: F401  (numpy bfloat16)
 import numpy as np
 
 from .errors import CheckpointError
+from .utils import storage
 from .utils.files import atomic_path
 from .weights.safetensors_io import SafetensorsFile, save_tensors
 
@@ -241,12 +242,9 @@ class ShardWriter:
 
 
 def write_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> str:
-    """Write `manifest.json` into `folder` (temporary name, then renamed: never half-written)."""
-    path = os.path.join(os.fspath(folder), MANIFEST)
-    with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-    return path
+    """Write `manifest.json` into `folder`, never half-written (local: temporary name, then renamed; a `gs://`
+    prefix: one whole-object upload, which commits the cache there)."""
+    return storage.write_text(storage.join(folder, MANIFEST), json.dumps(manifest, indent=1) + "\n")
 
 
 def write_cache(

@@ -19,6 +19,12 @@ convert/merge_lora.py), streamed the same way.
 
 Outputs are atomic (temporary name, renamed when complete); an existing output is replaced only
 with `overwrite=True`.
+
+Buckets (`gs://`): a merged checkpoint is written there directly by Orbax, its marker last (the commit
+marker, `checkpoint.save_merged`); a LoRA file is written locally and uploaded whole (an object appears
+only complete); the standard base layouts (a diffusers folder, a ComfyUI file) are refused, since the
+tools that read them want local files: write them locally and copy. A `gs://` input is read in place
+when it is a merged checkpoint, else from a local copy (`loader.local_weights`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,10 +43,11 @@ from .loading.quantized import QuantizedParams
 from .lora import formats
 from .lora.files import is_lora_file, lora_file_tensors, lora_to_fused, read_lora_file
 from .lora.merge import LoraMergedParams
+from .utils import storage
 from .utils.files import atomic_path, check_target
 from .weights import keymap, layout
 from .weights.checkpoint import is_merged_checkpoint, save_merged
-from .weights.loader import open_lazy_params
+from .weights.loader import local_weights, open_lazy_params
 from .weights.torch_layout import save_standard
 from .weights.writer import DEFAULT_MAX_SHARD_SIZE, write_safetensors_file
 
@@ -74,14 +82,19 @@ def convert_lora(input: str, output: str, direction: str, *, format: str | None 
         what = f"standard LoRA ({style} key style, separate q/k/v)"
     tensors = lora_file_tensors(modules, format=style, dtype=dtype)
     meta = {"format": "pt", "qwen_edit_jax.lora_format": style}
-    write_safetensors_file(output, tensors, metadata=meta, overwrite=overwrite)
+    if storage.is_remote(output):  # written locally, uploaded whole
+        with tempfile.TemporaryDirectory(prefix="qwen-edit-jax-lora-") as tmp:
+            local = write_safetensors_file(os.path.join(tmp, "lora.safetensors"), tensors, metadata=meta)
+            storage.upload_file(local, output, overwrite=overwrite)
+    else:
+        write_safetensors_file(output, tensors, metadata=meta, overwrite=overwrite)
     return what, len(tensors), sum(t.nbytes for t in tensors.values())
 
 
 def detect(path: str | os.PathLike) -> layout.Detected:
     """Base model or LoRA, and which container / key style (no config needed)."""
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not storage.exists(path):
         raise CheckpointError(f"{path}: no such file or folder")
     if is_merged_checkpoint(path):
         return layout.Detected(path, "base", "merged Orbax checkpoint (this project)", "Flax merged-QKV params")
@@ -121,10 +134,18 @@ def convert(
         raise ValueError(f"--direction must be one of {DIRECTIONS}, got {direction!r}")
     if dtype is not None:
         as_dtype(dtype)  # validate early
-    if os.path.abspath(input) == os.path.abspath(output):
+    storage.check_scheme(input, "--input")
+    storage.check_scheme(output, "--output")
+    if storage.normalize(input) == storage.normalize(output):
         raise ValueError(f"--output {output} is the input; choose another path")
-    check_target(output, overwrite)
+    if storage.is_remote(output):
+        if not overwrite and storage.exists(output):
+            raise FileExistsError(f"{output} already exists; pass --overwrite (overwrite=True) to replace it")
+    else:
+        check_target(output, overwrite)
     t0 = time.perf_counter()
+    if storage.is_remote(input) and not is_merged_checkpoint(input):
+        input = local_weights(input, progress=progress)
     detected = detect(input)
     if quantize is not None and (detected.kind == "LoRA" or direction != "to_merged"):
         raise ValueError(f"--quantize {quantize} applies to a base model's to_merged output only")
@@ -133,6 +154,10 @@ def convert(
             log(f"detected: {detected.describe()}")
         what, n, nbytes = convert_lora(input, output, direction, format=format, dtype=dtype, overwrite=overwrite)
         return ConvertResult(detected, output, direction, what, n, nbytes, time.perf_counter() - t0)
+    if direction == "to_standard" and storage.is_remote(output):
+        what = "ComfyUI file" if format == "comfyui" else "diffusers folder"
+        raise ValueError(f"--output {output}: a bucket takes merged checkpoints (--direction to_merged) and LoRA "
+                         f"files; write the {what} to a local path and copy it (gcloud storage cp -r)")
     if direction == "to_merged" and format is not None:
         raise ValueError(f"--format {format} does not apply to a base model's to_merged output (a merged Orbax "
                          f"checkpoint has no key style); drop --format, or use it with --direction to_standard")
@@ -230,6 +255,10 @@ def merge_loras(
         as_dtype(dtype)  # validate early
     if not loras:
         raise ValueError("give at least one --lora FILE[:STRENGTH]")
+    storage.check_scheme(output, "--output")
+    if storage.is_remote(output) and format != "merged":
+        raise ValueError(f"--output {output}: a bucket takes --format merged (a merged Orbax checkpoint); write the "
+                         f"{format} output to a local path and copy it (gcloud storage cp -r)")
     if not os.path.exists(base):
         raise CheckpointError(f"--base {base}: no such file or folder")
     out_abs, base_abs = os.path.abspath(output), os.path.abspath(base)
@@ -270,6 +299,9 @@ def merge_loras(
 
 
 def _tree_size(path: str) -> int:
+    if storage.is_remote(path):
+        return sum(storage.size(storage.join(path, r)) for r in storage.files_under(path)) if storage.isdir(path) \
+            else storage.size(path)
     if os.path.isfile(path):
         return os.path.getsize(path)
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import posixpath
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -58,6 +59,7 @@ from .packing import pack_latents, unpack_latents
 from .preprocess import build_inputs
 from .preprocess.postprocess import check_max_sequence_length
 from .sampling import FlowMatchConfig, as_scheduler_config, read_scheduler_config, sample, sample_noise
+from .utils import storage
 from .utils.files import atomic_path
 
 VARIANT_OF_CLASS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit_plus"}
@@ -102,8 +104,11 @@ scheduler_from_json = read_scheduler_config
 def transformer_config_source(path: str | os.PathLike, repo_dir: str | os.PathLike) -> str | None:
     """The config for a `transformer=` checkpoint: None when a config.json lies beside it, else the repo's."""
     path = os.fspath(path)
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    if os.path.exists(os.path.join(folder, "config.json")):
+    if storage.isdir(path):
+        folder = path
+    else:
+        folder = posixpath.dirname(path) if storage.is_remote(path) else os.path.dirname(path)
+    if storage.exists(storage.join(folder, "config.json")):
         return None
     return os.path.join(os.fspath(repo_dir), "transformer", "config.json")
 
@@ -458,7 +463,7 @@ def _load_dit(repo: str, transformer: Any, mesh: Mesh | None, lora: Any,
         model = transformer if lora is None else apply_lora(transformer, lora)
     else:
         path = os.fspath(transformer)
-        if not os.path.exists(path):
+        if not storage.exists(path):
             raise CheckpointError(f"transformer={path}: no such file or folder")
         model = load_transformer(path, options=options, mesh=mesh, lora=lora,
                                  config=transformer_config_source(path, repo))

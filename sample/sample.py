@@ -62,9 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image", action="append", default=[], metavar="PNG",
                    help="input image to edit (repeat for Edit-Plus references, in order); needs --prompt")
     p.add_argument("--model", required=True, help="diffusers repo folder (image mode: required), or with --cache a "
-                   "transformer: diffusers folder, safetensors file, merged ckpt")
+                   "transformer: diffusers folder, safetensors file, merged ckpt (also gs://: a merged checkpoint "
+                   "streams from the bucket, safetensors are copied to $QWEN_EDIT_JAX_CACHE first)")
     p.add_argument("--transformer", help="with a repo --model: another transformer checkpoint (e.g. merged, from "
-                   "convert/)")
+                   "convert/; gs:// as for --model)")
     p.add_argument("--config", help="config.json for a single-file --model")
     p.add_argument("--prompt", help="edit instruction (image mode)")
     p.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (image mode; default ' ', as "
@@ -170,6 +171,7 @@ def sample_cache(args) -> str:
     from qwen_edit_jax.config import DiTConfig, ModelOptions, as_dtype
     from qwen_edit_jax.pipeline import latents_to_images, save_png, transformer_config_source
     from qwen_edit_jax.cache_format import CachedDataset, DataError
+    from qwen_edit_jax.utils import storage
     from qwen_edit_jax.utils.files import check_output_dir
     from qwen_edit_jax.weights.safetensors_io import load_tensors
 
@@ -212,7 +214,7 @@ def sample_cache(args) -> str:
     written = sampling.sample_dataset(
         model, dataset, args.out, settings=settings, indices=indices, overwrite=args.overwrite,
         skip_existing=args.skip_existing, mesh=mesh, warn=lambda m: print(f"warning: {m}", file=sys.stderr),
-        metadata={"model": os.path.abspath(args.model), "cache": os.path.abspath(args.cache),
+        metadata={"model": storage.normalize(args.model), "cache": os.path.abspath(args.cache),
                   "loras": ";".join(f"{os.path.abspath(p)}:{s}" for p, s in loras), "dtype": str(dtype)})
     if not repo:
         return f"done: {len(written)} samples in {os.path.abspath(args.out)}"

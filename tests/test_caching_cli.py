@@ -20,7 +20,9 @@ import pytest
 
 from qwen_edit_jax.testing.repo import write_tiny_edit_repo
 from qwen_edit_jax.caching.writer import partial_path
-from qwen_edit_jax.cache_format import CachedDataset
+from qwen_edit_jax.cache_format import CachedDataset, DataError
+from qwen_edit_jax.utils import storage
+import gcs_emulator
 from tests.background import Job
 from tests.compare import assert_close
 from test_caching import (EXPECTED_BAD, assert_same_cache, bad_dataset, folder_dataset, rand_image,
@@ -201,3 +203,60 @@ def test_two_hosts_write_the_same_cache(reference):
             assert_close(getattr(y, name), getattr(x, name), 2e-5, f"two hosts vs one: {x.sample_id} {name}")
         for r, t in zip(x.references, y.references):
             assert_close(t, r, 2e-5, f"two hosts vs one: {x.sample_id} reference latents")
+
+
+def _wait_for_object(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the emulator holds the object `url` (listed by its JSON API: no client cache)."""
+    t0 = time.monotonic()
+    while url[len("gs://"):] not in gcs_emulator.objects(url):
+        if proc.poll() is not None:
+            raise AssertionError(f"the command ended (rc {proc.returncode}) before {url} appeared: "
+                                 f"{proc.stderr.read()}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{url} did not appear within {timeout} s")
+        time.sleep(0.01)
+
+
+def _download(url: str, folder) -> str:
+    """Every object under `url` into `folder` (listed by the emulator: gcsfs caches listings per process, and
+    another process wrote these)."""
+    skip = len(url.split("/", 3)[3]) + 1  # the prefix and its slash
+    for name in gcs_emulator.objects(url + "/"):
+        storage.download_file(f"gs://{name}", os.path.join(folder, name.split("/", 1)[1][skip:]))
+    return str(folder)
+
+
+@pytest.mark.slow
+def test_cache_to_a_bucket_resumes_and_equals_the_local_run(tmp_path, reference, gcs_dir):
+    """--output gs://…: SIGKILL after the first shard is uploaded (a prefix without manifest.json, which a reader
+    refuses), rerun: the cache in the bucket equals the local uninterrupted run, the kept shard unchanged."""
+    args, ref, _ = reference
+    cache = f"{gcs_dir}/cache"
+    partial = partial_path(cache)
+    proc = _start([*args, "--output", cache, "--no-progress"])
+    _wait_for_object(f"{partial}/shard-00000.json", proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    names = {n.split("/", 1)[1] for n in gcs_emulator.objects(gcs_dir)}
+    rel = cache.split("/", 3)[3]
+    assert f"{rel}/shard-00000.safetensors" in names and f"{rel}/manifest.json" not in names
+    with pytest.raises(DataError, match=r"manifest.json: missing; .* is not a complete cached dataset"):
+        CachedDataset(_download(cache, tmp_path / "killed"))
+    kept = {json.loads(storage.read_text(f"gs://{n}"))["shard"]["file"]: json.loads(storage.read_text(f"gs://{n}"))
+            ["shard"]["sha256"] for n in gcs_emulator.objects(partial + "/") if n.endswith(".json") and "/shard-" in n}
+    assert kept and len(kept) < 4
+    proc = _start([*args, "--output", cache, "--no-progress"])
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert f"resuming {partial}: " in stderr and "resumed" in stdout
+    assert gcs_emulator.objects(partial + "/") == []  # the records are gone once the manifest commits the cache
+    local = _download(cache, tmp_path / "done")
+    assert sorted(os.listdir(local)) == sorted(os.listdir(ref))
+    manifests = [json.loads(open(os.path.join(c, "manifest.json")).read()) for c in (ref, local)]
+    entries = [[{k: v for k, v in e.items() if k != "crc32"} for e in m["samples"]] for m in manifests]
+    assert entries[0] == entries[1]  # ids, shards, keys, shapes (crc32: the tensors up to float rounding, below)
+    assert_same_cache(CachedDataset(ref, verify=True), CachedDataset(local, verify=True), kept)
+    rerun = _start([*args, "--output", cache, "--no-progress"])
+    stdout, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0 and "already complete (6 samples)" in stdout

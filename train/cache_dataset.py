@@ -8,8 +8,10 @@ Layouts: a folder of target images with .txt captions and control/ (or control_0
 the reference images by file stem (musubi-tuner, ai-toolkit); or metadata.jsonl / .csv / .json with
 image, edit_image (one path or a list), prompt (DiffSynth) or image_path, control_path[_N], caption
 (musubi); optional loss masks in mask/ by stem or a `mask` field. Every file is checked before the
-encoders load; bad inputs are listed with their reasons and nothing is written unless --skip-bad. A killed run resumes when the same command is run again
-(OUTPUT.partial/ holds the finished shards). docs/training.md, "Making a cache from your images".
+encoders load; bad inputs are listed with their reasons and nothing is written unless --skip-bad. A killed run
+resumes when the same command is run again (OUTPUT.partial/ holds the finished shards; for a gs://bucket/prefix
+OUTPUT, the shards are uploaded to it as they fill, OUTPUT.partial/ holds the records, and manifest.json is written
+last). docs/training.md, "Making a cache from your images".
 Exit codes: 0 done (or already complete), 2 bad input or options (nothing written), 1 failed while
 encoding (finished shards kept for resuming), 130 interrupted.
 """
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="dataset folder, or a metadata .jsonl / .csv / .json file")
     p.add_argument("--model", required=True, help="diffusers Qwen-Image-Edit(-2509/-2511) repo folder")
-    p.add_argument("--output", required=True, help="cache folder to create (manifest.json + shards)")
+    p.add_argument("--output", required=True, help="cache folder to create (manifest.json + shards), or a gs:// "
+                                                   "prefix (shards uploaded as they fill, manifest.json last)")
     p.add_argument("--resolution", type=parse_resolutions, default=1024,
                    help="target bucket area resolution² at the image's aspect ratio, sides multiples of 32; "
                         "several (512,768,1024): every sample cached at each, with ids <id>@<resolution>")
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_edit_jax.caching.writer import partial_path
     from qwen_edit_jax.errors import CheckpointError
     from qwen_edit_jax.parallel import batch_axes_for, distributed, make_mesh
-    from qwen_edit_jax.utils.files import check_output_dir
+    from qwen_edit_jax.utils import storage
 
     def err(msg: str) -> None:
         print(f"error: {msg}", file=sys.stderr, flush=True)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         distributed.initialize()
-        check_output_dir(args.output, "--output")
+        storage.check_output(args.output, "--output")
         if args.shard_mb <= 0:
             raise ValueError(f"--shard-mb {args.shard_mb}: must be positive")
         if args.workers is not None and args.workers < 1:
@@ -192,8 +195,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _resume_hint(output: str, partial_path) -> str:
+    from qwen_edit_jax.utils import storage
+
     partial = partial_path(output)
-    if os.path.isdir(partial):
+    if storage.isdir(partial):
         return f"finished shards are kept in {partial}: run the same command again to resume"
     return "nothing was kept"
 

@@ -13,7 +13,8 @@ Steps (`train/cache_dataset.py` is the command line):
    encodes the target and references (all images of one size in one call), the text encoder the
    prompts and the negative prompt, both split over the mesh's batch axes on every host.
 4. `writer.PartialCache` appends samples to shards in `OUTPUT.partial/` and renames it to `OUTPUT`
-   when complete; a killed run resumes after its last complete shard.
+   when complete; a killed run resumes after its last complete shard. `OUTPUT` may be a `gs://` prefix
+   (shards uploaded as they fill, `manifest.json` last as the commit marker; see `writer`).
 
 The negative prompt is encoded per sample *with that sample's reference images*, as the edit
 pipelines do for true CFG (`negative_prompt_embeds` depend on the images), and stored in the
@@ -43,7 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from ..cache_format import DEFAULT_SHARD_BYTES, CachedDataset, CachedSample
+from ..cache_format import DEFAULT_SHARD_BYTES, MANIFEST, CachedSample
 from ..config import as_dtype
 from ..encoding import QwenPromptEncoder
 from ..errors import CheckpointError
@@ -54,6 +55,7 @@ from ..models.text_encoder import ENCODER_QUANT_MODES
 from ..parallel import distributed
 from ..pipeline import VARIANT_OF_CLASS, model_index_class
 from ..preprocess import bucket_length
+from ..utils import storage
 from .buckets import Sizing
 from .layouts import LayoutError, Listing, read_dataset
 from .validate import GoodSample, Report, format_report, load_image, load_mask, parse_background, validate
@@ -392,7 +394,8 @@ def cache_dataset(dataset: str | os.PathLike, output: str | os.PathLike, model: 
     `FileExistsError`, OSError, ValueError.
     """
     t0 = time.perf_counter()
-    dataset, output, model = (os.path.abspath(os.fspath(p)) for p in (dataset, output, model))
+    dataset, model = (os.path.abspath(os.fspath(p)) for p in (dataset, model))
+    output = storage.normalize(output)
     log = log if _is_writer() else (lambda _: None)
     variant, listing, report = check_dataset(dataset, model, options, log=log,
                                              progress=options.progress and _is_writer())
@@ -476,8 +479,8 @@ def _progress_bar(total: int, initial: int, options: CacheOptions) -> tqdm:
 
 
 def prompt_lengths(cache: str) -> tuple[int, int]:
-    """(shortest, longest) prompt of a finished cache, from its manifest."""
-    lengths = [info.prompt_len for info in CachedDataset(cache).infos]
+    """(shortest, longest) prompt of a finished cache (a folder or `gs://` prefix), from its manifest."""
+    lengths = [int(e["prompt_len"]) for e in json.loads(storage.read_text(storage.join(cache, MANIFEST)))["samples"]]
     return min(lengths), max(lengths)
 
 

@@ -15,16 +15,20 @@ google-cloud clients, `TENSORSTORE_GCS_HTTP_URL` for tensorstore; nothing here k
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
+import posixpath
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from etils import epath
+from etils.epath import backend as epath_backend
 
-from .files import atomic_path
+from .files import atomic_path, check_output_dir
 
 REMOTE_PREFIX = "gs://"
 _COPY_CHUNK = 16 << 20
+_DOWNLOADS = 8  # files downloaded at once by `local_copy`
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -58,6 +62,20 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def check_output(path: str | os.PathLike, option: str) -> str:
+    """`files.check_output_dir` for a local folder; for a `gs://` prefix (which has no parents to
+    check) only the scheme. Returns the normalized path."""
+    check_scheme(path, option)
+    return normalize(path) if is_remote(path) else check_output_dir(path, option)
+
+
+def refresh(path: str | os.PathLike) -> None:
+    """Forget gcsfs's cached listings at and under a `gs://` path (another process or tensorstore may have
+    written there since this process listed it); nothing to do for a local path."""
+    if is_remote(path):
+        epath_backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache(normalize(path)[len(REMOTE_PREFIX):])
+
+
 def exists(path: str | os.PathLike) -> bool:
     return as_path(path).exists()
 
@@ -68,9 +86,30 @@ def isdir(path: str | os.PathLike) -> bool:
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
-    """Names directly under a folder or prefix (empty when it does not exist)."""
+    """Names directly under a folder or prefix (empty when it does not exist), listed afresh."""
+    refresh(path)
     p = as_path(path)
     return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+
+
+def size(path: str | os.PathLike) -> int:
+    """Bytes in one file or object."""
+    return as_path(path).stat().length
+
+
+def files_under(path: str | os.PathLike) -> list[str]:
+    """Relative paths (`/`-separated) of every file under a folder or prefix, sorted, listed afresh; empty when
+    absent."""
+    refresh(path)
+    p = as_path(path)
+    if not p.is_dir():
+        return []
+    base = os.fspath(p).removeprefix(REMOTE_PREFIX)
+    out = []
+    for root, _, files in p.walk():  # gcsfs gives the roots without the scheme
+        rel = posixpath.relpath(os.fspath(root).removeprefix(REMOTE_PREFIX), base).replace(os.sep, "/")
+        out += [name if rel == "." else f"{rel}/{name}" for name in files]
+    return sorted(out)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -112,11 +151,15 @@ def upload_file(local: str | os.PathLike, url: str, *, overwrite: bool = True) -
     return url
 
 
-def download_file(url: str, local: str | os.PathLike) -> str:
-    """Copy the object (or file) at `url` to the local path `local`, atomically; returns `local`."""
+def download_file(url: str, local: str | os.PathLike, *, on_bytes: Callable[[int], None] | None = None) -> str:
+    """Copy the object (or file) at `url` to the local path `local`, atomically; returns `local`.
+    `on_bytes(n)` is called after each chunk (progress bars)."""
     local = os.path.abspath(os.fspath(local))
     with atomic_path(local, overwrite=True) as tmp, as_path(url).open("rb") as src, open(tmp, "wb") as dst:
-        shutil.copyfileobj(src, dst, _COPY_CHUNK)
+        while chunk := src.read(_COPY_CHUNK):
+            dst.write(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return local
 
 
@@ -139,6 +182,55 @@ def upload_tree(local_dir: str | os.PathLike, url: str, *, marker: str) -> str:
     for rel in rels + [marker]:
         upload_file(os.path.join(local_dir, rel), join(url, *rel.split(os.sep)))
     return url
+
+
+def cache_root() -> str:
+    """Where local copies of bucket objects live: `$QWEN_EDIT_JAX_CACHE`, else `~/.cache/qwen_edit_jax`."""
+    return os.environ.get("QWEN_EDIT_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "qwen_edit_jax")
+
+
+def local_copy(url: str, *, progress: bool = True, root: str | None = None) -> str:
+    """A local copy of the `gs://` file or prefix `url` (every object under it), for readers that need a
+    file system (memory-mapped safetensors). Kept under `root` (`cache_root()`)/`gcs/<bucket>/<name>`,
+    each file downloaded whole and atomically; a file already there with the object's size is reused.
+    Returns the local path (file or folder); a local `url` is returned as it is."""
+    if not is_remote(url):
+        return os.fspath(url)
+    url = normalize(url)
+    dest = os.path.join(root or cache_root(), "gcs", *url[len(REMOTE_PREFIX):].split("/"))
+    src = as_path(url)
+    if src.is_dir():
+        rels = files_under(url)
+        if not rels:
+            raise FileNotFoundError(f"{url}: no objects under this prefix")
+        items = [(join(url, r), os.path.join(dest, *r.split("/"))) for r in rels]
+    elif src.exists():
+        items = [(url, dest)]
+    else:
+        raise FileNotFoundError(f"{url}: no such object or prefix")
+    sizes = [size(u) for u, _ in items]
+    todo = [(u, d, n) for (u, d), n in zip(items, sizes) if not (os.path.isfile(d) and os.path.getsize(d) == n)]
+    if not todo:
+        return dest
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(n for *_, n in todo), unit="B", unit_scale=True, unit_divisor=1024,
+                   desc=f"download {url}")
+    # whole files, several at a time: each is one sequential stream, the way object stores are fastest
+    with concurrent.futures.ThreadPoolExecutor(min(_DOWNLOADS, len(todo)), "download") as pool:
+        futures = [pool.submit(download_file, u, d, on_bytes=bar.update if bar is not None else None)
+                   for u, d, _ in todo]
+        try:
+            for f in futures:
+                f.result()
+        finally:
+            for f in futures:
+                f.cancel()
+            if bar is not None:
+                bar.close()
+    return dest
 
 
 def remove_tree(path: str | os.PathLike) -> None:

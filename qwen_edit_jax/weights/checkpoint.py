@@ -7,6 +7,10 @@ Layout of a merged checkpoint folder:
                              base-parameter paths (`transformer_blocks.attn.to_qkv.kernel` [L, D, 3, D], …)
     OUT/qwen_edit_jax.json   marker: format, version, source, per-leaf dtypes, quantize (None|int8|fp8|int4)
 
+`OUT` may be a `gs://bucket/prefix`: Orbax / tensorstore write and read the params there directly, and
+the marker, written last, is the commit marker (object stores have no rename: a prefix without it is
+refused); a local `OUT` is written under a temporary name and renamed.
+
 A quantized checkpoint (`quantize` in the marker) stores every block kernel
 (`transformer_blocks.….kernel`) as int8 / float8_e4m3fn / int4 values and its fp32 scales next to it
 as `….kernel_scale` `[L, groups, *out]` (one group for int8 / fp8, `config.INT4_GROUP_SIZE` input rows a
@@ -45,6 +49,7 @@ from orbax.checkpoint import multihost as ocp_multihost
 
 from ..config import DiTConfig, as_dtype, quant_scale_rows
 from ..errors import CheckpointError
+from ..utils import storage
 from ..utils.files import atomic_path
 from . import keymap
 from .buffers import DropBehind, ScratchBuffers
@@ -81,7 +86,10 @@ def expected_shapes(config: DiTConfig, quantize: str | None = None) -> dict[str,
 
 
 def is_merged_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder or `gs://` prefix holding the marker (a prefix without it is not a checkpoint: see `read_marker`)."""
     path = os.fspath(path)
+    if storage.is_remote(path):
+        return storage.exists(storage.join(path, MARKER))
     return os.path.isdir(path) and os.path.exists(os.path.join(path, MARKER))
 
 
@@ -268,7 +276,8 @@ def save_merged(
     compression: bool = False,
     drop_behind: bool = True,
 ) -> str:
-    """Write `lazy` (any layout) as a merged checkpoint folder; atomic (temp folder + rename).
+    """Write `lazy` (any layout) as a merged checkpoint folder; atomic (temp folder + rename; on a `gs://`
+    prefix the marker, written last, commits it; an existing one is deleted first with `overwrite`).
 
     Each leaf keeps the source dtype (a bf16 checkpoint stays bf16) unless `dtype` is given.
     Peak host memory ≈ `memory_budget` + one layer per leaf being read (in reused buffers).
@@ -303,38 +312,62 @@ def save_merged(
         (LazyLeaf, LazyLeafHandler()), (jax.Array, ocp.type_handlers.ArrayHandler()))
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True, use_zarr3=False, use_compression=compression,
                                           type_handler_registry=registry)
+
+    def write(folder: str, drop: bool) -> None:
+        """config.json, the params, and the marker last (the commit on a bucket)."""
+        storage.write_text(storage.join(folder, "config.json"), json.dumps(lazy.config.to_dict(), indent=2) + "\n")
+        shared.drop = DropBehind(folder, sync=True) if drop else None
+        with ocp.Checkpointer(handler) as ckptr:
+            ckptr.save(storage.as_path(storage.join(folder, PARAMS_DIR)), args=ocp.args.PyTreeSave(_nest(leaves)))
+        if shared.drop is not None:
+            shared.drop.close()
+        marker = {"format": FORMAT, "version": VERSION, "fuse_qkv": True, "quantize": quantize,
+                  "source": source or getattr(lazy, "description", ""),
+                  "dtypes": {p: dtypes[p].name for p in sorted(dtypes)}}
+        storage.write_text(storage.join(folder, MARKER), json.dumps(marker, indent=2) + "\n")
+
     try:
-        with atomic_path(out, overwrite=overwrite, is_dir=True) as tmp:
-            lazy.config.to_json(os.path.join(tmp, "config.json"))
-            shared.drop = DropBehind(tmp, sync=True) if drop_behind else None
-            with ocp.Checkpointer(handler) as ckptr:
-                ckptr.save(os.path.join(tmp, PARAMS_DIR), args=ocp.args.PyTreeSave(_nest(leaves)))
-            if shared.drop is not None:
-                shared.drop.close()
-            marker = {"format": FORMAT, "version": VERSION, "fuse_qkv": True, "quantize": quantize,
-                      "source": source or getattr(lazy, "description", ""),
-                      "dtypes": {p: dtypes[p].name for p in sorted(dtypes)}}
-            with open(os.path.join(tmp, MARKER), "w") as f:
-                json.dump(marker, f, indent=2)
-                f.write("\n")
+        if storage.is_remote(out):
+            out = storage.normalize(out)
+            _clear_remote(out, overwrite)
+            write(out, False)
+        else:
+            with atomic_path(out, overwrite=overwrite, is_dir=True) as tmp:
+                write(tmp, drop_behind)
     finally:
         if bar is not None:
             bar.close()
     return out
 
 
+def _clear_remote(out: str, overwrite: bool) -> None:
+    """Make room for a checkpoint at the prefix `out`: refused when objects are there unless `overwrite`; then
+    the old marker goes first (uncommitting it: no rename in a bucket), then every object."""
+    if not storage.isdir(out):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
+    marker = storage.join(out, MARKER)
+    if storage.exists(marker):
+        storage.as_path(marker).unlink()
+    storage.remove_tree(out)
+
+
 # ---- reading ----------------------------------------------------------------------------------
-def _read_marker(path: str) -> dict[str, Any]:
-    mpath = os.path.join(path, MARKER)
+def read_marker(path: str) -> dict[str, Any]:
+    """The checkpoint's marker, checked; a folder or prefix without it is refused (one line): not complete."""
+    mpath = storage.join(path, MARKER)
     try:
-        with open(mpath) as f:
-            marker = json.load(f)
+        marker = json.loads(storage.read_text(mpath))
+    except FileNotFoundError:
+        raise CheckpointError(f"{mpath}: missing; {path} is not a complete merged checkpoint (its marker is "
+                              f"written last)") from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{mpath}: not a readable merged-checkpoint marker ({e})") from None
     if marker.get("format") != FORMAT or marker.get("version") != VERSION:
         raise CheckpointError(f"{mpath}: format {marker.get('format')!r} v{marker.get('version')} is not "
                               f"{FORMAT!r} v{VERSION}")
-    if not os.path.isdir(os.path.join(path, PARAMS_DIR)):
+    if not storage.isdir(storage.join(path, PARAMS_DIR)):
         raise CheckpointError(f"{path}: merged checkpoint has no {PARAMS_DIR}/ folder (incomplete copy?)")
     return marker
 
@@ -342,8 +375,10 @@ def _read_marker(path: str) -> dict[str, Any]:
 def read_merged_config(path: str | os.PathLike, config: DiTConfig | None = None) -> DiTConfig:
     """The checkpoint's config; a given `config` must agree with it."""
     path = os.fspath(path)
-    _read_marker(path)
-    stored = DiTConfig.from_json(os.path.join(path, "config.json"))
+    read_marker(path)
+    cpath = storage.join(path, "config.json")
+    stored = (DiTConfig.from_dict(json.loads(storage.read_text(cpath)), source=cpath) if storage.is_remote(path)
+              else DiTConfig.from_json(cpath))
     if config is not None and config != stored:
         raise CheckpointError(f"{path}: the given config {config} does not match the checkpoint's config.json "
                               f"{stored}")
@@ -360,12 +395,12 @@ class MergedParams:
 
     def __init__(self, path: str | os.PathLike, config: DiTConfig | None = None, *, direct_io: bool = False):
         self.path = os.fspath(path)
-        self.direct_io = direct_io
-        self.marker = _read_marker(self.path)
+        self.direct_io = direct_io and not storage.is_remote(self.path)  # O_DIRECT: local files only
+        self.marker = read_marker(self.path)
         self.config = read_merged_config(self.path, config)
         self.description = f"{self.path} (merged checkpoint)"
         self.fuse_qkv = True
-        self._params_dir = os.path.abspath(os.path.join(self.path, PARAMS_DIR))
+        self._params_dir = storage.normalize(storage.join(self.path, PARAMS_DIR))
         self._dtypes = {p: np.dtype(d) for p, d in self.marker["dtypes"].items()}
         self._stores: dict[str, Any] = {}
         self._ctx = ocp.type_handlers.get_ts_context(use_ocdbt=True)
@@ -440,7 +475,7 @@ def load_merged_params(path: str | os.PathLike, abstract_state: Any, shardings: 
     it has one). Values are cast to the abstract dtype. Returns the same structure with jax Arrays.
     """
     path = os.fspath(path)
-    marker = _read_marker(path)
+    marker = read_marker(path)
     is_state = isinstance(abstract_state, nnx.State)
     if is_state:
         tree = abstract_state.to_pure_dict()
@@ -469,7 +504,7 @@ def load_merged_params(path: str | os.PathLike, abstract_state: Any, shardings: 
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=True)
     with ocp.Checkpointer(handler) as ckptr:
         try:
-            restored = ckptr.restore(os.path.join(path, PARAMS_DIR), args=ocp.args.PyTreeRestore(
+            restored = ckptr.restore(storage.as_path(storage.join(path, PARAMS_DIR)), args=ocp.args.PyTreeRestore(
                 item=_nest(target), restore_args=_nest(restore_args)))
         except Exception as e:
             raise CheckpointError(f"{path}: cannot restore merged params ({type(e).__name__}: {e})") from None

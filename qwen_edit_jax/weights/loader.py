@@ -1,17 +1,24 @@
 """Opening base weights lazily in any layout: `TorchLayoutParams` (diffusers names, any container)
-and `open_lazy_params` (which also recognises this project's merged Orbax checkpoints)."""
+and `open_lazy_params` (which also recognises this project's merged Orbax checkpoints).
+
+Weights in a bucket (`gs://`): a merged checkpoint is read in place (tensorstore reads each device's
+slices from the bucket); safetensors are read from a local copy (`local_weights`: whole files
+downloaded in parallel once, then memory-mapped; see docs/convert.md for why).
+"""
 
 from __future__ import annotations
 
 import os
+import posixpath
 from typing import Any
 
 import numpy as np
 
 from ..config import DiTConfig, as_dtype
 from ..errors import CheckpointError
+from ..utils import storage
 from . import keymap, layout
-from .checkpoint import MergedParams, is_merged_checkpoint
+from .checkpoint import PARAMS_DIR, MergedParams, is_merged_checkpoint, read_marker
 from .lazy import Index, LazyParams, check_out, check_params, norm_index
 from .safetensors_io import TensorSource, np_dtype
 
@@ -81,6 +88,23 @@ class TorchLayoutParams:
                 self.source.read_slice(name, inner, out=dest[j] if entry.fused else dest)
 
 
+def local_weights(url: str, *, progress: bool = True) -> str:
+    """A local copy of safetensors weights at `url` (`storage.local_copy`: under `$QWEN_EDIT_JAX_CACHE` or
+    ~/.cache/qwen_edit_jax, reused while the sizes match): a prefix (diffusers folder) whole; a file with the
+    `config.json` beside it, and an index with its whole folder (the shards). A local path is returned as is."""
+    if not storage.is_remote(url):
+        return os.fspath(url)
+    url = storage.normalize(url)
+    folder = posixpath.dirname(url)
+    if url.endswith(".index.json"):
+        return os.path.join(storage.local_copy(folder, progress=progress), posixpath.basename(url))
+    local = storage.local_copy(url, progress=progress)
+    config = storage.join(folder, "config.json")
+    if os.path.isfile(local) and url != config and storage.exists(config):
+        storage.local_copy(config, progress=False)
+    return local
+
+
 def open_lazy_params(
     path: str | os.PathLike, config: DiTConfig | str | None = None, *, fuse_qkv: bool = True, stream: bool = False
 ) -> LazyParams:
@@ -95,13 +119,17 @@ def open_lazy_params(
     """
 
     path = os.fspath(path)
+    if storage.is_remote(path) and not is_merged_checkpoint(path):
+        if storage.isdir(storage.join(path, PARAMS_DIR)):  # a merged checkpoint without its marker: refused
+            read_marker(path)
+        path = local_weights(path)
     if is_merged_checkpoint(path):
         if not fuse_qkv:
             raise CheckpointError(f"{path}: a merged checkpoint holds fused QKV params; use fuse_qkv=True")
         cfg = None if config is None else layout.resolve_config(path, config)[0]
         lazy = MergedParams(path, cfg, direct_io=stream)
         lazy.detected = layout.Detected(path, "base", "merged Orbax checkpoint (this project)",
-                                        "Flax merged-QKV params", config_source=os.path.join(path, "config.json"))
+                                        "Flax merged-QKV params", config_source=storage.join(path, "config.json"))
         return lazy
     source, detected = layout.open_torch_source(path)
     source.stream = stream
