@@ -212,7 +212,9 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
     """Run (or resume) the LoRA training described by `cfg` into `output_dir`.
 
     Inputs are checked before anything is written; a run that fails before its first checkpoint
-    removes the output folder if this call created it (an existing folder is never removed).
+    removes the output folder if this call created it (an existing folder is never removed). A SIGTERM
+    (preemption notice) ends the run after the step in progress with that step checkpointed on every
+    process: `TrainingPreempted`, nothing exported; calling `train` again resumes (`parallel.preemption`).
     """
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None)
