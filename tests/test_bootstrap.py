@@ -96,3 +96,15 @@ def test_an_unknown_argument_is_refused(tmp_path):
     _checkout(tmp_path)
     r = _run(tmp_path, "cuda")
     assert r.returncode == 2 and "usage: bash scripts/bootstrap.sh [test|gpu|tpu]" in r.stderr
+
+
+def test_no_venv_installs_into_the_given_python(tmp_path):
+    """`NO_VENV=1 PYTHON=…` (the notebook, into its kernel's Python): the same installs, no .venv made."""
+    bin_dir = _checkout(tmp_path)
+    kernel = tmp_path / "kernel"
+    shutil.move(bin_dir, kernel)
+    shutil.rmtree(tmp_path / ".venv")
+    r = _run(tmp_path, "tpu", NO_VENV="1", PYTHON=str(kernel / "python"))
+    assert r.returncode == 0, r.stderr
+    assert "-m pip install -q -e .[tpu]" in (kernel / "calls.log").read_text().splitlines()
+    assert not (tmp_path / ".venv").exists()

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -22,7 +23,8 @@ import yaml
 from flax import nnx
 
 import qwen_edit_jax as q
-from qwen_edit_jax.training.checkpoint import KILL_DURING_SAVE_ENV, TrainCheckpointer
+from qwen_edit_jax.parallel.preemption import EXIT_PREEMPTED
+from qwen_edit_jax.training.checkpoint import TrainCheckpointer
 from qwen_edit_jax.testing.latent import CACHE_DIR, MODEL_DIR, LatentDemo, demo_samples, write_latent_demo
 from qwen_edit_jax.training.config import ConfigError, config_from_dict, load_config
 from qwen_edit_jax.errors import CheckpointError
@@ -148,29 +150,48 @@ def test_resume_with_a_different_lora_shape_is_a_clear_error(assets, tmp_path):
         train(config_from_dict(_cfg_dict(assets, lora={"rank": 8}, train={"max_steps": 4})), out, log=lambda m: None)
 
 
-# ---- kill at chosen moments (also mid-save) → resume → bit-identical ---------------------------------
+# ---- kill or preempt at chosen moments (also mid-save) → resume → bit-identical ---------------------------
 KILL_WORKER = os.path.join(ROOT, "tests", "train_kill_worker.py")
+PREEMPTED_LINE = "preempted at step {}; checkpoint saved; run the same command to resume"
 
 
-def _cli(cfg_path, out, env_extra=None, kill_at=None):
-    """`train/train_lora.py` on `cfg_path` → `out`; `kill_at`: a kill point of tests/train_kill_worker.py."""
-    env = dict(os.environ, **(env_extra or {}))
-    args = ["--config", str(cfg_path), "--output-dir", str(out)]
+def _cli(cfg_path, out, *args, kill_at=None, env=None):
+    """`train/train_lora.py` on `cfg_path` → `out` (+ `args`); `kill_at`: a kill point of tests/train_kill_worker.py."""
     cmd = [KILL_WORKER, kill_at] if kill_at else ["train/train_lora.py"]
-    return subprocess.Popen([sys.executable, *cmd, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, *cmd, "--config", str(cfg_path), "--output-dir", str(out), *args],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def _lines(out):
     """Complete lines of out/metrics.jsonl (a line cut by a kill has no newline)."""
-    with open(os.path.join(out, "metrics.jsonl")) as f:
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
         return sum(1 for line in f if line.endswith("\n"))
 
 
-def _killed(proc):
-    """Wait for a process that must end by SIGKILL; returns its stderr."""
+def _steps(out):
+    """(complete checkpoint steps, steps with an unfinished Orbax save: a `<step>.orbax-checkpoint-tmp-*` folder)."""
+    names = os.listdir(os.path.join(out, "checkpoints"))
+    return (sorted(int(n) for n in names if n.isdigit()),
+            sorted(int(n.split(".")[0]) for n in names if ".orbax-checkpoint-tmp" in n))
+
+
+def _wait_until(proc, what, ready, timeout=600):
+    """Poll `ready()` every 2 ms while `proc` runs (it must not end first)."""
+    t0 = time.monotonic()
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+        assert time.monotonic() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.002)
+
+
+def _ended(proc, status):
+    """Wait for a process that must end with `status` (negative: by that signal); returns its stderr."""
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == -signal.SIGKILL, (proc.returncode, err[-3000:])
+    assert proc.returncode == status, (proc.returncode, err[-3000:])
     return err
 
 
@@ -193,13 +214,17 @@ def _mixed_caches(folder):
 
 
 @pytest.mark.slow
-def test_kill_anywhere_and_resume_is_bit_identical(assets, tmp_path):
-    """SIGKILLed (1) while writing the first step's metrics line, before any checkpoint, (2) in the middle
-    of an asynchronous checkpoint save, with a complete checkpoint two steps into the second epoch and
-    metrics lines past it, (3) after the last checkpoint is complete but before the LoRA export; each
-    rerun resumes, and the end is bit-identical to an uninterrupted run: the same LoRA file, the same
-    loss at every step, no cut or duplicated metrics line, no unfinished save left behind. The run mixes
-    two caches (repeats 1 and 2), drops captions (0.3) and weighs the loss by masks, all of which resume."""
+def test_kill_or_preempt_anywhere_and_resume_is_bit_identical(assets, tmp_path):
+    """One run interrupted six ways, each rerun of the same command resuming, and the end bit-identical to an
+    uninterrupted run: the same LoRA file, the same loss at every step, no cut or duplicated metrics line,
+    no unfinished save left behind. The interruptions: (1) SIGKILL while writing the first step's metrics
+    line, before any checkpoint; (2) SIGTERM (a preemption notice): the step in progress is finished,
+    checkpointed, nothing exported, exit status 75; (3) a second SIGTERM in the middle of that preemption
+    save: the process ends at once and the previous complete checkpoint is the one resumed; (4) SIGKILL from
+    outside in the middle of an asynchronous checkpoint save, with a complete checkpoint two steps into the
+    second epoch and metrics lines past it; (5) SIGKILL after the last checkpoint is complete but before the
+    LoRA export. The run mixes two caches (repeats 1 and 2), drops captions (0.3) and weighs the loss by
+    masks, all of which resume."""
     steps = 22  # 24 + 2x4 samples, batch 2 (the step the other tests compile): 16 steps per epoch
     a, b = _mixed_caches(tmp_path)
     d = _cfg_dict(assets, train={"max_steps": steps, "save_every": 2, "keep_checkpoints": 2, "log_every": 1},
@@ -209,26 +234,50 @@ def test_kill_anywhere_and_resume_is_bit_identical(assets, tmp_path):
     cfg_path.write_text(yaml.safe_dump(d))
     ref_out, out = tmp_path / "uninterrupted", tmp_path / "interrupted"
     ref = _cli(cfg_path, ref_out)  # runs alongside the interrupted runs (they share nothing)
+    resuming = f"resuming from {out / 'checkpoints'}/{{}} (step {{}})"
 
     # 1) during the first step: its metrics line cut in half, no checkpoint yet
-    _killed(_cli(cfg_path, out, kill_at="metrics:1"))
-    assert not [n for n in os.listdir(out / "checkpoints") if n.isdigit()]
+    _ended(_cli(cfg_path, out, kill_at="metrics:1"), -signal.SIGKILL)
+    assert _steps(out) == ([], [])
     assert (out / "metrics.jsonl").read_text().startswith('{"step": 1') and _lines(out) == 0  # a cut line
-    # 2) inside the asynchronous save of step 20 (the process SIGKILLs itself right after the save began)
-    err = _killed(_cli(cfg_path, out, {KILL_DURING_SAVE_ENV: "20"}))
-    assert "resuming from" not in err  # nothing to resume from: started again at step 0
-    left = os.listdir(out / "checkpoints")
-    assert any(n.startswith("20.") and "tmp" in n for n in left), left  # an unfinished save was left
-    assert "18" in left and _lines(out) == 20  # metrics of steps 19 and 20 are past the last complete checkpoint
-    # 3) after the last checkpoint (step 22) is complete, before the LoRA file is written
-    err = _killed(_cli(cfg_path, out, kill_at="export"))
-    assert f"resuming from {out / 'checkpoints'}/18 (step 18)" in err, err[-3000:]  # two steps into epoch 2
+    # 2) SIGTERM once step 3 is logged: the step in progress is finished and saved, then exit 75
+    p = _cli(cfg_path, out)
+    _wait_until(p, "step 3's metrics", lambda: _lines(out) >= 3)
+    p.send_signal(signal.SIGTERM)
+    err = _ended(p, EXIT_PREEMPTED)
+    done = _steps(out)[0][-1]
+    assert 3 <= done < steps and PREEMPTED_LINE.format(done) in err and "Traceback" not in err, err[-3000:]
+    assert _steps(out) == ([s for s in (done - 2 + done % 2, done) if s >= 2], [])  # kept: last regular, preempted
+    assert _lines(out) == done and not (out / "lora_diffusers.safetensors").exists()
+    # 3) SIGTERM again (no regular saves now), and once more while the preemption save is unfinished: the
+    # process ends at once; the unfinished save is ignored on resume
+    p = _cli(cfg_path, out, "--save-every", "100")
+    _wait_until(p, f"step {done + 2}'s metrics", lambda: _lines(out) >= done + 2)
+    p.send_signal(signal.SIGTERM)
+    _wait_until(p, "the preemption save", lambda: _steps(out)[1])
+    p.send_signal(signal.SIGTERM)
+    err = _ended(p, -signal.SIGTERM)
+    assert resuming.format(done, done) in err, err[-3000:]
+    complete, unfinished = _steps(out)
+    assert complete[-1] == done and len(unfinished) == 1 and unfinished[0] > done + 2, (complete, unfinished)
+    # 4) SIGKILL from outside while the asynchronous save of step 20 is unfinished
+    p = _cli(cfg_path, out)
+    _wait_until(p, "the save of step 20", lambda: 20 in _steps(out)[1])
+    p.kill()
+    err = _ended(p, -signal.SIGKILL)
+    assert resuming.format(done, done) in err, err[-3000:]
+    complete, unfinished = _steps(out)
+    assert 18 in complete and 20 not in complete and unfinished == [20], (complete, unfinished)
+    assert _lines(out) >= 20  # metrics of steps 19 and 20 are past the last complete checkpoint
+    # 5) after the last checkpoint (step 22) is complete, before the LoRA file is written
+    err = _ended(_cli(cfg_path, out, kill_at="export"), -signal.SIGKILL)
+    assert resuming.format(18, 18) in err, err[-3000:]  # two steps into epoch 2
     assert not (out / "lora_diffusers.safetensors").exists()
     # the rerun finds the run finished and only exports
     p = _cli(cfg_path, out)
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr[-3000:]
-    assert f"resuming from {out / 'checkpoints'}/{steps}" in stderr and f"already at step {steps}" in stdout
+    assert resuming.format(steps, steps) in stderr and f"already at step {steps}" in stdout
 
     stdout, stderr = ref.communicate(timeout=600)
     assert ref.returncode == 0, stderr[-3000:]
@@ -237,7 +286,7 @@ def test_kill_anywhere_and_resume_is_bit_identical(assets, tmp_path):
     ref_m, got_m = _read_metrics(ref_out), _read_metrics(out)
     assert [r["step"] for r in got_m] == list(range(1, steps + 1))  # no cut, dropped or repeated line
     assert [r["loss"] for r in got_m] == [r["loss"] for r in ref_m]  # the same losses, step by step
-    assert not [n for n in os.listdir(out / "checkpoints") if "tmp" in n]  # interrupted saves cleaned up
+    assert _steps(out)[1] == []  # interrupted saves cleaned up
     info = json.loads((out / "run.json").read_text())["run_info"]["dataset"]
     assert [(c["path"], c["repeats"], c["num_samples"], c["masks"]) for c in info["caches"]] == [(a, 1, 24, 0),
                                                                                               (b, 2, 4, 4)]

@@ -6,8 +6,9 @@ WHERE is one of
   metrics:N  half of step N's metrics.jsonl line is written (and flushed), then the kill: a line cut
              by the kill, with the run's first complete checkpoint not yet written when N=1;
   export     every checkpoint is complete (the last one included), the LoRA file not yet written.
-(A kill in the middle of an asynchronous checkpoint save is the library's own hook,
-`training.checkpoint.KILL_DURING_SAVE_ENV`, on the plain command.) Everything else is the real command.
+(Kills and SIGTERMs in the middle of a checkpoint save come from outside, on the plain command: the test
+watches the checkpoint folder for Orbax's unfinished `<step>.orbax-checkpoint-tmp-*` folder.) Everything
+else is the real command.
 """
 
 from __future__ import annotations

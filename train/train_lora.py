@@ -10,7 +10,9 @@ checkpoint; the learning-rate schedule keeps its length unless optim.schedule_st
 Writes DIR/run.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/validation/ (before/after grids of
 validation.prompts), DIR/checkpoints/, DIR/lora_diffusers.safetensors; a run that
 fails before its first checkpoint leaves no DIR behind (unless DIR existed before).
-Exit codes: 0 done, 2 bad config/data/checkpoint/paths, 3 non-finite loss.
+
+Exit codes: 0 done, 2 bad config/data/checkpoint/paths, 3 non-finite loss, 75 preempted (SIGTERM: the step
+in progress was finished and checkpointed by every host, nothing exported; run the same command to resume).
 
 Pre-flight: `--plan TOPOLOGY` (a TPU topology such as v5e:1x1 or v6e:2x4, compiled ahead of time through
 libtpu on any machine; or `device`, the local GPU/TPU) builds this config's model abstractly (no weights),
@@ -29,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    paragraphs = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(description=paragraphs[0], epilog=next(t for t in paragraphs if t.startswith("Exit")),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML training config (e.g. train/configs/demo.yaml)")
     p.add_argument("--output-dir", help="run directory (created; resumed if it has checkpoints); required to train")
@@ -51,9 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from qwen_edit_jax.errors import CheckpointError
     from qwen_edit_jax.parallel.distributed import DistributedError, initialize
+    from qwen_edit_jax.parallel.preemption import EXIT_PREEMPTED
     from qwen_edit_jax.training.config import ConfigError, load_config
     from qwen_edit_jax.cache_format import DataError
-    from qwen_edit_jax.training.loop import NonFiniteLossError, train
+    from qwen_edit_jax.training.loop import NonFiniteLossError, TrainingPreempted, train
     from qwen_edit_jax.utils.files import check_output_dir
 
     overrides = list(args.overrides)
@@ -74,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except TrainingPreempted as e:  # every process: "preempted at step N; checkpoint saved; run the same command …"
+        print(e, file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
     if result.first_loss is None:
         print(f"done: already at step {result.final_step}; LoRA: {', '.join(result.lora_files)}")
     elif result.final_step - (result.resumed_from or 0) == 1:

@@ -10,8 +10,8 @@ and fixtures; the trainer never makes its inputs).
 from ..cache_format import CachedDataset, CachedSample, DataError, write_cache
 from .config import ConfigError, TrainConfig, load_config
 from .data import BatchLoader
-from .loop import train
+from .loop import TrainingPreempted, train
 from .step import make_optimizer, make_train_step, split_lora
 
-__all__ = ["BatchLoader", "CachedDataset", "CachedSample", "ConfigError", "DataError", "TrainConfig", "load_config",
-           "make_optimizer", "make_train_step", "split_lora", "train", "write_cache"]
+__all__ = ["BatchLoader", "CachedDataset", "CachedSample", "ConfigError", "DataError", "TrainConfig", "TrainingPreempted",
+           "load_config", "make_optimizer", "make_train_step", "split_lora", "train", "write_cache"]

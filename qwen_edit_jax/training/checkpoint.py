@@ -13,7 +13,6 @@ and an older one is deleted only after a newer one is complete.
 from __future__ import annotations
 
 import os
-import signal
 from typing import Any
 
 import jax
@@ -21,11 +20,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from .ema import EmaState
-
-# Test hook: `QWEN_EDIT_JAX_TEST_KILL_DURING_SAVE=<step>` SIGKILLs the process right after the
-# (asynchronous) save of that step has started, to test resuming from an interrupted save.
-KILL_DURING_SAVE_ENV = "QWEN_EDIT_JAX_TEST_KILL_DURING_SAVE"
-
 
 class TrainCheckpointer:
     """Save / restore the training state under `directory/<step>/{lora, opt_state, meta[, ema]}`."""
@@ -62,8 +56,6 @@ class TrainCheckpointer:
             ),
             force=True,
         )
-        if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def restore(self, step: int, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, dict[str, Any]]:
         """Restore `step` into the structure, shapes, dtypes and shardings of the given trees (an `EmaState`

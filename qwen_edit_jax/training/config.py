@@ -163,6 +163,9 @@ class TrainSection:
     # EMA of the adapter weights (SimpleTuner's --ema_decay): decay min(ema_decay, (1+t)/(10+t)) at its t-th
     # update, as diffusers' EMAModel; checkpointed, exported as lora_<format>_ema.safetensors, used by validation
     ema_decay: float | None = None
+    # seconds the checkpoint save after a preemption notice (SIGTERM) may take; past it the process exits with
+    # the preemption status anyway and a rerun resumes from the previous complete checkpoint
+    preemption_timeout: float = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +348,7 @@ def _check_values(cfg: TrainConfig, where: str) -> None:
     need(tr.save_every >= 1, "train.save_every", tr.save_every, "must be >= 1")
     need(tr.keep_checkpoints >= 1, "train.keep_checkpoints", tr.keep_checkpoints, "must be >= 1")
     need(tr.log_every >= 1, "train.log_every", tr.log_every, "must be >= 1")
+    need(tr.preemption_timeout > 0, "train.preemption_timeout", tr.preemption_timeout, "must be > 0 (seconds)")
     need(cfg.validation.every >= 0, "validation.every", cfg.validation.every, "must be >= 0 (0 = off)")
     v = cfg.validation
     need(v.num_inference_steps >= 1, "validation.num_inference_steps", v.num_inference_steps, "must be >= 1")

@@ -35,6 +35,7 @@ from ..config import DiTConfig
 from ..loading import load_transformer
 from ..lora.adapters import load_lora_into_adapters, lora_tensors, write_lora_tensors
 from ..parallel import batch_sharding, distributed, init_opt_state, make_mesh
+from ..parallel.preemption import PreemptionWatcher, deadline
 from ..utils.files import atomic_path, check_output_dir
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
@@ -47,14 +48,23 @@ CHECKPOINT_DIR = "checkpoints"
 RUN_JSON = "run.json"
 # Sections whose change between runs does not affect the trained weights.
 _FREE_KEYS = {"train.max_steps", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.progress",
-              "train.async_checkpointing", "train.tensorboard", "data.prefetch", "data.verify", "export", "validation",
-              "log", "demo"}  # demo: a section of older run.json files
+              "train.async_checkpointing", "train.tensorboard", "train.preemption_timeout", "data.prefetch",
+              "data.verify", "export", "validation", "log", "demo"}  # demo: a section of older run.json files
 # A missing input under a folder of this name is the demo's: the error says how to make it.
 DEMO_DATA_DIR = "demo_data"
 
 
 class NonFiniteLossError(RuntimeError):
     """Loss, gradient norm or adapter norm became NaN/Inf; stopped before saving anything from that step."""
+
+
+class TrainingPreempted(RuntimeError):
+    """A preemption notice (SIGTERM) stopped the run after `step`, whose checkpoint is complete; nothing was
+    exported. The same command resumes (train/train_lora.py exits with `parallel.preemption.EXIT_PREEMPTED`)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"preempted at step {step}; checkpoint saved; run the same command to resume")
+        self.step = step
 
 
 @dataclasses.dataclass
@@ -202,7 +212,9 @@ def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str
     """Run (or resume) the LoRA training described by `cfg` into `output_dir`.
 
     Inputs are checked before anything is written; a run that fails before its first checkpoint
-    removes the output folder if this call created it (an existing folder is never removed).
+    removes the output folder if this call created it (an existing folder is never removed). A SIGTERM
+    (preemption notice) ends the run after the step in progress with that step checkpointed on every
+    process: `TrainingPreempted`, nothing exported; calling `train` again resumes (`parallel.preemption`).
     """
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None)
@@ -225,21 +237,23 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
     if cfg.data.caption_dropout:
         require_empty_prompts(dataset)  # before the model loads
     mesh = _make_mesh(cfg)
-    # prompts are encoded before the DiT loads, and the text encoder released: never both in memory
-    images = ValidationImages.prepare(cfg, mesh, log) if cfg.validation.every and cfg.validation.prompts else None
-    dit_config, graphdef, params, base, local_rows = _load_model(cfg, dataset, mesh)
-    # the optimiser state's structure does not depend on the schedule's length (fixed after resuming)
-    tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps, ema_decay=cfg.train.ema_decay)
-    opt_state = init_opt_state(tx, params, mesh)
-    if mesh is None:  # committed to the device, as a restored checkpoint is: a resumed run compiles the same
-        params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])  # program (cache hit)
     with contextlib.ExitStack() as stack:
-        loader = stack.enter_context(contextlib.closing(_open_loader(cfg, dataset, local_rows, log)))
         ckpt = stack.enter_context(contextlib.closing(TrainCheckpointer(
             os.path.join(output_dir, CHECKPOINT_DIR), keep=cfg.train.keep_checkpoints,
             async_save=cfg.train.async_checkpointing)))
-        run_path = os.path.join(output_dir, RUN_JSON)
         resumed = ckpt.latest_step()
+        # from here a SIGTERM ends the run at a step boundary with a checkpoint (`TrainingPreempted`)
+        preemption = stack.enter_context(PreemptionWatcher(start=resumed or 0))
+        # prompts are encoded before the DiT loads, and the text encoder released: never both in memory
+        images = ValidationImages.prepare(cfg, mesh, log) if cfg.validation.every and cfg.validation.prompts else None
+        dit_config, graphdef, params, base, local_rows = _load_model(cfg, dataset, mesh)
+        # the optimiser state's structure does not depend on the schedule's length (fixed after resuming)
+        tx, _ = make_optimizer(cfg.optim, cfg.train.max_steps, ema_decay=cfg.train.ema_decay)
+        opt_state = init_opt_state(tx, params, mesh)
+        if mesh is None:  # committed to the device, as a restored checkpoint is: a resumed run compiles the same
+            params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])  # program (cache hit)
+        loader = stack.enter_context(contextlib.closing(_open_loader(cfg, dataset, local_rows, log)))
+        run_path = os.path.join(output_dir, RUN_JSON)
         rng, start, schedule_steps = jax.random.key(cfg.train.seed), 0, cfg.optim.schedule_steps or cfg.train.max_steps
         if resumed is not None:
             params, opt_state, rng, start, schedule_steps = _resume(cfg, ckpt, resumed, params, opt_state, loader,
@@ -258,7 +272,7 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
             bar = stack.enter_context(tqdm(total=cfg.train.max_steps, initial=start, desc="train", unit="step",
                                            dynamic_ncols=True))
         steps = _Steps(cfg, make_train_step(graphdef, tx, cfg.objective, mesh=mesh, global_batch=cfg.data.batch_size),
-                       loader, ckpt, run_log, bar, schedule, schedule_steps, base, rng, log)
+                       loader, ckpt, run_log, bar, schedule, schedule_steps, base, rng, log, preemption)
         if cfg.validation.every:
             steps.validation = Validation(cfg, images, dataset, graphdef, mesh, output_dir, write=is_main)
             log(f"validation uses the {validation_weights(cfg)} weights")
@@ -336,6 +350,7 @@ class _Steps:
     base: Any  # the frozen base weights
     rng: jax.Array
     log: Callable[[str], None]
+    preemption: PreemptionWatcher | None = None  # asked after every step whether to save and stop
     validation: Validation | None = None
     losses: list[float] = dataclasses.field(default_factory=list)  # every step's loss, in order
     t_fetch: float = 0.0  # when the last metrics arrived
@@ -345,7 +360,8 @@ class _Steps:
         return self.cfg.data.batch_size * self.cfg.optim.grad_accum
 
     def run(self, params: Any, opt_state: Any, start: int) -> tuple[Any, Any]:
-        """Train from step `start` to `train.max_steps`; returns the final LoRA params and optimiser state."""
+        """Train from step `start` to `train.max_steps`; returns the final LoRA params and optimiser state.
+        Raises `TrainingPreempted` after saving the step at which the preemption watcher said stop."""
         tr = self.cfg.train
         window: list[tuple[int, Any]] = []  # (step, on-device metrics) not yet fetched
         self.t_fetch = time.perf_counter()
@@ -355,9 +371,13 @@ class _Steps:
                                                 self.rng, step)
             done = step + 1
             window.append((done, m))
-            log_now = done % tr.log_every == 0 or done == tr.max_steps or step == start
+            preempted = self.preemption is not None and self.preemption.should_stop(done)
+            log_now = done % tr.log_every == 0 or done == tr.max_steps or step == start or preempted
             save_now = done % tr.save_every == 0 or done == tr.max_steps
             validate_now = self.validation is not None and done % self.cfg.validation.every == 0
+            if preempted:
+                self._report(window, step, batch.epoch, log_now)
+                self._save_and_stop(done, params, opt_state)
             if log_now or save_now or validate_now:
                 ready, window = window, []  # wait for this step: it is logged, saved or validated
             elif self.bar is not None and len(window) > 1:
@@ -398,6 +418,22 @@ class _Steps:
                 "schedule_steps": self.schedule_steps}
         # Copies: the next step donates `params`/`opt_state` while the (async) save may still read them.
         self.ckpt.save(done, _copy(params), _copy(opt_state), meta)
+
+    def _save_and_stop(self, done: int, params: Any, opt_state: Any) -> None:
+        """Save step `done` with every process, wait for it (at most `train.preemption_timeout` seconds; past it
+        the process exits with the preemption status, the unfinished save ignored on resume), then raise
+        `TrainingPreempted`. No export, no validation."""
+        timeout = self.cfg.train.preemption_timeout
+
+        def too_slow() -> None:  # every process says why it ends
+            print(f"preempted at step {done}; its checkpoint was not complete after train.preemption_timeout="
+                  f"{timeout:g} s: exiting without it; run the same command to resume from the newest complete "
+                  f"checkpoint in {self.ckpt.directory}", file=sys.stderr, flush=True)
+
+        with deadline(timeout, too_slow):
+            self._save(done, params, opt_state)
+            self.ckpt.wait()
+        raise TrainingPreempted(done)
 
     def validate(self, step: int, params: Any, opt_state: Any) -> None:
         """Run the validation at `step` with the EMA weights when kept (else the evaluation parameters) and
