@@ -156,7 +156,7 @@ PREEMPTED_LINE = "preempted at step {}; checkpoint saved; run the same command t
 
 
 def _cli(cfg_path, out, *args, kill_at=None, env=None):
-    """`train/train_lora.py` on `cfg_path` → `out` (+ `args`); `kill_at`: a kill point of tests/train_kill_worker.py."""
+    """`train/train_lora.py` on `cfg_path` → `out` (+ `args`); `kill_at`: a kill point of train_kill_worker.py."""
     cmd = [KILL_WORKER, kill_at] if kill_at else ["train/train_lora.py"]
     return subprocess.Popen([sys.executable, *cmd, "--config", str(cfg_path), "--output-dir", str(out), *args],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
