@@ -15,13 +15,16 @@ google-cloud clients, `TENSORSTORE_GCS_HTTP_URL` for tensorstore; nothing here k
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Iterator, Sequence
 
+import fsspec
 from etils import epath
 
-from .files import atomic_path
+from .files import atomic_path, check_output_dir
 
 REMOTE_PREFIX = "gs://"
 _COPY_CHUNK = 16 << 20
@@ -58,6 +61,13 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return os.path.join(base, *parts)
 
 
+def check_output(path: str | os.PathLike, option: str) -> str:
+    """`files.check_output_dir` for a local folder; for a `gs://` prefix (which has no parents to
+    check) only the scheme. Returns the normalized path."""
+    check_scheme(path, option)
+    return normalize(path) if is_remote(path) else check_output_dir(path, option)
+
+
 def exists(path: str | os.PathLike) -> bool:
     return as_path(path).exists()
 
@@ -71,6 +81,26 @@ def listdir(path: str | os.PathLike) -> list[str]:
     """Names directly under a folder or prefix (empty when it does not exist)."""
     p = as_path(path)
     return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+
+
+def size(path: str | os.PathLike) -> int:
+    """Bytes in one file or object."""
+    return as_path(path).stat().length
+
+
+def read_ranges(path: str | os.PathLike, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes `[start, end)` of each range of one file; for an object, only those bytes are fetched
+    (HTTP range requests, sent concurrently by gcsfs)."""
+    path = normalize(path)
+    if is_remote(path):
+        fs, name = fsspec.core.url_to_fs(path)
+        return fs.cat_ranges([name] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+    out = []
+    with open(path, "rb") as f:
+        for a, b in ranges:
+            f.seek(a)
+            out.append(f.read(b - a))
+    return out
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -110,6 +140,23 @@ def upload_file(local: str | os.PathLike, url: str, *, overwrite: bool = True) -
     with open(local, "rb") as src, as_path(url).open("wb") as dst:
         shutil.copyfileobj(src, dst, _COPY_CHUNK)
     return url
+
+
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+    """A local file name for a writer that needs one; on success it becomes `path`: a local `path` through
+    `files.atomic_path` (temporary name + rename), a `gs://` object by one whole upload of the finished file."""
+    path = normalize(path)
+    if not is_remote(path):
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    if not overwrite and exists(path):
+        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+    with tempfile.TemporaryDirectory(prefix="qwen-edit-jax-upload-") as d:
+        tmp = os.path.join(d, path.rsplit("/", 1)[-1])
+        yield tmp
+        upload_file(tmp, path)
 
 
 def download_file(url: str, local: str | os.PathLike) -> str:
