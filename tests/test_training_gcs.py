@@ -29,6 +29,8 @@ from qwen_edit_jax.loading import save_transformer
 from qwen_edit_jax.models.dit import init_transformer
 from qwen_edit_jax.testing.latent import LatentDemo, demo_samples
 from qwen_edit_jax.testing.repo import write_tiny_edit_repo
+from qwen_edit_jax.training.config import ConfigError, config_from_dict
+from qwen_edit_jax.training.loop import train
 from qwen_edit_jax.utils import storage
 from gcs_emulator import objects
 
@@ -168,3 +170,18 @@ def test_kill_9_during_a_bucket_checkpoint_write_resumes_from_the_previous_one(s
     assert [r["step"] for r in _metrics(storage.read_text(f"{out}/metrics.jsonl"))] == [1, 2, 3, 4]
     committed, started = _steps(_names(out))
     assert committed == started == {3, 4}  # the half-written step was written again, and committed
+
+
+def test_other_url_schemes_and_missing_gs_inputs_are_one_line_errors(tmp_path, gcs_dir):
+    """Checked before anything is written: a missing cache in the bucket names the key; `s3://` (or any
+    scheme but gs://) is refused for inputs and for the output dir."""
+    cfg = config_from_dict({"model": {"path": str(tmp_path)}, "data": {"path": f"{gcs_dir}/nope/"}})
+    with pytest.raises(ConfigError, match="^" + re.escape(f"data.path: {gcs_dir}/nope/ does not exist") + "$"):
+        train(cfg, f"{gcs_dir}/run", log=lambda m: None)
+    assert objects(gcs_dir + "/") == []
+    s3 = config_from_dict({"model": {"path": str(tmp_path)}, "data": {"path": "s3://b/cache"}})
+    with pytest.raises(ConfigError, match="^data.path s3://b/cache: only local paths and gs:// URLs are supported$"):
+        train(s3, tmp_path / "run", log=lambda m: None)
+    with pytest.raises(ValueError, match="^output_dir s3://b/run: only local paths and gs:// URLs are supported$"):
+        train(cfg, "s3://b/run", log=lambda m: None)
+    assert os.listdir(tmp_path) == []
