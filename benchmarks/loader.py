@@ -1,114 +1,114 @@
-"""Training-data loader throughput per host, against what the training step consumes.
+"""The training loader's throughput per host: samples/s reading a cache from a local folder and from `gs://`.
 
-    python benchmarks/loader.py --cache /data/cache                 # an existing cache, local or gs://
-    python benchmarks/loader.py --make-cache /tmp/loader-cache      # write a cache of the real shapes first
-    python benchmarks/loader.py --make-cache /tmp/c --bucket gs://b/loader-cache   # also copy it to a bucket
+    python benchmarks/loader.py --hosts 8 --json                  # local folder vs the Cloud Storage emulator
+    python benchmarks/loader.py --hosts 8 --gcs gs://my-bucket/tmp/loader-bench --json   # a real bucket
 
-Each simulated host (`--hosts`) reads only its rows of every global batch, as in training, through
-`training.data.BatchLoader` (the prefetching loader the trainer uses). Reported: samples/s per host
-(and MB/s) from the cache's location, the rate the step consumes per host at `--step-seconds` (default:
-the v5e-8 1024² edit plan, batch 8 in 2.8 s at 100 % MFU, `docs/results.md`), and their ratio
-(> 1: the input never starves the chips). `--make-cache` writes random arrays of the real model's shapes
-(1024² target + one 1024² reference: 16 × 128 × 128 latents; a 256-token prompt of width 3584 in
-bfloat16), so the bytes read per sample are those of a real run. A `gs://` cache is read through the
-project's storage layer; an emulator is reached through its usual variables (`STORAGE_EMULATOR_HOST`,
-`TENSORSTORE_GCS_HTTP_URL`).
+Writes a synthetic cache at Qwen-Image-Edit sizes (16-channel float32 latents of `--latent`² per image, one
+reference, `--prompt-len` × 3584 bf16 prompt embeddings), then times host 0 of `--hosts` (one row of each
+global batch of `--hosts` rows) loading every step of `--epochs` epochs with `BatchLoader` (prefetch off: the
+reads and the collation themselves, on one thread, as the loader's background thread does them). The bucket
+is, without `--gcs`, the tests' Cloud Storage emulator on localhost (`tests/gcs_emulator.py`, the test extra):
+a single-threaded Python server, so its figure is the emulator's, not a bucket's. With `--gcs` the cache is
+uploaded there first (write access needed) and removed afterwards. The JSON line is last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, ROOT)
 
 import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
 
 from _timing import emit_json, print_table  # noqa: E402
-from qwen_edit_jax.cache_format import CachedDataset, CachedSample, write_cache  # noqa: E402
+from qwen_edit_jax.cache_format import MANIFEST, CachedDataset, CachedSample, write_cache  # noqa: E402
 from qwen_edit_jax.training.data import BatchLoader  # noqa: E402
 from qwen_edit_jax.utils import storage  # noqa: E402
 
-PLAN_BATCH, PLAN_STEP_S = 8, 2.8  # v5e-8, 1024² edit + 1 reference, global batch 8 (docs/results.md)
+CHANNELS, JOINT = 16, 3584  # Qwen-Image-Edit's VAE latent channels and text width
 
 
-def make_cache(path: str, n: int, *, latent_hw: int, channels: int, text_len: int, text_dim: int) -> str:
-    """A cache of `n` random samples with the given (real-model) shapes."""
+def samples(n: int, latent: int, prompt_len: int):
     rng = np.random.default_rng(0)
-
-    def samples():
-        for i in range(n):
-            lat = rng.standard_normal((channels, latent_hw, latent_hw), np.float32)
-            yield CachedSample(f"s{i:05d}", lat, [lat[::-1].copy()],
-                               rng.standard_normal((text_len, text_dim), np.float32).astype(ml_dtypes.bfloat16),
-                               np.ones(text_len, bool))
-
-    return write_cache(path, samples(), shard_bytes=256 << 20, overwrite=True, progress=True)
+    for i in range(n):
+        yield CachedSample(f"s{i:05d}", rng.standard_normal((CHANNELS, latent, latent), np.float32),
+                           [rng.standard_normal((CHANNELS, latent, latent), np.float32)],
+                           rng.standard_normal((prompt_len, JOINT), np.float32).astype(ml_dtypes.bfloat16),
+                           np.ones(prompt_len, bool))
 
 
-def copy_to_bucket(local: str, url: str) -> str:
-    """Upload a finished cache folder; its manifest last (the commit marker)."""
-    storage.remove_tree(url)
-    return storage.upload_tree(local, url, marker="manifest.json")
+def measure(path: str, hosts: int, epochs: int, prompt_len: int) -> dict:
+    """Host 0's samples/s over `epochs` epochs (after one warm-up step), and the bytes it fetched."""
+    ds = CachedDataset(path)
+    loader = BatchLoader(ds, batch_size=hosts, text_buckets=(prompt_len,), process_index=0, process_count=hosts,
+                         prefetch=0, seed=0)
+    next(loader)  # opens the shards (a bucket: their headers)
+    steps = loader.steps_per_epoch * epochs
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(loader)
+    dt = time.perf_counter() - t0
+    total = sum(s["bytes"] for s in ds.shards)
+    epochs_read = (steps + 1) / loader.steps_per_epoch
+    return {"samples_per_s": steps / dt, "ms_per_sample": 1e3 * dt / steps, "steps": steps,
+            "bytes_fetched": ds.bytes_fetched, "cache_bytes": total,
+            "fetched_share_per_epoch": ds.bytes_fetched / epochs_read / total}  # ≈ 1/hosts (0: mmap, not counted)
 
 
-def measure(path: str, *, hosts: int, batch: int, steps: int, prefetch: int) -> dict:
-    """Samples/s of host 0 of `hosts` reading `steps` batches of `batch` (global) from `path`."""
-    dataset = CachedDataset(path)
-    loader = BatchLoader(dataset, batch_size=batch, process_index=0, process_count=hosts, prefetch=prefetch,
-                         text_buckets=(64, 128, 256, 512, 1024))
+@contextlib.contextmanager
+def bucket(url: str | None):
+    if url:
+        yield url
+        return
     try:
-        first = next(loader)  # opens shards, reads headers
-        nbytes = sum(a.nbytes for a in first.arrays.values())
-        t = time.perf_counter()
-        for _ in tqdm(range(steps), desc=f"load {path}", unit="batch", leave=False):
-            next(loader)
-        dt = time.perf_counter() - t
-    finally:
-        loader.close()
-    rows = batch // hosts
-    return {"cache": path, "hosts": hosts, "rows_per_host": rows, "samples_per_s": steps * rows / dt,
-            "mb_per_s": steps * nbytes / dt / 1e6, "mb_per_sample": nbytes / rows / 1e6}
+        from tests import gcs_emulator  # the test extra's emulator
+    except ImportError as e:
+        sys.exit(f"error: the emulator needs the test extra (pip install -e '.[test]'), or pass --gcs URL ({e})")
+    with gcs_emulator.start() as b:
+        yield f"{b}/loader-bench"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", action="append", default=[], help="cache folder or gs:// URL (repeatable)")
-    ap.add_argument("--make-cache", help="write a cache of the real shapes here first (and measure it)")
-    ap.add_argument("--bucket", help="with --make-cache: copy it to this gs:// URL too (and measure it)")
-    ap.add_argument("--samples", type=int, default=48, help="samples in --make-cache's cache")
-    ap.add_argument("--hosts", type=int, default=1, help="simulated hosts (host 0 is measured)")
-    ap.add_argument("--batch", type=int, default=PLAN_BATCH, help="global batch")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--prefetch", type=int, default=2)
-    ap.add_argument("--step-seconds", type=float, default=PLAN_STEP_S, help="the training step's time")
-    ap.add_argument("--latent-hw", type=int, default=128)
-    ap.add_argument("--text-len", type=int, default=256)
-    args = ap.parse_args()
-    caches = list(args.cache)
-    if args.make_cache:
-        caches.append(make_cache(args.make_cache, args.samples, latent_hw=args.latent_hw, channels=16,
-                                 text_len=args.text_len, text_dim=3584))
-        if args.bucket:
-            caches.append(copy_to_bucket(args.make_cache, args.bucket))
-    if not caches:
-        ap.error("give --cache PATH or --make-cache DIR")
-    need = args.batch / args.hosts / args.step_seconds
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--latent", type=int, default=128, help="latent side (128: a 1024x1024 image)")
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--hosts", type=int, default=8, help="hosts sharing each global batch, one row each")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--gcs", help="a gs:// prefix to upload the cache to and read from (default: the emulator)")
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    if a.samples < 2 * a.hosts:
+        p.error(f"--samples must be at least 2 x --hosts ({2 * a.hosts}): one epoch needs two steps or more")
     rows = []
-    for c in caches:
-        r = measure(c, hosts=args.hosts, batch=args.batch, steps=args.steps, prefetch=args.prefetch)
-        r["step_needs_samples_per_s"] = need
-        r["headroom"] = r["samples_per_s"] / need
-        rows.append(r)
-    print_table(rows, ["cache", "hosts", "samples_per_s", "mb_per_s", "mb_per_sample", "step_needs_samples_per_s",
-                       "headroom"])
-    emit_json({"benchmark": "loader", "step_seconds": args.step_seconds, "batch": args.batch, "results": rows})
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as d:
+        local = str(write_cache(os.path.join(d, "cache"), samples(a.samples, a.latent, a.prompt_len)))
+        rows.append({"source": "local", **measure(local, a.hosts, a.epochs, a.prompt_len)})
+        with bucket(a.gcs) as url:
+            storage.upload_tree(local, url, marker=MANIFEST)
+            try:
+                rows.append({"source": "emulator" if a.gcs is None else "gcs",
+                             **measure(url, a.hosts, a.epochs, a.prompt_len)})
+            finally:
+                storage.remove_tree(url)
+    sample_mb = rows[0]["cache_bytes"] / a.samples / 2**20
+    print(f"{a.samples} samples of {sample_mb:.2f} MiB (latent {a.latent}x{a.latent} + 1 reference, "
+          f"{a.prompt_len} prompt tokens); host 0 of {a.hosts}")
+    print_table(rows, ["source", "samples_per_s", "ms_per_sample", "steps", "bytes_fetched", "cache_bytes",
+                       "fetched_share_per_epoch"])
+    if a.json:
+        emit_json({"benchmark": "loader", "hosts": a.hosts, "sample_mib": sample_mb, "latent": a.latent,
+                   "prompt_len": a.prompt_len, "results": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,6 +24,10 @@ read (cheap: one pass over a few MB); `sha256` per shard is checked by `CachedDa
 `write_cache` writes the whole folder under a temporary name and renames it when complete;
 `ShardWriter` + `write_manifest` are its shard-by-shard parts (`qwen_edit_jax.caching` builds its
 resumable writer on them). Shards are written and read through `weights.safetensors_io`.
+
+`CachedDataset` reads a local folder (shards memory-mapped) or a `gs://` prefix: the manifest, then per
+shard its header once and afterwards only the byte ranges of the samples asked for, so each host of a
+pod fetches its own rows and nothing else.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import numpy as np
 from .errors import CheckpointError
 from .utils import storage
 from .utils.files import atomic_path
-from .weights.safetensors_io import SafetensorsFile, save_tensors
+from .weights.safetensors_io import RangedSafetensorsFile, SafetensorsFile, save_tensors
 
 FORMAT = "qwen-edit-jax/cached-samples"
 VERSION = 2  # the newest version written: 2 when some sample has a mask, else 1 (unchanged from before masks)
@@ -288,7 +292,7 @@ def write_cache(
 
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.as_path(path).open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -299,13 +303,12 @@ class CachedDataset:
     """Random access to a cached dataset folder; `ds[i]` → `CachedSample` (checked on read)."""
 
     def __init__(self, path: str | os.PathLike, *, verify: bool = False):
-        self.path = os.path.abspath(os.fspath(path))
-        mpath = os.path.join(self.path, MANIFEST)
-        if not os.path.isdir(self.path):
+        self.path = storage.normalize(path)
+        mpath = storage.join(self.path, MANIFEST)
+        if not storage.isdir(self.path):
             raise DataError(f"{self.path}: cached dataset folder not found")
         try:
-            with open(mpath, "rb") as f:
-                raw = f.read()
+            raw = storage.read_bytes(mpath)
             m = json.loads(raw)
         except FileNotFoundError:
             raise DataError(f"{mpath}: missing; {self.path} is not a complete cached dataset "
@@ -333,10 +336,11 @@ class CachedDataset:
         except (KeyError, TypeError, ValueError) as e:
             raise DataError(f"{mpath}: corrupt manifest, bad or missing field ({e!r})") from None
         for s in self.shards:
-            fp = os.path.join(self.path, s["file"])
-            if not os.path.exists(fp):
-                raise DataError(f"{fp}: shard missing from cached dataset {self.path}")
-            size = os.path.getsize(fp)
+            fp = storage.join(self.path, s["file"])
+            try:
+                size = storage.size(fp)
+            except FileNotFoundError:
+                raise DataError(f"{fp}: shard missing from cached dataset {self.path}") from None
             if size != s["bytes"]:
                 raise DataError(f"{fp}: shard is {size} bytes, the manifest says {s['bytes']} (truncated or replaced)")
         for info in self.infos:
@@ -350,6 +354,11 @@ class CachedDataset:
 
     def __len__(self) -> int:
         return len(self.infos)
+
+    @property
+    def bytes_fetched(self) -> int:
+        """Bytes read from a bucket so far (shard headers and samples; 0 for a local folder)."""
+        return sum(getattr(h, "bytes_read", 0) for h in self._handles.values())
 
     @property
     def has_masks(self) -> bool:
@@ -371,18 +380,20 @@ class CachedDataset:
 
             shards = tqdm(shards, desc="verify cache", unit="shard")
         for s in shards:
-            fp = os.path.join(self.path, s["file"])
+            fp = storage.join(self.path, s["file"])
             if _sha256(fp) != s["sha256"]:
                 raise DataError(f"{fp}: sha256 mismatch, the shard is corrupt")
 
-    def _handle(self, shard: int) -> SafetensorsFile:
+    def _handle(self, shard: int) -> SafetensorsFile | RangedSafetensorsFile:
+        """The shard's reader: memory-mapped (a local folder) or by byte ranges (`gs://`: the header once,
+        then each sample's bytes only)."""
         h = self._handles.get(shard)
         if h is None:
-            fp = os.path.join(self.path, self.shards[shard]["file"])
+            fp = storage.join(self.path, self.shards[shard]["file"])
             try:
-                h = SafetensorsFile(fp)
+                h = RangedSafetensorsFile(fp) if storage.is_remote(fp) else SafetensorsFile(fp)
             except CheckpointError as e:
-                if not os.path.exists(fp):
+                if not storage.exists(fp):
                     raise DataError(f"{fp}: shard missing from cached dataset {self.path}") from None
                 raise DataError(f"{fp}: corrupt shard, not a readable safetensors file ({e})") from None
             self._handles[shard] = h
@@ -392,7 +403,7 @@ class CachedDataset:
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample index {i} out of range for {len(self)} samples")
         info = self.infos[i]
-        fp = os.path.join(self.path, self.shards[info.shard]["file"])
+        fp = storage.join(self.path, self.shards[info.shard]["file"])
         where = f"sample {info.sample_id} (#{info.index}) in {fp}"
         names = [f"{info.key}.target", *(f"{info.key}.reference.{j}" for j in range(len(info.reference_shapes))),
                  f"{info.key}.prompt_embeds", f"{info.key}.prompt_mask"]
@@ -402,12 +413,13 @@ class CachedDataset:
             names.append(f"{info.key}.mask")
         with self._lock:
             h = self._handle(info.shard)
-            arrays = []
-            for n in names:
-                try:
-                    arrays.append(h.read(n))
-                except Exception as e:  # missing key or unreadable data
-                    raise DataError(f"{where}: cannot read tensor {n} ({e})") from None
+            missing = [n for n in names if n not in h]
+            if missing:
+                raise DataError(f"{where}: cannot read tensor {missing[0]} (not in the shard)")
+            try:
+                arrays = h.read_many(names)
+            except Exception as e:  # unreadable data
+                raise DataError(f"{where}: cannot read tensors {', '.join(names)} ({e})") from None
         if _crc(arrays) != info.crc32:
             raise DataError(f"{where}: checksum mismatch, the sample's data is corrupt")
         target, refs = arrays[0], arrays[1:1 + len(info.reference_shapes)]

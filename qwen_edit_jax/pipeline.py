@@ -31,6 +31,7 @@ whose component is gone raises a one-line error that says so.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import posixpath
@@ -60,7 +61,6 @@ from .preprocess import build_inputs
 from .preprocess.postprocess import check_max_sequence_length
 from .sampling import FlowMatchConfig, as_scheduler_config, read_scheduler_config, sample, sample_noise
 from .utils import storage
-from .utils.files import atomic_path
 
 VARIANT_OF_CLASS = {"QwenImageEditPipeline": "edit", "QwenImageEditPlusPipeline": "edit_plus"}
 COMPONENTS = ("text_encoder", "vae", "transformer")
@@ -140,15 +140,14 @@ def latents_to_images(vae: QwenImageVAE, latents: Any) -> list[Image.Image]:
 
 def save_png(path: str | os.PathLike, image: Image.Image, metadata: dict[str, Any] | None = None, *,
              overwrite: bool = False) -> str:
-    """Write a PNG atomically (temporary name, renamed when complete; file mode from the umask), with
-    `metadata` as text chunks."""
+    """Write a PNG atomically (a local file: temporary name, renamed when complete, file mode from the umask;
+    `gs://`: one whole-object upload), with `metadata` as text chunks."""
     info = PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), str(value))
-    path = os.path.abspath(os.fspath(path))
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-    return path
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return storage.write_bytes(path, buf.getvalue(), overwrite=overwrite)
 
 
 def random_seed() -> int:

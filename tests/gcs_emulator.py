@@ -18,9 +18,29 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 
+from gcp_storage_emulator.handlers import objects as _objects
 from gcp_storage_emulator.server import create_server
 
 BUCKET = "bkt"
+_download = _objects.download
+
+
+def _download_with_generation(request, response, storage, *args, **kwargs):
+    """The emulator's media download plus the `x-goog-generation` header Cloud Storage sends with it.
+
+    tensorstore's OCDBT driver (Orbax checkpoints) reads the generation of `manifest.ocdbt` from that header to
+    update it conditionally; without it, a save whose manifest is written twice failed now and then with
+    "Malformed StorageGeneration" (1 of 8 saves here; 0 of 16 with the header)."""
+    _download(request, response, storage, *args, **kwargs)
+    try:
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+    except Exception:  # not found: the original handler answered 404
+        return
+    response["x-goog-generation"] = str(obj["generation"])
+    response["x-goog-metageneration"] = str(obj["metageneration"])
+
+
+_objects.download = _download_with_generation  # `objects.get` (`?alt=media`, tensorstore's reads) calls it
 
 
 def _free_port() -> int:

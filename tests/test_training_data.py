@@ -12,6 +12,7 @@ import pytest
 from qwen_edit_jax.packing import pack_latents
 from qwen_edit_jax.cache_format import MANIFEST, CachedDataset, CachedSample, DataError, write_cache
 from qwen_edit_jax.training.data import BatchLoader, DatasetMix, text_bucket
+from qwen_edit_jax.utils import storage
 
 C, J = 16, 8
 
@@ -360,6 +361,56 @@ def test_bad_manifests(tmp_path, cache):
         json.dump(bad, f)
     with pytest.raises(DataError, match="corrupt manifest, bad or missing field"):
         CachedDataset(path)
+
+
+# ---- a cache in a bucket (gs:// on the tests' emulator) -----------------------------------------------
+def _arrays(s):
+    return [s.target, *s.references, s.prompt_embeds, s.prompt_mask, s.negative_prompt_embeds, s.negative_prompt_mask,
+            s.mask]
+
+
+def test_a_cache_on_gs_reads_as_the_local_one_each_host_fetching_only_its_rows(cache, gcs_dir):
+    """The same samples and batches as from the local folder; one sample read costs its shard's header and
+    its own bytes; two hosts each fetch only the samples of their rows."""
+    path, _ = cache
+    storage.upload_tree(path, gcs_dir, marker=MANIFEST)
+    local, remote = CachedDataset(path), CachedDataset(gcs_dir + "/", verify=True)
+    assert remote.path == gcs_dir and remote.fingerprint == local.fingerprint and remote.shards == local.shards
+    info = remote.infos[5]
+    got, want = remote[5], local[5]
+    for a, b in zip(_arrays(got), _arrays(want), strict=True):
+        assert (a is None and b is None) or (a.dtype == b.dtype and np.array_equal(a, b))
+    shard = os.path.join(path, local.shards[info.shard]["file"])
+    assert remote.bytes_fetched == _data_offset(shard) + sum(a.nbytes for a in _arrays(want) if a is not None)
+    kw = dict(batch_size=2, text_buckets=(8, 16), seed=3, prefetch=0)
+    whole = BatchLoader(local, **kw)
+    hosts = [BatchLoader(CachedDataset(gcs_dir), process_index=p, process_count=2, **kw) for p in (0, 1)]
+    for _ in range(whole.steps_per_epoch):
+        b, parts = next(whole), [next(h) for h in hosts]
+        for k, v in b.arrays.items():
+            np.testing.assert_array_equal(np.concatenate([p.arrays[k] for p in parts], axis=1), v)
+    total = sum(s["bytes"] for s in local.shards)
+    fetched = [h.dataset.datasets[0].bytes_fetched for h in hosts]
+    assert all(0 < f < 0.6 * total for f in fetched), (fetched, total)
+
+
+def test_a_damaged_cache_on_gs_names_the_sample_or_shard(cache, gcs_dir):
+    path, _ = cache
+    shards = CachedDataset(path).shards
+    first = os.path.join(path, shards[0]["file"])
+    data = bytearray(open(first, "rb").read())
+    data[_data_offset(first) + 5] ^= 0xFF
+    storage.upload_tree(path, gcs_dir, marker=MANIFEST)
+    storage.write_bytes(storage.join(gcs_dir, shards[0]["file"]), bytes(data))
+    with pytest.raises(DataError, match=r"sample s0 \(#0\) in gs://.*shard-00000\.safetensors: checksum mismatch"):
+        CachedDataset(gcs_dir)[0]
+    with pytest.raises(DataError, match=r"gs://.*shard-00000\.safetensors: sha256 mismatch"):
+        CachedDataset(gcs_dir, verify=True)
+    storage.as_path(storage.join(gcs_dir, shards[1]["file"])).unlink()
+    with pytest.raises(DataError, match=r"gs://.*shard-00001\.safetensors: shard missing"):
+        CachedDataset(gcs_dir)
+    with pytest.raises(DataError, match=f"^{gcs_dir}-nope: cached dataset folder not found$"):
+        CachedDataset(gcs_dir + "-nope")
 
 
 def test_write_validates_samples(tmp_path):

@@ -3,8 +3,8 @@
 # all started at once by `gcloud compute tpus tpu-vm ssh --worker=all`. The processes find each
 # other through jax.distributed (QWEN_EDIT_JAX_DISTRIBUTED=1 → JAX's TPU auto-detection), build
 # one mesh over all chips, each reads only its own weight shards and batch rows, and Orbax
-# checkpoints are written by all hosts together (checkpoint/output dirs must be on shared storage,
-# an NFS / Filestore / gcsfuse mount visible to every worker; URLs such as gs:// are refused).
+# checkpoints are written by all hosts together. --output-dir and data.path are gs:// URLs (or paths on
+# storage every worker sees, such as an NFS / Filestore mount); each host reads only its rows of the cache.
 #
 # Usage:
 #   train/launch_tpu_pod.sh TPU_NAME ZONE CONFIG.yaml --output-dir DIR [key=value ...]

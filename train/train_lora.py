@@ -9,7 +9,8 @@ Re-running the same command on the same output directory resumes from its newest
 checkpoint; the learning-rate schedule keeps its length unless optim.schedule_steps says otherwise.
 Writes DIR/run.json, DIR/metrics.jsonl, DIR/tensorboard/, DIR/validation/ (before/after grids of
 validation.prompts), DIR/checkpoints/, DIR/lora_diffusers.safetensors; a run that
-fails before its first checkpoint leaves no DIR behind (unless DIR existed before).
+fails before its first checkpoint leaves no DIR behind (unless DIR existed before). DIR, data.path and
+data.datasets[].path may be gs://bucket/prefix URLs (docs/training.md).
 
 Exit codes: 0 done, 2 bad config/data/checkpoint/paths, 3 non-finite loss, 75 preempted (SIGTERM: the step
 in progress was finished and checkpointed by every host, nothing exported; run the same command to resume).
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from qwen_edit_jax.training.config import ConfigError, load_config
     from qwen_edit_jax.cache_format import DataError
     from qwen_edit_jax.training.loop import NonFiniteLossError, TrainingPreempted, train
-    from qwen_edit_jax.utils.files import check_output_dir
+    from qwen_edit_jax.utils.storage import check_output
 
     overrides = list(args.overrides)
     if args.max_steps is not None:
@@ -68,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plan is not None:
         return _plan(args.config, overrides, args.plan, args.json)
     try:
-        check_output_dir(args.output_dir, "--output-dir")
+        check_output(args.output_dir, "--output-dir")
+    except (OSError, ValueError) as e:  # a file in the way, or a URL scheme other than gs://
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    try:
         initialize()  # multi-host jobs (TPU pods, SLURM, JAX_* env): before anything touches devices
         cfg = load_config(args.config, overrides)
         result = train(cfg, args.output_dir)

@@ -7,7 +7,8 @@ the update count).
 Orbax writes each step into a temporary directory and renames it when every item is on disk, so
 a process killed mid-save leaves only a temporary directory, which is ignored (and removed) on
 the next start; resuming picks the newest *complete* step. Only the last `keep` steps are kept,
-and an older one is deleted only after a newer one is complete.
+and an older one is deleted only after a newer one is complete. On a `gs://` bucket (no rename) Orbax
+writes the step's objects in place and its `commit_success.txt` last; a step without it is not complete.
 """
 
 from __future__ import annotations
@@ -19,20 +20,21 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ..utils import storage
 from .ema import EmaState
 
 class TrainCheckpointer:
     """Save / restore the training state under `directory/<step>/{lora, opt_state, meta[, ema]}`."""
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = storage.normalize(directory)  # a local folder or a gs:// prefix
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             create=True,
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(storage.as_path(self.directory), options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -86,7 +88,7 @@ class TrainCheckpointer:
 
     def has_ema(self, step: int) -> bool:
         """Whether checkpoint `step` holds an `ema` item (saved with `train.ema_decay` set)."""
-        return os.path.isdir(os.path.join(self.directory, str(step), "ema"))
+        return storage.isdir(storage.join(self.directory, str(step), "ema"))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

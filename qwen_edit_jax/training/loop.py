@@ -5,6 +5,7 @@ Outputs in `output_dir`: `run.json` (the resolved config, readable again with `-
 grids), `validation/step_NNNNNN.png` (before/after edit grids, `training/validation.py`),
 `checkpoints/<step>/` (Orbax), and at the end `lora_<format>.safetensors` (standard separate q/k/v
 LoRA, via `qwen_edit_jax.lora.adapters`; with `train.ema_decay` also `lora_<format>_ema.safetensors`).
+`output_dir` may be a `gs://` prefix (the same layout, written through `utils.storage` and Orbax).
 Running the same command again on the same `output_dir` resumes from the newest complete
 checkpoint; the data order, noise and timesteps depend only on (seed, step), so a resumed run
 ends with bit-identical LoRA weights on the same hardware.
@@ -18,8 +19,8 @@ import importlib.util
 import json
 import math
 import os
-import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,7 +37,7 @@ from ..loading import load_transformer
 from ..lora.adapters import load_lora_into_adapters, lora_tensors, write_lora_tensors
 from ..parallel import batch_sharding, distributed, init_opt_state, make_mesh
 from ..parallel.preemption import PreemptionWatcher, deadline
-from ..utils.files import atomic_path, check_output_dir
+from ..utils import storage
 from .checkpoint import TrainCheckpointer
 from .config import RUN_INFO_KEY, ConfigError, TrainConfig
 from .data import BatchLoader, DatasetMix, require_empty_prompts
@@ -84,14 +85,14 @@ class TrainResult:
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Absolute input paths (run.json must name the base checkpoint unambiguously)."""
-    model = dataclasses.replace(cfg.model, path=os.path.abspath(cfg.model.path))
+    """Absolute input paths (run.json must name the base checkpoint unambiguously); `gs://` URLs as written."""
+    model = dataclasses.replace(cfg.model, path=storage.normalize(cfg.model.path))
     data = dataclasses.replace(
-        cfg.data, path=cfg.data.path and os.path.abspath(cfg.data.path),
-        datasets=tuple(dataclasses.replace(e, path=os.path.abspath(e.path)) for e in cfg.data.datasets))
+        cfg.data, path=cfg.data.path and storage.normalize(cfg.data.path),
+        datasets=tuple(dataclasses.replace(e, path=storage.normalize(e.path)) for e in cfg.data.datasets))
     lora = cfg.lora
     if lora.init_from:
-        lora = dataclasses.replace(lora, init_from=os.path.abspath(lora.init_from))
+        lora = dataclasses.replace(lora, init_from=storage.normalize(lora.init_from))
     v = cfg.validation
     validation = dataclasses.replace(
         v, repo=v.repo and os.path.abspath(v.repo),
@@ -110,7 +111,7 @@ def check_inputs(cfg: TrainConfig) -> None:
         _require_path(key, path)
     if cfg.lora.init_from:
         _require_path("lora.init_from", cfg.lora.init_from)
-        if not os.path.isfile(cfg.lora.init_from):
+        if storage.isdir(cfg.lora.init_from):
             raise ConfigError(f"lora.init_from: {cfg.lora.init_from} is not a LoRA file")
     check_validation_inputs(cfg)
     if cfg.log.wandb is not None and importlib.util.find_spec("wandb") is None:
@@ -119,7 +120,11 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 
 def _require_path(key: str, path: str) -> None:
-    if os.path.lexists(path):
+    try:
+        storage.check_scheme(path, key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if storage.exists(path) if storage.is_remote(path) else os.path.lexists(path):
         return
     parts = os.path.normpath(path).split(os.sep)
     hint = ""
@@ -130,9 +135,9 @@ def _require_path(key: str, path: str) -> None:
 
 
 def _has_checkpoint(output_dir: str) -> bool:
-    """A complete Orbax step (a purely numeric folder) exists under output_dir/checkpoints."""
-    d = os.path.join(output_dir, CHECKPOINT_DIR)
-    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+    """An Orbax step (a purely numeric folder; on a bucket perhaps not committed) exists under
+    output_dir/checkpoints."""
+    return any(n.isdigit() for n in storage.listdir(storage.join(output_dir, CHECKPOINT_DIR)))
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -159,9 +164,7 @@ def config_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+    storage.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def open_datasets(cfg: TrainConfig) -> DatasetMix:
@@ -198,12 +201,13 @@ def export_lora(model: nnx.Module, output_dir: str, cfg: TrainConfig, *, suffix:
     paths = []
     for fmt in cfg.export_formats():
         tensors = lora_tensors(model, format=fmt, dtype=cfg.export.dtype)
-        path = os.path.join(output_dir, f"lora_{fmt}{suffix}.safetensors")
+        path = storage.join(output_dir, f"lora_{fmt}{suffix}.safetensors")
         if jax.process_index() == 0:
             meta = {"qwen_edit_jax.base_model": cfg.model.path}
             if suffix == "_ema":
                 meta["qwen_edit_jax.ema_decay"] = str(cfg.train.ema_decay)
-            write_lora_tensors(path, tensors, format=fmt, metadata=meta)
+            with storage.staged_file(path) as tmp:  # a bucket: written locally, uploaded whole
+                write_lora_tensors(tmp, tensors, format=fmt, metadata=meta)
         paths.append(path)
     return paths
 
@@ -211,23 +215,28 @@ def export_lora(model: nnx.Module, output_dir: str, cfg: TrainConfig, *, suffix:
 def train(cfg: TrainConfig, output_dir: str | os.PathLike, *, log: Callable[[str], None] | None = None) -> TrainResult:
     """Run (or resume) the LoRA training described by `cfg` into `output_dir`.
 
-    Inputs are checked before anything is written; a run that fails before its first checkpoint
-    removes the output folder if this call created it (an existing folder is never removed). A SIGTERM
-    (preemption notice) ends the run after the step in progress with that step checkpointed on every
-    process: `TrainingPreempted`, nothing exported; calling `train` again resumes (`parallel.preemption`).
+    `output_dir` is a local folder or a `gs://` prefix. Inputs are checked before anything is written; a run
+    that fails before its first checkpoint removes the output folder if this call created it (an existing
+    folder is never removed). A SIGTERM (preemption notice) ends the run after the step in progress with that
+    step checkpointed on every process: `TrainingPreempted`, nothing exported; calling `train` again resumes
+    (`parallel.preemption`).
     """
     is_main = jax.process_index() == 0
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True) if is_main else None)
-    output_dir = check_output_dir(output_dir, "output_dir")
+    output_dir = storage.check_output(output_dir, "output_dir")
     check_inputs(cfg)
     cfg = resolve_paths(cfg)
-    created = not os.path.lexists(output_dir)
-    os.makedirs(output_dir, exist_ok=True)
+    created = not storage.exists(output_dir)
+    if not storage.is_remote(output_dir):  # a bucket has no folders: objects make their prefix
+        os.makedirs(output_dir, exist_ok=True)
     try:
         return _train(cfg, output_dir, log, is_main)
     except BaseException:
         if created and is_main and not _has_checkpoint(output_dir):
-            shutil.rmtree(output_dir, ignore_errors=True)  # nothing a resume could use: leave no folder behind
+            try:  # nothing a resume could use: leave no folder behind
+                storage.remove_tree(output_dir)
+            except OSError:
+                pass
         raise
 
 
@@ -239,7 +248,7 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
     mesh = _make_mesh(cfg)
     with contextlib.ExitStack() as stack:
         ckpt = stack.enter_context(contextlib.closing(TrainCheckpointer(
-            os.path.join(output_dir, CHECKPOINT_DIR), keep=cfg.train.keep_checkpoints,
+            storage.join(output_dir, CHECKPOINT_DIR), keep=cfg.train.keep_checkpoints,
             async_save=cfg.train.async_checkpointing)))
         resumed = ckpt.latest_step()
         # from here a SIGTERM ends the run at a step boundary with a checkpoint (`TrainingPreempted`)
@@ -253,7 +262,7 @@ def _train(cfg: TrainConfig, output_dir: str, log: Callable[[str], None], is_mai
         if mesh is None:  # committed to the device, as a restored checkpoint is: a resumed run compiles the same
             params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])  # program (cache hit)
         loader = stack.enter_context(contextlib.closing(_open_loader(cfg, dataset, local_rows, log)))
-        run_path = os.path.join(output_dir, RUN_JSON)
+        run_path = storage.join(output_dir, RUN_JSON)
         rng, start, schedule_steps = jax.random.key(cfg.train.seed), 0, cfg.optim.schedule_steps or cfg.train.max_steps
         if resumed is not None:
             params, opt_state, rng, start, schedule_steps = _resume(cfg, ckpt, resumed, params, opt_state, loader,
@@ -459,7 +468,11 @@ def _load_model(cfg: TrainConfig, dataset: DatasetMix, mesh: Any):
     model = load_transformer(cfg.model.path, options=options, mesh=mesh, lora_seed=cfg.lora.seed)
     check_data_matches_model(dataset, model.config)
     if cfg.lora.init_from:
-        load_lora_into_adapters(model, cfg.lora.init_from)
+        with tempfile.TemporaryDirectory(prefix="qwen-edit-jax-lora-") as d:
+            src = cfg.lora.init_from
+            if storage.is_remote(src):  # one small file: read from a local copy
+                src = storage.download_file(src, os.path.join(d, "init.safetensors"))
+            load_lora_into_adapters(model, src)
     local_rows = None
     if mesh is not None:
         local_rows = distributed.local_batch_rows(batch_sharding(mesh, cfg.data.batch_size), cfg.data.batch_size)
@@ -481,9 +494,8 @@ def _resume(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, o
 
 def _restore(cfg: TrainConfig, ckpt: TrainCheckpointer, step: int, params: Any, opt_state: Any, run_path: str,
              log: Callable[[str], None]) -> tuple[Any, Any, dict[str, Any]]:
-    if os.path.exists(run_path):
-        with open(run_path) as f:
-            old = {k: v for k, v in json.load(f).items() if k != RUN_INFO_KEY}
+    if storage.exists(run_path):
+        old = {k: v for k, v in json.loads(storage.read_text(run_path)).items() if k != RUN_INFO_KEY}
         changes = config_changes(old, cfg.to_dict())
         if changes:
             log(f"warning: resuming with a changed config: {'; '.join(changes)}")

@@ -11,19 +11,24 @@ wandb (`log.wandb`, `pip install wandb`): the same tags as TensorBoard, files un
 config; a resumed run continues the same wandb run (its id is kept in `DIR/wandb_run_id`). wandb cannot
 drop points, so steps logged after the last checkpoint before a kill stay, and wandb ignores the rerun's
 points at those steps.
+
+On a `gs://` output dir: metrics.jsonl is rewritten whole at every write (objects cannot be appended to,
+and the object must always be complete JSONL); tensorboardX writes its event files there itself (through
+google-cloud-storage: it uploads the whole events file at each flush); wandb keeps its files in a local
+temporary folder (it syncs them to its server), only the run id goes to the bucket.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import tempfile
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from tensorboardX import SummaryWriter
 
-from ..utils.files import atomic_path
+from ..utils import storage
 from .config import WandbSection
 
 METRICS = "metrics.jsonl"
@@ -33,33 +38,42 @@ _VALIDATION_KEYS = ("validation_distance",)
 
 
 class MetricsLog:
-    """Append-only JSONL; on (re)start, lines after the resumed step are dropped (atomic rewrite)."""
+    """Append-only JSONL; on (re)start, lines after the resumed step are dropped (atomic rewrite).
+
+    A local file is appended to; an object in a bucket is rewritten whole at each `write` (from the lines
+    kept in memory), so it is complete JSONL at every moment."""
 
     def __init__(self, path: str, keep_until: int, enabled: bool = True):
         self.path, self.enabled = path, enabled
+        self.remote = storage.is_remote(path)
         if not enabled:
             return
         kept = []
-        if os.path.exists(path):
-            with open(path) as f:
-                for line in f:
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by a kill
-                        continue
-                    if rec.get("step", 0) <= keep_until:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-        with atomic_path(path, overwrite=True) as tmp, open(tmp, "w") as f:
-            f.writelines(kept)
-        self._f = open(path, "a")
+        if storage.exists(path):
+            for line in storage.read_text(path).splitlines(keepends=True):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a kill
+                    continue
+                if rec.get("step", 0) <= keep_until:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        storage.write_text(path, "".join(kept))
+        self._lines = kept if self.remote else None
+        self._f = None if self.remote else open(path, "a")
 
     def write(self, rec: dict[str, Any]) -> None:
-        if self.enabled:
-            self._f.write(json.dumps(rec) + "\n")
+        if not self.enabled:
+            return
+        line = json.dumps(rec) + "\n"
+        if self.remote:
+            self._lines.append(line)
+            storage.write_text(self.path, "".join(self._lines))
+        else:
+            self._f.write(line)
             self._f.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self._f is not None:
             self._f.close()
 
 
@@ -69,21 +83,21 @@ def scalar_tag(key: str) -> str:
 
 
 def open_wandb(output_dir: str, cfg: WandbSection, config: dict[str, Any] | None, resumed: bool) -> Any:
-    """A wandb run writing under `output_dir/wandb`; a resumed run continues the run id kept in the folder."""
+    """A wandb run writing under `output_dir/wandb` (a bucket: under a local temporary folder); a resumed run
+    continues the run id kept in the output dir."""
     try:
         import wandb  # optional: only runs with log.wandb need it
     except ImportError:
         raise ImportError("log.wandb is set but the wandb package is not installed: pip install wandb "
                           "(or pip install 'qwen-edit-jax[wandb]')") from None
-    id_path = os.path.join(output_dir, WANDB_ID)
+    id_path = storage.join(output_dir, WANDB_ID)
     run_id = None
-    if resumed and os.path.exists(id_path):
-        with open(id_path) as f:
-            run_id = f.read().strip() or None
-    run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode, dir=output_dir,
+    if resumed and storage.exists(id_path):
+        run_id = storage.read_text(id_path).strip() or None
+    files = tempfile.mkdtemp(prefix="qwen-edit-jax-wandb-") if storage.is_remote(output_dir) else output_dir
+    run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, mode=cfg.mode, dir=files,
                      config=config, id=run_id, resume="allow" if run_id else None)
-    with atomic_path(id_path, overwrite=True) as tmp, open(tmp, "w") as f:
-        f.write(run.id + "\n")
+    storage.write_text(id_path, run.id + "\n")
     return run
 
 
@@ -96,11 +110,11 @@ class RunLog:
 
     def __init__(self, output_dir: str, *, resumed_step: int, enabled: bool, tensorboard: bool,
                  wandb: WandbSection | None = None, config: dict[str, Any] | None = None):
-        self.metrics = MetricsLog(os.path.join(output_dir, METRICS), keep_until=resumed_step, enabled=enabled)
+        self.metrics = MetricsLog(storage.join(output_dir, METRICS), keep_until=resumed_step, enabled=enabled)
         self.writer = self.wandb = None
         if enabled and tensorboard:
             # purge_step: events at steps > the resumed one (written after the last checkpoint) are hidden
-            self.writer = SummaryWriter(os.path.join(output_dir, TENSORBOARD_DIR), purge_step=resumed_step + 1)
+            self.writer = SummaryWriter(storage.join(output_dir, TENSORBOARD_DIR), purge_step=resumed_step + 1)
         if enabled and wandb is not None:
             self.wandb = open_wandb(output_dir, wandb, config, resumed=resumed_step > 0)
 

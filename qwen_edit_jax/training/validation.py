@@ -37,6 +37,7 @@ from ..imaging import as_pil, output_dims, to_numpy_images, to_uint8
 from ..parallel import distributed
 from ..pipeline import QwenImageEditPipeline, save_png
 from ..sampling import QWEN_IMAGE_SCHEDULER, FlowMatchConfig, read_scheduler_config, validation_distance
+from ..utils import storage
 from .config import ConfigError, TrainConfig, ValidationPrompt
 
 VALIDATION_DIR = "validation"
@@ -54,6 +55,9 @@ def validation_repo(cfg: TrainConfig) -> str:
             raise ConfigError(f"validation.repo={v.repo}: not a diffusers Qwen-Image-Edit repo folder "
                               f"(no model_index.json)")
         return v.repo
+    if storage.is_remote(cfg.model.path):
+        raise ConfigError(f"validation.prompts needs the pipeline's text encoder, VAE and processor: set validation.repo "
+                          f"to a local Qwen-Image-Edit repo folder (model.path {cfg.model.path} is in a bucket)")
     parent = os.path.dirname(os.path.abspath(cfg.model.path).rstrip(os.sep))
     if os.path.isfile(os.path.join(parent, "model_index.json")):
         return parent
@@ -237,7 +241,7 @@ class Validation:
         self.cfg, self.images, self.graphdef, self.mesh, self.write = cfg, images, graphdef, mesh, write
         self.samples = [dataset[i] for i in v.samples]
         self.scheduler = validation_scheduler(cfg) or QWEN_IMAGE_SCHEDULER
-        self.folder = os.path.join(output_dir, VALIDATION_DIR)
+        self.folder = storage.join(output_dir, VALIDATION_DIR)
 
     def __call__(self, step: int, params: Any, base: Any) -> tuple[dict[str, Any], Image.Image | None, str | None]:
         """(metrics, grid image or None, its PNG path or None) for `step`."""
@@ -250,9 +254,8 @@ class Validation:
             metrics = {"validation_distance": float(np.mean(d)), "validation_per_sample": d}
         if self.images is not None:
             grid = self.images.run(step, self.graphdef, params, base)
-            path = os.path.join(self.folder, f"step_{step:06d}.png")
+            path = storage.join(self.folder, f"step_{step:06d}.png")
             if self.write:
-                os.makedirs(self.folder, exist_ok=True)
                 save_png(path, grid, {"step": step, "prompts": " | ".join(e.prompt for e in self.images.edits)},
                          overwrite=True)
         return metrics, grid, path

@@ -16,11 +16,14 @@ google-cloud clients, `TENSORSTORE_GCS_HTTP_URL` for tensorstore; nothing here k
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import posixpath
 import shutil
-from collections.abc import Callable, Iterator
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 
+import fsspec
 from etils import epath
 from etils.epath import backend as epath_backend
 
@@ -110,6 +113,19 @@ def files_under(path: str | os.PathLike) -> list[str]:
         rel = posixpath.relpath(os.fspath(root).removeprefix(REMOTE_PREFIX), base).replace(os.sep, "/")
         out += [name if rel == "." else f"{rel}/{name}" for name in files]
     return sorted(out)
+def read_ranges(path: str | os.PathLike, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes `[start, end)` of each range of one file; for an object, only those bytes are fetched
+    (HTTP range requests, sent concurrently by gcsfs)."""
+    path = normalize(path)
+    if is_remote(path):
+        fs, name = fsspec.core.url_to_fs(path)
+        return fs.cat_ranges([name] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+    out = []
+    with open(path, "rb") as f:
+        for a, b in ranges:
+            f.seek(a)
+            out.append(f.read(b - a))
+    return out
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -149,6 +165,23 @@ def upload_file(local: str | os.PathLike, url: str, *, overwrite: bool = True) -
     with open(local, "rb") as src, as_path(url).open("wb") as dst:
         shutil.copyfileobj(src, dst, _COPY_CHUNK)
     return url
+
+
+@contextlib.contextmanager
+def staged_file(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[str]:
+    """A local file name for a writer that needs one; on success it becomes `path`: a local `path` through
+    `files.atomic_path` (temporary name + rename), a `gs://` object by one whole upload of the finished file."""
+    path = normalize(path)
+    if not is_remote(path):
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    if not overwrite and exists(path):
+        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+    with tempfile.TemporaryDirectory(prefix="qwen-edit-jax-upload-") as d:
+        tmp = os.path.join(d, path.rsplit("/", 1)[-1])
+        yield tmp
+        upload_file(tmp, path)
 
 
 def download_file(url: str, local: str | os.PathLike, *, on_bytes: Callable[[int], None] | None = None) -> str:

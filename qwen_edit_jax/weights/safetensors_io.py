@@ -3,7 +3,8 @@
 `TensorSource` opens a transformer folder (config.json + one file, or shards + index), or a
 single .safetensors file, and hands out numpy arrays (bf16 via ml_dtypes) one at a time or as
 slices, so no caller ever needs the whole checkpoint in memory. `save_tensors` / `load_tensors`:
-whole small files held in memory (cache shards, sampled latents).
+whole small files held in memory (cache shards, sampled latents). `RangedSafetensorsFile`: a file in a
+bucket read by byte ranges (the training cache on `gs://`), through the same header parser.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy; safetensors needs it)
@@ -20,6 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..errors import CheckpointError
+from ..utils import storage
 from ..utils.files import atomic_path
 from .arrays import transpose_2d
 from .buffers import drop_cached
@@ -53,7 +55,73 @@ def st_dtype(dtype: object) -> str:
         raise ValueError(f"dtype {name} cannot be stored in safetensors") from None
 
 
-class SafetensorsFile:
+TensorInfo = tuple[np.dtype, tuple[int, ...], int, str]  # dtype, shape, offset in the data section, st dtype
+
+
+def parse_header(path: str, size: int, read: Callable[[int, int], bytes]) -> tuple[dict[str, str], int,
+                                                                                  dict[str, TensorInfo]]:
+    """A safetensors file's header, validated against the file's `size`: (metadata, data start, tensors).
+
+    `read(start, end)` returns the file's bytes [start, end) (a local file or ranges of an object).
+    """
+    if size < 8:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", read(0, 8))
+    if n > size - 8 or n > _MAX_HEADER:
+        raise CheckpointError(f"{path}: not a readable safetensors file (header length {n} does not fit "
+                              f"the file's {size} bytes: truncated or not safetensors)")
+    try:
+        header = json.loads(read(8, 8 + n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (header: {e})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_size = size - data_start
+    info: dict[str, TensorInfo] = {}
+    for key, entry in header.items():
+        try:
+            st, shape, (b, e) = entry["dtype"], tuple(int(x) for x in entry["shape"]), entry["data_offsets"]
+            dt = np.dtype(ST_TO_NUMPY[st])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {key!r} has an invalid header entry {entry!r}") from None
+        if not 0 <= b <= e or e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
+            raise CheckpointError(f"{path}: tensor {key!r} header is inconsistent (shape {list(shape)} "
+                                  f"{st}, offsets {[b, e]})")
+        if e > data_size:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated: tensor {key!r} ends at "
+                                  f"byte {data_start + e}, the file has {size})")
+        info[key] = (dt, shape, b, st)
+    return metadata, data_start, info
+
+
+class _Header:
+    """What both readers know from the header: names, shapes, dtypes."""
+
+    _info: dict[str, TensorInfo]
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._info
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info[key][1]
+
+    def st_dtype(self, key: str) -> str:
+        return self._info[key][3]
+
+    def read(self, key: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def read_many(self, keys: Sequence[str]) -> list[np.ndarray]:
+        """Copies of the tensors `keys`, in order."""
+        return [self.read(k) for k in keys]
+
+
+class SafetensorsFile(_Header):
     """One safetensors file, memory-mapped, with a validated header.
 
     Reads copy only the requested slice out of the mapping and then drop the mapping's pages
@@ -75,45 +143,13 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: cannot open ({e})") from None
         with f:
             size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes)")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8 or n > _MAX_HEADER:
-                raise CheckpointError(f"{path}: not a readable safetensors file (header length {n} does not fit "
-                                      f"the file's {size} bytes: truncated or not safetensors)")
-            try:
-                header = json.loads(f.read(n))
-                if not isinstance(header, dict):
-                    raise ValueError("header is not a JSON object")
-            except ValueError as e:
-                raise CheckpointError(f"{path}: not a readable safetensors file (header: {e})") from None
-            self.metadata = header.pop("__metadata__", None) or {}
-            self.data_start = 8 + n
-            data_size = size - self.data_start
-            self._info: dict[str, tuple[np.dtype, tuple[int, ...], int, str]] = {}
-            for key, info in header.items():
-                try:
-                    st, shape, (b, e) = info["dtype"], tuple(int(x) for x in info["shape"]), info["data_offsets"]
-                    dt = np.dtype(ST_TO_NUMPY[st])
-                except (KeyError, TypeError, ValueError):
-                    raise CheckpointError(f"{path}: tensor {key!r} has an invalid header entry {info!r}") from None
-                if not 0 <= b <= e or e - b != int(np.prod(shape, dtype=np.int64)) * dt.itemsize:
-                    raise CheckpointError(f"{path}: tensor {key!r} header is inconsistent (shape {list(shape)} "
-                                          f"{st}, offsets {[b, e]})")
-                if e > data_size:
-                    raise CheckpointError(f"{path}: not a readable safetensors file (truncated: tensor {key!r} ends at "
-                                          f"byte {self.data_start + e}, the file has {size})")
-                self._info[key] = (dt, shape, b, st)
+
+            def read(start: int, end: int) -> bytes:
+                f.seek(start)
+                return f.read(end - start)
+
+            self.metadata, self.data_start, self._info = parse_header(path, size, read)
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > self.data_start else None
-
-    def keys(self) -> list[str]:
-        return list(self._info)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._info[key][1]
-
-    def st_dtype(self, key: str) -> str:
-        return self._info[key][3]
 
     def _madvise(self, advice: int, start: int, length: int) -> None:
         try:
@@ -151,6 +187,54 @@ class SafetensorsFile:
         if self.stream:
             drop_cached(self.path, sync=False, offset=lo, length=start + nbytes - lo)
         return out
+
+
+class RangedSafetensorsFile(_Header):
+    """One safetensors file read by byte ranges (a `gs://` object, `utils.storage.read_ranges`): the header
+    once, then only the bytes of the tensors asked for — a host reads its samples of a cache shard, not the
+    shard. `read_many` fetches adjacent tensors as one range, the ranges of one call concurrently.
+    `bytes_read` counts every byte fetched (header included)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.bytes_read = 0
+        try:
+            size = storage.size(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: file not found") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open ({e})") from None
+        self.metadata, self.data_start, self._info = parse_header(path, size, lambda a, b: self._fetch([(a, b)])[0])
+
+    def _fetch(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        out = storage.read_ranges(self.path, ranges)
+        self.bytes_read += sum(len(b) for b in out)
+        return out
+
+    def read(self, key: str) -> np.ndarray:
+        return self.read_many([key])[0]
+
+    def read_many(self, keys: Sequence[str]) -> list[np.ndarray]:
+        spans = []  # (start, end, key): each tensor's bytes in the file
+        for k in dict.fromkeys(keys):
+            dt, shape, off, _ = self._info[k]
+            start = self.data_start + off
+            spans.append((start, start + int(np.prod(shape, dtype=np.int64)) * dt.itemsize, k))
+        ranges: list[tuple[int, int, list]] = []  # adjacent tensors merged into one range
+        for a, b, k in sorted(spans):
+            if ranges and a <= ranges[-1][1]:
+                ranges[-1] = (ranges[-1][0], max(b, ranges[-1][1]), ranges[-1][2] + [(a, b, k)])
+            else:
+                ranges.append((a, b, [(a, b, k)]))
+        arrays = {}
+        for (start, end, members), blob in zip(ranges, self._fetch([(a, b) for a, b, _ in ranges])):
+            if len(blob) != end - start:
+                raise CheckpointError(f"{self.path}: truncated (bytes {start}-{end} gave {len(blob)})")
+            for a, _, k in members:
+                dt, shape, _, _ = self._info[k]
+                n = int(np.prod(shape, dtype=np.int64))
+                arrays[k] = np.frombuffer(blob, dt, count=n, offset=a - start).reshape(shape).copy()
+        return [arrays[k] for k in keys]
 
 
 class TensorSource:
