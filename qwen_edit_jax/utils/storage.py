@@ -23,7 +23,6 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
-import fsspec
 from etils import epath
 from etils.epath import backend as epath_backend
 
@@ -76,7 +75,17 @@ def refresh(path: str | os.PathLike) -> None:
     """Forget gcsfs's cached listings at and under a `gs://` path (another process or tensorstore may have
     written there since this process listed it); nothing to do for a local path."""
     if is_remote(path):
-        epath_backend.fsspec_backend.fs(os.fspath(path)).invalidate_cache(normalize(path)[len(REMOTE_PREFIX):])
+        _fs(path).invalidate_cache(_object_name(path))
+
+
+def _fs(path: str | os.PathLike):
+    """The fsspec filesystem epath uses for `path` (gcsfs for `gs://`): one client, one listing cache."""
+    return epath_backend.fsspec_backend.fs(os.fspath(path))
+
+
+def _object_name(path: str | os.PathLike) -> str:
+    """`bucket/name` of a `gs://` URL, as gcsfs names objects."""
+    return normalize(path)[len(REMOTE_PREFIX):]
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -118,8 +127,8 @@ def read_ranges(path: str | os.PathLike, ranges: Sequence[tuple[int, int]]) -> l
     (HTTP range requests, sent concurrently by gcsfs)."""
     path = normalize(path)
     if is_remote(path):
-        fs, name = fsspec.core.url_to_fs(path)
-        return fs.cat_ranges([name] * len(ranges), [a for a, _ in ranges], [b for _, b in ranges])
+        return _fs(path).cat_ranges([_object_name(path)] * len(ranges), [a for a, _ in ranges],
+                                    [b for _, b in ranges])
     out = []
     with open(path, "rb") as f:
         for a, b in ranges:
@@ -196,24 +205,16 @@ def download_file(url: str, local: str | os.PathLike, *, on_bytes: Callable[[int
     return local
 
 
-def _files_under(folder: str) -> Iterator[str]:
-    """Relative paths of the files under a local folder, sorted."""
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            yield os.path.relpath(os.path.join(root, name), folder)
-
-
 def upload_tree(local_dir: str | os.PathLike, url: str, *, marker: str) -> str:
     """Copy a complete local folder to the prefix `url`, its `marker` file last (the commit marker:
     readers take the prefix as complete only when the marker exists). Returns `url`."""
     local_dir = os.fspath(local_dir)
     url = normalize(url)
-    rels = [r for r in _files_under(local_dir) if r != marker]
+    rels = [r for r in files_under(local_dir) if r != marker]
     if not os.path.isfile(os.path.join(local_dir, marker)):
         raise FileNotFoundError(f"{local_dir}: no {marker} to commit the upload with")
     for rel in rels + [marker]:
-        upload_file(os.path.join(local_dir, rel), join(url, *rel.split(os.sep)))
+        upload_file(os.path.join(local_dir, *rel.split("/")), join(url, rel))
     return url
 
 
