@@ -1,9 +1,6 @@
-"""The jitted LoRA step: only LoRA params train, accumulation averages, remat/dtypes, donation, mesh."""
+"""The jitted LoRA step: only LoRA params train, accumulation averages, a bf16 base, donation, clipping."""
 
 from __future__ import annotations
-
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +15,6 @@ from qwen_edit_jax.testing.batches import train_batch
 from qwen_edit_jax.training.config import ObjectiveSection, OptimSection
 from qwen_edit_jax.training.objective import flow_matching_loss, timestep_table
 from qwen_edit_jax.training.step import make_optimizer, make_schedule, make_train_step, split_lora
-from tests.background import Job
 
 TINY = q.preset("tiny")
 SHAPES = ((1, 2, 3), (1, 3, 2))
@@ -86,27 +82,20 @@ def test_grad_accumulation_averages_micro_batches():
 
 
 @pytest.mark.slow
-def test_remat_and_bf16_base():
-    """remat policies give the same step as no remat (fp32); a bf16 base keeps fp32 LoRA params.
+def test_bf16_base_keeps_fp32_lora_params():
+    """A bf16 base (with full remat) keeps fp32 LoRA params and computes the fp32 model's loss on the rounded
+    weights.
 
-    (bf16 *activations* are exercised on GPU/TPU only: XLA:CPU's DotThunk cannot run the backward
-    pass's bf16 x bf16 -> f32 batched dots.)
+    (That every remat policy gives the values and gradients of no remat is tests/test_transformer.py's
+    test_remat_policies_same_values_and_grads, on the model the step differentiates. bf16 *activations* are
+    exercised on GPU/TPU only: XLA:CPU's DotThunk cannot run the backward pass's bf16 x bf16 -> f32 batched
+    dots.)
     """
-    # SGD with rate 1: the update is −gradient, compared leaf by leaf. (Adam's first step, g/(|g|+eps),
-    # would turn 1e-9 of fp32 reordering noise in a gradient element near eps into a 1e-6 difference.)
+    # SGD with rate 1, no donation: the program test_step_accepts_img_shapes_per_sample_or_once compiles
     sgd = optax.sgd(1.0)
-    results = {}
-    for remat in ("none", "full", "save_matmuls"):
-        graphdef, params, base = split_lora(_model(remat=remat))
-        p0 = _host(params)
-        out, _, m = make_train_step(graphdef, sgd, donate=False)(params, sgd.init(params), base, SHAPES, train_batch(),
-                                                                 jax.random.key(0), 0)
-        results[remat] = (jax.tree.map(lambda new, old: old - new, _host(out), p0), float(m["loss"]))
-    for remat in ("full", "save_matmuls"):
-        assert results[remat][1] == pytest.approx(results["none"][1], rel=1e-6)  # measured: equal
-        for g, ref in zip(jax.tree.leaves(results[remat][0]), jax.tree.leaves(results["none"][0])):
-            # measured: full bit-identical, save_matmuls ≤ 3.7e-7 of the leaf's largest gradient
-            assert np.max(np.abs(g - ref)) <= 1e-5 * np.max(np.abs(ref))
+    graphdef32, params32, base32 = split_lora(_model(remat="none"))
+    step32 = make_train_step(graphdef32, sgd, donate=False)
+    _, _, m_none = step32(params32, sgd.init(params32), base32, SHAPES, train_batch(), jax.random.key(0), 0)
     tx, _ = make_optimizer(OptimSection(learning_rate=1e-3), 10)  # the loss is that of the params before the update
     graphdef, params, base = split_lora(_model(param_dtype="bfloat16", dtype="float32", remat="full"))
     assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
@@ -117,19 +106,17 @@ def test_remat_and_bf16_base():
     # room for summation order, far below the 1.1e-4 that the rounding of the weights itself moves the loss.
     # (The step's loss is that of the params before the update, so the fp32 step above, with the rounded
     # base, gives it: the same program, the remat policy gives the same loss as asserted above.)
-    graphdef32, params32, _ = split_lora(_model(remat="none"))
     rounded = jax.tree.map(lambda x: x.astype(jnp.float32), base)
-    _, _, m32 = make_train_step(graphdef32, sgd, donate=False)(params32, sgd.init(params32), rounded, SHAPES,
-                                                               train_batch(), jax.random.key(0), 0)
+    _, _, m32 = step32(params32, sgd.init(params32), rounded, SHAPES, train_batch(), jax.random.key(0), 0)
     assert float(m["loss"]) == pytest.approx(float(m32["loss"]), rel=1e-5)
     # and against the unrounded fp32 base: weight rounding (2^-9 relative per weight) moved it by 1.1e-4
-    assert float(m["loss"]) == pytest.approx(results["none"][1], rel=2**-9)
+    assert float(m["loss"]) == pytest.approx(float(m_none["loss"]), rel=2**-9)
 
 
 def test_step_accepts_img_shapes_per_sample_or_once():
     """The model's two `img_shapes` conventions: one list for the batch, or one list per sample (all equal)."""
     graphdef, params, base = split_lora(_model())
-    tx = optax.sgd(1.0)  # the step of test_remat_and_bf16_base (remat none): the same compiled program
+    tx = optax.sgd(1.0)  # the step of test_bf16_base_keeps_fp32_lora_params (remat none): the same compiled program
     step = make_train_step(graphdef, tx, donate=False)
     opt = tx.init(params)
     flat, _, m1 = step(params, opt, base, SHAPES, train_batch(), jax.random.key(0), 0)
@@ -163,51 +150,5 @@ def test_gradient_clipping_bounds_the_update():
     assert float(m["grad_norm"]) > 1e-2 and delta == pytest.approx(1e-3, rel=1e-3)
 
 
-MESH_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-    import jax, numpy as np
-    import qwen_edit_jax as q
-    from qwen_edit_jax import parallel
-    from qwen_edit_jax.config import LoraConfig, ModelOptions
-    from qwen_edit_jax.testing.batches import train_batch
-    from qwen_edit_jax.training.step import make_optimizer, make_train_step, split_lora
-    from qwen_edit_jax.training.config import OptimSection
-    from tests.test_training_step import SHAPES, TINY
-
-    tx, _ = make_optimizer(OptimSection(learning_rate=1e-3), 10)
-    opts = ModelOptions(lora=LoraConfig(rank=4, alpha=8))
-    runs = {}
-    for use_mesh in (False, True):
-        model = q.init_transformer(TINY, opts, seed=1)
-        mesh = parallel.make_mesh(data=2, fsdp=2) if use_mesh else None
-        if mesh is not None:
-            parallel.shard_model(model, mesh)
-        g, p, b = split_lora(model)
-        o = parallel.init_opt_state(tx, p, mesh)
-        step = make_train_step(g, tx, mesh=mesh, global_batch=4)
-        losses = []
-        for i in range(2):
-            p, o, m = step(p, o, b, SHAPES, train_batch(i, batch=4), jax.random.key(0), i)
-            losses.append(float(m["loss"]))
-        if mesh is not None:
-            leaf = p["transformer_blocks"]["img_mlp"]["fc1"]["lora_A"]
-            assert parallel.is_sharded(leaf), leaf.sharding  # FSDP-split adapters
-            assert leaf.sharding.mesh.shape == mesh.shape
-        runs[use_mesh] = (jax.tree.map(np.asarray, p), losses)
-    np.testing.assert_allclose(runs[True][1], runs[False][1], rtol=1e-5)
-    # Adam normalises each update (~lr·sign), so tiny gradient differences show up at ~lr·1e-3
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), runs[True][0], runs[False][0])
-    print("MESH_OK", runs[True][1])
-""")
-
-
-MESH_JOB = Job("LoRA step on a mesh", [sys.executable, "-c", MESH_SCRIPT], timeout=600)
-
-
-@pytest.mark.slow
-@pytest.mark.background(MESH_JOB)
-def test_mesh_step_matches_single_device():
-    """On 4 simulated CPU devices (data 2 × fsdp 2) the sharded step equals the single-device one."""
-    r = MESH_JOB.result()
-    assert r.returncode == 0 and "MESH_OK" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+# The step on a mesh equals the single-device step: tests/test_sharding.py::test_sharded_lora_step_equals_single_device
+# (the real step, Adam state and adapters split, on four mesh shapes of 8 simulated devices).

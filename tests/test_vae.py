@@ -100,15 +100,16 @@ def test_attention_block_chunked_matches_torch():
     assert_close(out, want, ATTENTION_TOL, "chunked attention block")
 
 
-def _bf16_check(cfg: dict | None, batch: int, h: int, w: int, seed: int) -> dict[str, float]:
-    ref = torch_vae(cfg, seed=seed)
+def _bf16_check(cfg: dict | None, batch: int, h: int, w: int, seed: int, ref=None, state=None) -> dict[str, float]:
+    """`ref` / `state`: the reference `torch_vae(cfg, seed)` and its `numpy_state`, when the caller has them."""
+    ref = torch_vae(cfg, seed=seed) if ref is None else ref
     ref16 = to_bf16(ref)
     config = VAEConfig(**(cfg or {}))
     f = config.spatial_factor
     x, z = images(cfg or {}, batch, h, w), latents(cfg or {}, batch, h // f, w // f)
     want_e, want_d = torch_encode(ref, x), torch_decode(ref, z)
     theirs_e, theirs_d = torch_encode(ref16, x), torch_decode(ref16, z)
-    vae = vae_from_tensors(numpy_state(ref), config, dtype=jnp.bfloat16)
+    vae = vae_from_tensors(numpy_state(ref) if state is None else state, config, dtype=jnp.bfloat16)
     ours_e, ours_d = vae.encode(x), vae.decode(z)
     errs = {}
     for part, ours, theirs, want in (("enc", ours_e, theirs_e, want_e), ("dec", ours_d, theirs_d, want_d)):
@@ -129,12 +130,13 @@ def test_bf16_close_to_diffusers_bf16_tiny():
 def test_released_architecture_fp32_and_bf16():
     """The released 127M architecture (default config) at 64×48, batch 3 (fp32) and 1 (bf16)."""
     ref = torch_vae(None, seed=7)
-    vae = vae_from_tensors(numpy_state(ref), VAEConfig(), dtype=jnp.float32)
+    state = numpy_state(ref)
+    vae = vae_from_tensors(state, VAEConfig(), dtype=jnp.float32)
     x, z = images({}, 3, 64, 48), latents({}, 3, 8, 6)
     assert_close(vae.encode(x), torch_encode(ref, x), RELEASED_FP32_TOL, "released encode")
     assert_close(vae.decode(z), torch_decode(ref, z), RELEASED_FP32_TOL, "released decode")
     del vae
-    _bf16_check(None, 1, 48, 64, seed=7)
+    _bf16_check(None, 1, 48, 64, seed=7, ref=ref, state=state)  # the same model: built once
 
 
 def test_param_count():
