@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -49,9 +49,9 @@ def check_output_dir(path: str | os.PathLike, option: str) -> str:
     return path
 
 
-def check_target(path: str, overwrite: bool) -> None:
-    """Refuse to touch an existing output unless `overwrite`."""
-    if os.path.lexists(path) and not overwrite:
+def check_target(path: str, overwrite: bool, *, exists: Callable[[str], bool] = os.path.lexists) -> None:
+    """Refuse to touch an existing output unless `overwrite` (`exists`: how to look, e.g. in a bucket)."""
+    if not overwrite and exists(path):
         raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
 
 

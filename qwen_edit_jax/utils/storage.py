@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator, Sequence
 
 from etils import epath
 from etils.epath import backend as epath_backend
+from tqdm.auto import tqdm
 
-from .files import atomic_path, check_output_dir
+from .files import atomic_path, check_output_dir, check_target
 
 REMOTE_PREFIX = "gs://"
 _COPY_CHUNK = 16 << 20
@@ -149,8 +150,7 @@ def write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = True)
     """Write one file atomically (local: temporary name + rename; bucket: one whole-object upload)."""
     path = normalize(path)
     if is_remote(path):
-        if not overwrite and exists(path):
-            raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+        check_target(path, overwrite, exists=exists)
         as_path(path).write_bytes(data)
         return path
     with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "wb") as f:
@@ -169,8 +169,7 @@ def upload_file(local: str | os.PathLike, url: str, *, overwrite: bool = True) -
         with atomic_path(url, overwrite=overwrite) as tmp:
             shutil.copyfile(local, tmp)
         return url
-    if not overwrite and exists(url):
-        raise FileExistsError(f"{url} already exists; pass --overwrite (overwrite=True) to replace it")
+    check_target(url, overwrite, exists=exists)
     with open(local, "rb") as src, as_path(url).open("wb") as dst:
         shutil.copyfileobj(src, dst, _COPY_CHUNK)
     return url
@@ -185,8 +184,7 @@ def staged_file(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[
         with atomic_path(path, overwrite=overwrite) as tmp:
             yield tmp
         return
-    if not overwrite and exists(path):
-        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+    check_target(path, overwrite, exists=exists)
     with tempfile.TemporaryDirectory(prefix="qwen-edit-jax-upload-") as d:
         tmp = os.path.join(d, path.rsplit("/", 1)[-1])
         yield tmp
@@ -248,8 +246,6 @@ def local_copy(url: str, *, progress: bool = True, root: str | None = None) -> s
         return dest
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=sum(n for *_, n in todo), unit="B", unit_scale=True, unit_divisor=1024,
                    desc=f"download {url}")
     # whole files, several at a time: each is one sequential stream, the way object stores are fastest
